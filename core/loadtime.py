@@ -1,0 +1,137 @@
+"""Cold-start load-time model: hops from the source tier to the GPU, engine init, progressive loading.
+
+A cold start is a chain of hops (fetch from the source tier into host memory, copy host
+to GPU) plus engine init (process start, KV-cache allocation, graph capture / compile).
+The simulator runs each hop as a flow over shared links; `estimate_load_s` is the
+closed-form time on idle links that policies use to rank options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from core.specs import EngineSpec, ModelSpec, NodeSpec, ObjectStoreSpec
+
+PHASES: tuple[str, ...] = ("fetch", "to_gpu", "engine_init")
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One transfer: `nbytes` over the named links, each flow capped at `cap_Bps`."""
+
+    phase: str
+    src: str
+    dst: str
+    links: tuple[str, ...]
+    nbytes: float
+    cap_Bps: float
+    latency_s: float
+
+
+def link_capacities(node: NodeSpec) -> dict[str, float]:
+    """Bandwidth of every link on a node, bytes/s: NIC, host->GPU, and each tier's read and write."""
+    caps = {"nic": node.nic_Bps, "pcie": node.gpu.h2d_Bps * node.n_gpus}
+    for name, t in node.tiers.items():
+        caps[f"{name}_r"] = t.read_bw_Bps
+        caps[f"{name}_w"] = t.write_bw_Bps
+    return caps
+
+
+def link_streams(node: NodeSpec) -> dict[str, int]:
+    """How many flows each link serves at once (the rest wait in line)."""
+    out: dict[str, int] = {}
+    for name, t in node.tiers.items():
+        out[f"{name}_r"] = t.max_streams
+        out[f"{name}_w"] = t.max_streams
+    return out
+
+
+def fetch_hop(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec) -> Hop | None:
+    """The hop that brings the weights from `source_tier` into host memory (None if already there)."""
+    nbytes = model.weights_bytes
+    if source_tier == "cloud":
+        return Hop("fetch", "cloud", "host", ("nic",), nbytes, store.streams * store.per_stream_Bps, store.ttfb_s)
+    if source_tier == "dram":
+        return None
+    tier = node.tiers[source_tier]
+    return Hop("fetch", source_tier, "host", (f"{source_tier}_r",), nbytes, tier.read_bw_Bps, tier.latency_s)
+
+
+def to_gpu_hop(model: ModelSpec, node: NodeSpec, n_gpus: int) -> Hop:
+    """Host memory to the instance's GPUs (tensor-parallel shards move in parallel)."""
+    return Hop("to_gpu", "host", "gpu", ("pcie",), model.weights_bytes, node.gpu.h2d_Bps * n_gpus, 0.0)
+
+
+def load_hops(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec, n_gpus: int) -> list[Hop]:
+    """All transfer hops of a cold start, in order."""
+    hops = []
+    first = fetch_hop(source_tier, model, node, store)
+    if first is not None:
+        hops.append(first)
+    hops.append(to_gpu_hop(model, node, n_gpus))
+    return hops
+
+
+def copy_hop(src_tier: str, dst_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec) -> Hop:
+    """A tier movement: read from `src_tier` (a local tier, "gpu" or "cloud"), write into `dst_tier`."""
+    if src_tier == "cloud":
+        links: tuple[str, ...] = ("nic", f"{dst_tier}_w")
+        cap, lat = store.streams * store.per_stream_Bps, store.ttfb_s
+    elif src_tier == "gpu":
+        links, cap, lat = ("pcie", f"{dst_tier}_w"), node.gpu.h2d_Bps, 0.0
+    else:
+        links = (f"{src_tier}_r", f"{dst_tier}_w")
+        cap, lat = float("inf"), node.tiers[src_tier].latency_s
+    return Hop("copy", src_tier, dst_tier, links, model.weights_bytes, cap, lat)
+
+
+def engine_start_s(engine: EngineSpec) -> float:
+    """Process start and runtime init: may overlap the weight fetch."""
+    return engine.process_start_s
+
+
+def engine_after_weights_s(model: ModelSpec, engine: EngineSpec, kv_bytes: float, progressive: bool) -> float:
+    """Work after the weights are resident: KV-cache allocation, then graph capture / compile.
+
+    Progressive loading runs the first forward pass eagerly, so capture and compile are
+    deferred past the first token and only KV allocation stays on the critical path.
+    """
+    t = kv_bytes / engine.kv_alloc_Bps
+    if not progressive:
+        t += engine.graph_capture_s
+        if model.params_b >= engine.compile_min_params_b:
+            t += engine.compile_s
+    return t
+
+
+def progressive_first_token_s(layer_ready_s: Sequence[float], layer_compute_s: float, start_s: float) -> float:
+    """Finish time of a forward pass whose layer i may start once layer i is resident.
+
+    `layer_ready_s[i]` is when layer i's weights are on the GPU, `start_s` when the engine
+    can begin computing. Compute of layer i overlaps the transfer of later layers.
+    """
+    t = start_s
+    for ready in layer_ready_s:
+        if ready > t:
+            t = ready
+        t += layer_compute_s
+    return t
+
+
+def hop_time_s(hop: Hop, link_bw: dict[str, float]) -> float:
+    """Time for `hop` alone on idle links."""
+    bw = min([hop.cap_Bps, *(link_bw[link] for link in hop.links)])
+    return hop.latency_s + hop.nbytes / bw
+
+
+def estimate_load_s(
+    source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec, engine: EngineSpec,
+    n_gpus: int, kv_bytes: float, progressive: bool = False,
+) -> float:
+    """Closed-form cold-start time on idle links: hops in sequence, engine start overlapped if allowed."""
+    caps = link_capacities(node)
+    transfer = sum(hop_time_s(h, caps) for h in load_hops(source_tier, model, node, store, n_gpus))
+    start = engine_start_s(engine)
+    before = max(start, transfer) if engine.overlap_start_with_fetch else start + transfer
+    return before + engine_after_weights_s(model, engine, kv_bytes, progressive)

@@ -1,0 +1,108 @@
+"""Summary metrics over the record tables; the keys of summary.json."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core.specs import TIER_ORDER
+
+
+def _q(values: pd.Series | np.ndarray, q: float) -> float | None:
+    arr = np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return float(np.quantile(arr, q)) if arr.size else None
+
+
+def _mean(values: pd.Series | np.ndarray) -> float | None:
+    arr = np.asarray(values, dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else None
+
+
+def summarize(
+    requests: pd.DataFrame,
+    *,
+    gpu_hours: float,
+    cost_usd: float,
+    cost_breakdown: dict[str, float],
+    memory_waste_frac: float,
+    sim_s: float,
+    wall_s: float,
+    ttft_slo_s: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's headline numbers. `slo_attainment` is the share of all requests completed within the TTFT SLO."""
+    n = len(requests)
+    outcome = requests["outcome"]
+    completed = requests[outcome == "completed"]
+    cold = requests[requests["cold_start"] & (outcome == "completed")]
+    by_tier: dict[str, dict[str, float | int | None]] = {}
+    for tier in TIER_ORDER:
+        sel = cold[cold["source_tier"] == tier]
+        if len(sel):
+            by_tier[tier] = {"count": len(sel), "mean_s": _mean(sel["cold_start_s"]),
+                             "p99_s": _q(sel["cold_start_s"], 0.99)}
+    reasons = requests.loc[outcome != "completed", "reason"].value_counts()
+    summary: dict[str, Any] = {
+        "requests": int(n),
+        "completed": int((outcome == "completed").sum()),
+        "rejected": int((outcome == "rejected").sum()),
+        "failed": int((outcome == "failed").sum()),
+        "reasons": {str(k): int(v) for k, v in reasons.items()},
+        "cold_starts": int(requests["cold_start"].sum()),
+        "cold_start_s": {
+            "mean": _mean(cold["cold_start_s"]),
+            "p50": _q(cold["cold_start_s"], 0.5),
+            "p90": _q(cold["cold_start_s"], 0.9),
+            "p99": _q(cold["cold_start_s"], 0.99),
+        },
+        "cold_start_by_tier": by_tier,
+        "ttft_s": {"p50": _q(completed["ttft_s"], 0.5), "p99": _q(completed["ttft_s"], 0.99),
+                   "mean": _mean(completed["ttft_s"])},
+        "tpot_s": {"p50": _q(completed["tpot_s"], 0.5), "p99": _q(completed["tpot_s"], 0.99)},
+        "e2e_s": {"p50": _q(completed["e2e_s"], 0.5), "p99": _q(completed["e2e_s"], 0.99)},
+        "slo_attainment": float((completed["ttft_s"] <= ttft_slo_s).sum() / n) if n else None,
+        "ttft_slo_s": ttft_slo_s,
+        "gpu_hours": gpu_hours,
+        "cost_usd": cost_usd,
+        "cost_breakdown_usd": cost_breakdown,
+        "cost_per_1k_tokens_usd": (
+            cost_usd / (completed["prompt_tokens"].sum() + completed["output_tokens"].sum()) * 1000
+            if len(completed) else None),
+        "memory_waste_frac": memory_waste_frac,
+        "sim_s": sim_s,
+        "wall_s": wall_s,
+        "requests_per_wall_s": n / wall_s if wall_s > 0 else None,
+    }
+    if extra:
+        summary.update(extra)
+    return _clean(summary)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf become None, numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def memory_waste_frac(reserved_byte_s: float, weights_byte_s: float, kv_byte_s: float) -> float:
+    """Share of reserved GPU memory-time that held neither weights nor live KV cache."""
+    if reserved_byte_s <= 0:
+        return 0.0
+    return max(0.0, 1.0 - (weights_byte_s + kv_byte_s) / reserved_byte_s)
+
+
+def quantiles(values: Sequence[float], qs: Sequence[float]) -> list[float | None]:
+    return [_q(np.asarray(values), q) for q in qs]

@@ -1,0 +1,276 @@
+"""Specifications of models, GPUs, storage tiers, nodes, object stores and the cluster.
+
+Specs are frozen dataclasses with units in their field names. `*_from_dict` builders
+turn plain config mappings (hydra / yaml) into specs and raise `ConfigError` naming the
+offending field, so bad input fails before a run starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from core.errors import ConfigError
+
+#: Local storage tiers, fastest first. "gpu" (resident in a running engine) sits above
+#: them and the cloud object store below them.
+LOCAL_TIERS: tuple[str, ...] = ("dram", "nvme", "sata")
+TIER_ORDER: tuple[str, ...] = ("gpu", *LOCAL_TIERS, "cloud")
+TIER_RANK: dict[str, int] = {name: i for i, name in enumerate(TIER_ORDER)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One deployable model (a base architecture, possibly one of several fine-tunes)."""
+
+    name: str
+    params_b: float  # billions of parameters
+    n_layers: int
+    hidden_size: int
+    n_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2  # bf16
+    base: str = ""  # the architecture this deployment is a copy of
+
+    @property
+    def weights_bytes(self) -> float:
+        return self.params_b * 1e9 * self.dtype_bytes
+
+    @property
+    def layer_bytes(self) -> float:
+        return self.weights_bytes / self.n_layers
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        # K and V, every layer, every KV head.
+        return 2.0 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def flops_per_token(self) -> float:
+        return 2.0 * self.params_b * 1e9
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU type: memory, HBM bandwidth, dense bf16 FLOP/s, host-to-device copy bandwidth."""
+
+    name: str
+    mem_bytes: float
+    hbm_Bps: float
+    flops: float
+    h2d_Bps: float
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """A local storage tier on a node (host DRAM, NVMe, SATA)."""
+
+    name: str
+    capacity_bytes: float
+    read_bw_Bps: float
+    write_bw_Bps: float
+    latency_s: float = 0.0
+    max_streams: int = 64  # concurrent transfers the device serves; more wait in line
+    price_usd_per_gb_month: float = 0.0
+
+
+@dataclass(frozen=True)
+class ObjectStoreSpec:
+    """The cloud object store every model is published to (the tier of last resort)."""
+
+    name: str = "s3"
+    per_stream_Bps: float = 93e6
+    streams: int = 16
+    ttfb_s: float = 0.02
+    price_usd_per_gb_month: float = 0.023
+    egress_usd_per_gb: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A machine: GPUs, NIC and local tiers, with its price."""
+
+    name: str
+    gpu: GpuSpec
+    n_gpus: int
+    nic_Bps: float
+    tiers: Mapping[str, TierSpec]
+    region: str = "us-east-1"
+    cloud: str = "aws"
+    od_usd_per_hour: float = 0.0
+    spot_usd_per_hour: float = 0.0
+    spot: bool = False
+
+    @property
+    def gpu_mem_bytes(self) -> float:
+        return self.gpu.mem_bytes * self.n_gpus
+
+    @property
+    def usd_per_gpu_hour(self) -> float:
+        price = self.spot_usd_per_hour if self.spot else self.od_usd_per_hour
+        return price / self.n_gpus
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """An inference engine's start-up costs and efficiency factors for the roofline."""
+
+    name: str = "tokasaurus"
+    process_start_s: float = 4.0
+    kv_alloc_Bps: float = 400e9
+    graph_capture_s: float = 2.0
+    compile_s: float = 0.0
+    compile_min_params_b: float = 7.0  # torch_compile only for models at least this large
+    gpu_mem_util: float = 0.9
+    kv_reserve_frac: float = 0.5  # KV cache reserved per instance, as a fraction of weights
+    max_num_seqs: int = 256
+    prefill_mfu: float = 0.5
+    decode_hbm_eff: float = 0.7
+    overlap_start_with_fetch: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The fleet: nodes and the object store."""
+
+    nodes: tuple[NodeSpec, ...]
+    store: ObjectStoreSpec = field(default_factory=ObjectStoreSpec)
+
+    def node(self, name: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str, **extra: Any) -> Any:
+    """Build dataclass `cls` from `data`, naming `where.field` in every error."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known - set(extra)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {k: v for k, v in data.items() if k in known}
+    kwargs.update(extra)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _positive(where: str, value: float) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where} must be a positive number, got {value!r}")
+
+
+def _non_negative(where: str, value: float) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where} must be a non-negative number, got {value!r}")
+
+
+def model_from_dict(data: Mapping[str, Any], where: str = "models") -> ModelSpec:
+    m = _build(ModelSpec, data, where)
+    for f in ("params_b", "n_layers", "hidden_size", "n_kv_heads", "head_dim", "dtype_bytes"):
+        _positive(f"{where}.{f}", getattr(m, f))
+    return m
+
+
+def gpu_from_dict(data: Mapping[str, Any], where: str) -> GpuSpec:
+    g = _build(GpuSpec, data, where)
+    for f in ("mem_bytes", "hbm_Bps", "flops", "h2d_Bps"):
+        _positive(f"{where}.{f}", getattr(g, f))
+    return g
+
+
+def tier_from_dict(name: str, data: Mapping[str, Any], where: str) -> TierSpec:
+    if name not in LOCAL_TIERS:
+        raise ConfigError(f"{where}: unknown tier {name!r}; local tiers are {list(LOCAL_TIERS)}")
+    t = _build(TierSpec, data, where, name=name)
+    for f in ("capacity_bytes", "read_bw_Bps", "write_bw_Bps", "max_streams"):
+        _positive(f"{where}.{f}", getattr(t, f))
+    _non_negative(f"{where}.latency_s", t.latency_s)
+    _non_negative(f"{where}.price_usd_per_gb_month", t.price_usd_per_gb_month)
+    return t
+
+
+def store_from_dict(data: Mapping[str, Any], where: str = "cluster.store") -> ObjectStoreSpec:
+    s = _build(ObjectStoreSpec, data, where)
+    for f in ("per_stream_Bps", "streams"):
+        _positive(f"{where}.{f}", getattr(s, f))
+    for f in ("ttfb_s", "price_usd_per_gb_month", "egress_usd_per_gb"):
+        _non_negative(f"{where}.{f}", getattr(s, f))
+    return s
+
+
+def engine_from_dict(data: Mapping[str, Any], where: str = "engine") -> EngineSpec:
+    e = _build(EngineSpec, data, where)
+    for f in ("kv_alloc_Bps", "max_num_seqs", "prefill_mfu", "decode_hbm_eff", "gpu_mem_util"):
+        _positive(f"{where}.{f}", getattr(e, f))
+    for f in ("process_start_s", "graph_capture_s", "compile_s", "kv_reserve_frac"):
+        _non_negative(f"{where}.{f}", getattr(e, f))
+    if e.gpu_mem_util > 1 or e.prefill_mfu > 1 or e.decode_hbm_eff > 1:
+        raise ConfigError(f"{where}: gpu_mem_util, prefill_mfu and decode_hbm_eff must be <= 1")
+    return e
+
+
+def cluster_from_dict(data: Mapping[str, Any], where: str = "cluster") -> ClusterSpec:
+    """Build a cluster from `{store: {...}, node_groups: [{name, count, gpu, n_gpus, ...}]}`.
+
+    A node group expands into `count` identical nodes named `<name>-<i>`.
+    """
+    groups = data.get("node_groups")
+    if not groups:
+        raise ConfigError(f"{where}.node_groups: at least one node group is required")
+    nodes: list[NodeSpec] = []
+    for gi, group in enumerate(groups):
+        gw = f"{where}.node_groups[{gi}]"
+        if not isinstance(group, Mapping):
+            raise ConfigError(f"{gw}: expected a mapping")
+        group = dict(group)
+        count = group.pop("count", 1)
+        if not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{gw}.count must be a positive integer, got {count!r}")
+        gpu = gpu_from_dict(group.pop("gpu", None) or {}, f"{gw}.gpu")
+        tiers_cfg = group.pop("tiers", None) or {}
+        tiers = {name: tier_from_dict(name, t, f"{gw}.tiers.{name}") for name, t in tiers_cfg.items()}
+        base = group.pop("name", f"node{gi}")
+        for i in range(count):
+            node = _build(NodeSpec, group, gw, name=f"{base}-{i}", gpu=gpu, tiers=tiers)
+            nodes.append(node)
+        _positive(f"{gw}.n_gpus", nodes[-1].n_gpus)
+        _positive(f"{gw}.nic_Bps", nodes[-1].nic_Bps)
+        _non_negative(f"{gw}.od_usd_per_hour", nodes[-1].od_usd_per_hour)
+        _non_negative(f"{gw}.spot_usd_per_hour", nodes[-1].spot_usd_per_hour)
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.node_groups: node names collide: {sorted(names)}")
+    return ClusterSpec(nodes=tuple(nodes), store=store_from_dict(data.get("store") or {}, f"{where}.store"))
+
+
+def validate_fit(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: EngineSpec) -> None:
+    """Reject configurations in which a model can never run or a tier can never be used."""
+    if not models:
+        raise ConfigError("models: the catalog is empty")
+    smallest = min(models, key=lambda m: m.weights_bytes)
+    for node in cluster.nodes:
+        for tier in node.tiers.values():
+            if tier.capacity_bytes < smallest.weights_bytes:
+                raise ConfigError(
+                    f"cluster: tier {tier.name!r} on node {node.name!r} holds {tier.capacity_bytes / 1e9:.3g} GB,"
+                    f" smaller than every model (smallest: {smallest.name}, {smallest.weights_bytes / 1e9:.3g} GB)"
+                )
+    for m in models:
+        need = m.weights_bytes
+        fits_gpu = any(need <= n.gpu_mem_bytes * engine.gpu_mem_util for n in cluster.nodes)
+        if not fits_gpu:
+            biggest = max(n.gpu_mem_bytes * engine.gpu_mem_util for n in cluster.nodes)
+            raise ConfigError(
+                f"models: {m.name!r} needs {need / 1e9:.3g} GB of GPU memory but the largest node offers"
+                f" {biggest / 1e9:.3g} GB (n_gpus x mem_bytes x engine.gpu_mem_util): it is larger than every tier"
+            )

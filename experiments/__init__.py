@@ -1,0 +1,1 @@
+"""Hydra entry points, sweeps and plots: the only place where core, sim and live meet."""

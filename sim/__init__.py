@@ -1,0 +1,1 @@
+"""tierlab's SimPy world: links with shared bandwidth, engines with batching, policies from core."""

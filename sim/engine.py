@@ -1,0 +1,263 @@
+"""A simulated engine instance with continuous batching, as a fluid model.
+
+Admitted requests prefill one after another (prefill is compute-bound and serialised on
+the instance), then decode together: every decoding sequence advances one token per
+iteration, and an iteration takes `decode_iter_s(batch, kv tokens)`. Instead of one
+event per iteration, the instance keeps a virtual token clock V (tokens emitted per
+sequence since creation) and schedules one event for the next sequence to finish;
+joins and leaves re-rate the clock. KV-cache capacity and the engine's sequence limit
+bound the batch; further requests wait in the instance's queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import simpy
+
+from core.inference import InferenceModel
+from core.state import InstanceState
+
+if TYPE_CHECKING:
+    from sim.request import Request
+
+
+class SimEngine:
+    """The simulator's side of an `InstanceState`: queue, batch and timing."""
+
+    __slots__ = (
+        "_check_at",
+        "_ctx",
+        "_heap",
+        "_iter_s",
+        "_seq",
+        "_t_last",
+        "_v",
+        "env",
+        "forward",
+        "inf",
+        "kv_int",
+        "kv_t",
+        "on_drained",
+        "on_finish",
+        "prefill_free_s",
+        "queue",
+        "state",
+        "weights_resident_s",
+    )
+
+    def __init__(self, env: simpy.Environment, state: InstanceState, inf: InferenceModel,
+                 on_finish: Callable[[Request], None]) -> None:
+        self.env = env
+        self.state = state
+        self.inf = inf
+        self.on_finish = on_finish
+        self.queue: deque[Request] = deque()
+        self.prefill_free_s = 0.0
+        self._heap: list[tuple[float, int, Request]] = []
+        self._seq = 0
+        self._v = 0.0
+        self._t_last = env.now
+        self._ctx = 0.0
+        self._iter_s = inf.decode_iter_s(0, 0.0)
+        self._check_at = float("inf")
+        self.kv_int = 0.0  # integral of KV bytes in use over time, for memory-waste accounting
+        self.kv_t = env.now
+        self.weights_resident_s = float("nan")
+        self.forward: tuple[SimEngine, float, float] | None = None  # (destination, a s/token, b s)
+        self.on_drained: Callable[[], None] | None = None
+
+    # -- admission ------------------------------------------------------------------------
+    def kv_need(self, req: Request) -> float:
+        return (req.prompt_tokens + req.output_tokens) * self.state.model.kv_bytes_per_token
+
+    def can_ever_fit(self, req: Request) -> bool:
+        return self.kv_need(req) <= self.state.kv_budget_bytes
+
+    def _can_admit(self, need: float) -> bool:
+        s = self.state
+        return s.active < s.max_num_seqs and s.kv_used_bytes + need <= s.kv_budget_bytes
+
+    def submit(self, req: Request) -> None:
+        """A request routed here: admit it now if the engine is ready and has room, else queue it."""
+        s = self.state
+        if s.status == "ready" and not self.queue and self._can_admit(self.kv_need(req)):
+            self._admit(req, self.env.now)
+        else:
+            self.queue.append(req)
+            s.waiting += 1
+
+    def drain_queue(self, first_token_override_s: float | None = None, override_count: int = 0) -> list[Request]:
+        """Admit queued requests while there is room; returns those that timed out in line.
+
+        The first `override_count` admitted get `first_token_override_s` as their first-token
+        time (a progressive first pass computed by the loader).
+        """
+        s = self.state
+        expired: list[Request] = []
+        now = self.env.now
+        n = 0
+        while self.queue:
+            req = self.queue[0]
+            if req.deadline_s < now:
+                self.queue.popleft()
+                s.waiting -= 1
+                expired.append(req)
+                continue
+            if not self._can_admit(self.kv_need(req)):
+                break
+            self.queue.popleft()
+            s.waiting -= 1
+            if n < override_count and first_token_override_s is not None:
+                self._admit(req, now, first_token_override_s)
+            else:
+                self._admit(req, now)
+            n += 1
+        return expired
+
+    def take_queue(self) -> list[Request]:
+        """Remove and return every queued request (instance going away)."""
+        out = list(self.queue)
+        self.queue.clear()
+        self.state.waiting = 0
+        return out
+
+    def _kv_change(self, delta: float) -> None:
+        now = self.env.now
+        s = self.state
+        self.kv_int += s.kv_used_bytes * (now - self.kv_t)
+        self.kv_t = now
+        s.kv_used_bytes += delta
+
+    def _admit(self, req: Request, now: float, first_token_s: float | None = None) -> None:
+        s = self.state
+        s.active += 1
+        need = self.kv_need(req)
+        self._kv_change(need)
+        s.last_used_s = now
+        req.admitted_s = now
+        if first_token_s is None:
+            start = self.prefill_free_s if self.prefill_free_s > now else now
+            first_token_s = start + self.inf.prefill_s(req.prompt_tokens)
+            req.prefill_start_s = start
+        else:
+            req.prefill_start_s = now
+        self.prefill_free_s = max(self.prefill_free_s, first_token_s)
+        req.first_token_s = first_token_s
+        ev = self.env.timeout(first_token_s - now)
+        if req.output_tokens <= 1:
+            ev.callbacks.append(lambda _e: self._finish(req))
+        else:
+            ev.callbacks.append(lambda _e: self._join_decode(req))
+
+    # -- decoding as a fluid ------------------------------------------------------------
+    def _advance(self) -> None:
+        now = self.env.now
+        if now > self._t_last:
+            if self._heap:
+                self._v += (now - self._t_last) / self._iter_s
+            self._t_last = now
+
+    def _rerate(self) -> None:
+        self._iter_s = self.inf.decode_iter_s(len(self._heap), self._ctx)
+        if self._heap:
+            when = self.env.now + max(0.0, self._heap[0][0] - self._v) * self._iter_s
+            if when < self._check_at - 1e-12:
+                self._check_at = when
+                ev = self.env.timeout(when - self.env.now)
+                ev.callbacks.append(self._on_check)
+
+    def _join_decode(self, req: Request) -> None:
+        if self.forward is not None:
+            self._hand_over(req, req.output_tokens - 1)
+            return
+        self._advance()
+        self._seq += 1
+        heapq.heappush(self._heap, (self._v + (req.output_tokens - 1), self._seq, req))
+        self._ctx += req.prompt_tokens + req.output_tokens * 0.5
+        self._rerate()
+
+    def _on_check(self, _ev: object) -> None:
+        now = self.env.now
+        if now < self._check_at - 1e-12:
+            return  # a stale check: a sooner one was scheduled and has already run
+        self._check_at = float("inf")
+        self._advance()
+        heap = self._heap
+        done = []
+        while heap and heap[0][0] <= self._v + 1e-9:
+            _, _, req = heapq.heappop(heap)
+            self._ctx -= req.prompt_tokens + req.output_tokens * 0.5
+            done.append(req)
+        if not heap:
+            self._ctx = 0.0
+        self._rerate()
+        for req in done:
+            self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        s = self.state
+        s.active -= 1
+        self._kv_change(-self.kv_need(req))
+        now = self.env.now
+        s.last_used_s = now
+        s.served += 1
+        req.finish_s = now
+        if s.active == 0 and s.waiting == 0:
+            s.idle_since_s = now
+        self.on_finish(req)
+
+    # -- token-based live migration -------------------------------------------------------
+    def migrate_to(self, dest: SimEngine, a_s_per_token: float, b_s: float, on_drained: Callable[[], None]) -> None:
+        """Move every decoding sequence to `dest`, which recomputes its KV cache (a * tokens + b
+        seconds) and resumes it; sequences still in prefill follow when their prefill ends."""
+        self.forward = (dest, a_s_per_token, b_s)
+        self.on_drained = on_drained
+        self._advance()
+        moved = [(req, max(0.0, vf - self._v)) for vf, _, req in self._heap]
+        self._heap.clear()
+        self._ctx = 0.0
+        self._rerate()
+        for req, remaining in moved:
+            self._hand_over(req, remaining)
+        if self.state.active == 0:
+            on_drained()
+
+    def _hand_over(self, req: Request, remaining_tokens: float) -> None:
+        assert self.forward is not None
+        dest, a, b = self.forward
+        s = self.state
+        s.active -= 1
+        self._kv_change(-self.kv_need(req))
+        done_tokens = req.prompt_tokens + (req.output_tokens - 1 - remaining_tokens)
+        req.instance = dest
+        req.node = dest.state.node
+        dest.resume(req, remaining_tokens, a * done_tokens + b)
+        if s.active == 0 and self.on_drained is not None and self.forward is not None:
+            cb, self.on_drained = self.on_drained, None
+            cb()
+
+    def resume(self, req: Request, remaining_tokens: float, delay_s: float) -> None:
+        """Take over a migrated sequence: after `delay_s` of KV recompute it decodes its remaining tokens."""
+        s = self.state
+        s.active += 1
+        self._kv_change(self.kv_need(req))
+        s.last_used_s = self.env.now
+
+        def go(_e: object) -> None:
+            if remaining_tokens <= 0:
+                self._finish(req)
+                return
+            self._advance()
+            self._seq += 1
+            heapq.heappush(self._heap, (self._v + remaining_tokens, self._seq, req))
+            self._ctx += req.prompt_tokens + req.output_tokens * 0.5
+            self._rerate()
+
+        self.env.timeout(delay_s).callbacks.append(go)
+
+    def close_accounting(self) -> None:
+        self._kv_change(0.0)

@@ -1,0 +1,53 @@
+"""A request as the simulator tracks it (one object per request, slots for speed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_NAN = float("nan")
+
+
+class Request:
+    """Inputs from the workload plus everything that happens to the request."""
+
+    __slots__ = (
+        "admitted_s",
+        "arrival_s",
+        "cold",
+        "deadline_s",
+        "finish_s",
+        "first_token_s",
+        "id",
+        "instance",
+        "model",
+        "node",
+        "outcome",
+        "output_tokens",
+        "placed_s",
+        "prefill_start_s",
+        "prompt_tokens",
+        "reason",
+        "source_tier",
+        "tenant",
+    )
+
+    def __init__(self, id: int, model: str, tenant: str, prompt_tokens: int, output_tokens: int,
+                 arrival_s: float, deadline_s: float) -> None:
+        self.id = id
+        self.model = model
+        self.tenant = tenant
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.arrival_s = arrival_s
+        self.deadline_s = deadline_s
+        self.instance: Any = None  # the SimEngine it was routed to
+        self.node = ""
+        self.cold = False
+        self.source_tier = ""
+        self.placed_s = _NAN
+        self.admitted_s = _NAN
+        self.prefill_start_s = _NAN
+        self.first_token_s = _NAN
+        self.finish_s = _NAN
+        self.outcome = ""
+        self.reason = ""

@@ -1,0 +1,495 @@
+"""The simulated cluster: executes policy decisions in SimPy time and records what happens."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from core.decisions import (
+    Action,
+    ColdStart,
+    Copy,
+    Evict,
+    Migration,
+    Queue,
+    Reject,
+    Route,
+    StartInstance,
+    StopInstance,
+)
+from core.inference import InferenceModel, MeasuredTable
+from core.loadtime import (
+    copy_hop,
+    engine_after_weights_s,
+    engine_start_s,
+    estimate_load_s,
+    link_capacities,
+    link_streams,
+    load_hops,
+    progressive_first_token_s,
+)
+from core.policies.base import PolicyBundle
+from core.specs import LOCAL_TIERS, ClusterSpec, EngineSpec, ModelSpec
+from core.state import ClusterState, ClusterView, InstanceState
+from sim.engine import SimEngine
+from sim.fabric import Fabric, Flow
+from sim.request import Request
+
+
+class PolicyError(RuntimeError):
+    """A policy returned something the world cannot execute (names the policy and the decision)."""
+
+
+@dataclass
+class LoadRecord:
+    """Timing of one instance's cold start, copied onto the requests that waited for it."""
+
+    source_tier: str
+    started_s: float
+    fetch_s: float = math.nan
+    to_gpu_s: float = math.nan
+    engine_init_s: float = math.nan
+    weights_resident_s: float = math.nan
+    ready_s: float = math.nan
+
+
+@dataclass
+class WorldStats:
+    """Counters the summary needs beyond the tables."""
+
+    cloud_bytes: float = 0.0
+    reserved_byte_s: float = 0.0
+    weights_byte_s: float = 0.0
+    kv_byte_s: float = 0.0
+    loads_by_tier: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class World:
+    """One simulated cluster running one policy bundle over one workload."""
+
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        models: Sequence[ModelSpec],
+        engine: EngineSpec,
+        policy: PolicyBundle,
+        *,
+        measured: Sequence[MeasuredTable] = (),
+        request_timeout_s: float = 600.0,
+        drain_timeout_s: float = 3600.0,
+        on_progress: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self.env = simpy.Environment()
+        self.cluster = cluster
+        self.engine = engine
+        self.policy = policy
+        self.state = ClusterState(cluster, models, engine)
+        self.view = ClusterView(self.state, self.env)
+        self.fabric = Fabric(self.env)
+        for node in cluster.nodes:
+            self.fabric.add_node(node.name, link_capacities(node), link_streams(node),
+                                 self.state.nodes[node.name].loads_in_flight)
+        self.measured = tuple(measured)
+        self.request_timeout_s = request_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.on_progress = on_progress
+        self.engines: dict[str, SimEngine] = {}
+        self.loads: dict[str, LoadRecord] = {}
+        self.requests: list[Request] = []
+        self.pending: deque[Request] = deque()
+        self.outstanding = 0
+        self.arrivals_done = False
+        self.finished = self.env.event()
+        self.moves: list[tuple] = []
+        self.instance_rows: list[tuple] = []
+        self.stats = WorldStats()
+        self._reading: dict[tuple[str, str, str], int] = defaultdict(int)
+        self._inference: dict[tuple[str, str, int], InferenceModel] = {}
+        self._retry_scheduled = False
+        self._on_ready: dict[str, list[Callable[[], None]]] = {}
+        self.end_s = 0.0
+
+    # =========================================================================== running
+    def run(self, arrival_s: np.ndarray, model: Sequence[str], tenant: Sequence[str],
+            prompt_tokens: np.ndarray, output_tokens: np.ndarray, progress_every: int = 50_000) -> None:
+        """Replay the arrivals, then drain; every request ends completed, rejected or failed."""
+        n = len(arrival_s)
+        self.requests = [None] * n  # type: ignore[list-item]
+        self.env.process(self._arrivals(arrival_s.tolist(), list(model), list(tenant),
+                                        np.asarray(prompt_tokens).tolist(), np.asarray(output_tokens).tolist(),
+                                        progress_every))
+        if self.policy.tick_s:
+            self.env.process(self._ticks(self.policy.tick_s))
+        last = float(arrival_s[-1]) if n else 0.0
+        if n == 0:
+            self.arrivals_done = True
+            self.finished.succeed()
+        deadline = self.env.timeout(last + self.drain_timeout_s)
+        self.env.run(until=self.env.any_of([self.finished, deadline]))
+        self.end_s = self.env.now
+        self._finalize()
+
+    def _arrivals(self, arr: list[float], models: list[str], tenants: list[str], prompts: list[int],
+                  outs: list[int], progress_every: int):
+        env = self.env
+        timeout = self.request_timeout_s
+        known = self.state.models
+        for i, t in enumerate(arr):
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            req = Request(i, models[i], tenants[i], prompts[i], outs[i], t, t + timeout)
+            self.requests[i] = req
+            self.outstanding += 1
+            if req.model not in known:
+                self._resolve(req, "rejected", "unknown_model")
+                continue
+            acts = self.policy.on_arrival(req, self.view)
+            if acts:
+                self._execute(acts)
+            self._place(req)
+            if self.on_progress is not None and i % progress_every == 0:
+                self.on_progress(env.now, i)
+        self.arrivals_done = True
+        self._check_finished()
+
+    def _ticks(self, tick_s: float):
+        while not self.finished.triggered:
+            yield self.env.timeout(tick_s)
+            acts = self.policy.on_tick(self.view)
+            if acts:
+                self._execute(acts)
+            if self.pending:
+                self._retry_pending()
+
+    # ========================================================================= placement
+    def _place(self, req: Request) -> None:
+        d = self.policy.place(req, self.view)
+        kind = type(d)
+        if kind is Route:
+            eng = self.engines.get(d.instance_id)
+            if eng is None or eng.state.status not in ("ready", "loading"):
+                raise PolicyError(f"policy {self.policy.name!r} routed to unknown or stopped instance {d}")
+            self._submit(req, eng)
+        elif kind is ColdStart:
+            if d.node not in self.state.nodes:
+                raise PolicyError(f"policy {self.policy.name!r} chose unknown node in {d}")
+            eng = self._start_instance(req.model, d.node, d.source_tier, reason="request", migrate=d.migrate,
+                                       waiting=req)
+            if eng is not None:
+                self._submit(req, eng)
+            elif d.migrate is None:
+                self.pending.append(req)
+        elif kind is Queue:
+            self.pending.append(req)
+        elif kind is Reject:
+            self._resolve(req, "rejected", d.reason)
+        else:
+            raise PolicyError(f"policy {self.policy.name!r} returned {d!r}, not a placement decision")
+
+    def _submit(self, req: Request, eng: SimEngine) -> None:
+        if not eng.can_ever_fit(req):
+            self._resolve(req, "rejected", "kv_cache_too_small")
+            return
+        req.instance = eng
+        req.node = eng.state.node
+        req.placed_s = self.env.now
+        if eng.state.status == "loading":
+            req.cold = True
+        eng.submit(req)
+
+    def _retry_pending(self) -> None:
+        """Place held requests again, oldest first. Once a model's request is held again in this
+        pass, its later ones are too without asking the policy (nothing changed for them)."""
+        todo, self.pending = self.pending, deque()
+        now = self.env.now
+        held_models: set[str] = set()
+        for req in todo:
+            if req.deadline_s < now:
+                self._resolve(req, "rejected", "queue_timeout")
+            elif req.model in held_models:
+                self.pending.append(req)
+            else:
+                before = len(self.pending)
+                self._place(req)
+                if len(self.pending) > before:
+                    held_models.add(req.model)
+
+    def _schedule_retry(self) -> None:
+        if self.pending and not self._retry_scheduled:
+            self._retry_scheduled = True
+
+            def go(_e: object) -> None:
+                self._retry_scheduled = False
+                self._retry_pending()
+
+            self.env.timeout(0).callbacks.append(go)
+
+    # ========================================================================= instances
+    def _inference_model(self, model: ModelSpec, node: str, n: int) -> InferenceModel:
+        gpu = self.state.nodes[node].spec.gpu
+        key = (model.name, gpu.name, n)
+        inf = self._inference.get(key)
+        if inf is None:
+            inf = self._inference[key] = InferenceModel(model, gpu, n, self.engine, self.measured)
+        return inf
+
+    def _start_instance(self, model_name: str, node: str, source_tier: str, reason: str,
+                        migrate: Migration | None = None, waiting: Request | None = None) -> SimEngine | None:
+        ns = self.state.nodes[node]
+        model = self.state.models[model_name]
+        n, per_gpu, kv = ns.footprint(model)
+        if source_tier != "cloud" and (source_tier not in ns.tiers or not ns.tiers[source_tier].holds(model_name)):
+            source_tier = ns.local_source(model_name)  # the policy's view was stale; load from where it is
+        gpu_ids = ns.gpu_fit(per_gpu * n, per_gpu)
+        if gpu_ids is None and migrate is not None:
+            self._migrate(migrate, node, waiting)
+            return None
+        if gpu_ids is None and reason != "prewarm":
+            self._execute(self.policy.on_gpu_pressure(node, model_name, self.view))
+            gpu_ids = ns.gpu_fit(per_gpu * n, per_gpu)
+        if gpu_ids is None:
+            return None
+        now = self.env.now
+        inst = self.state.add_instance(model_name, node, gpu_ids, per_gpu, kv, source_tier, now)
+        eng = SimEngine(self.env, inst, self._inference_model(model, node, n), self._on_finish)
+        self.engines[inst.id] = eng
+        inst.ready_at_s = now + estimate_load_s(source_tier, model, ns.spec, self.cluster.store, self.engine, n, kv,
+                                                self.policy.progressive)
+        self.loads[inst.id] = LoadRecord(source_tier=source_tier, started_s=now)
+        self.stats.loads_by_tier[source_tier] += 1
+        self._instance_row(inst, "loading", reason)
+        if source_tier in LOCAL_TIERS:
+            ns.tiers[source_tier].touch(model_name, now)
+            self._reading[(node, source_tier, model_name)] += 1
+        self.env.process(self._load(eng, source_tier, n, kv))
+        self._execute(self.policy.on_load_started(inst, self.view))
+        return eng
+
+    def _load(self, eng: SimEngine, source_tier: str, n: int, kv: float):
+        env = self.env
+        inst = eng.state
+        node = self.state.nodes[inst.node]
+        model = inst.model
+        rec = self.loads[inst.id]
+        progressive = self.policy.progressive
+        t0 = env.now
+        start_s = engine_start_s(self.engine)
+        last_flow: Flow | None = None
+        to_gpu_start = t0
+        for hop in load_hops(source_tier, model, node.spec, self.cluster.store, n):
+            done = env.event()
+            th = env.now
+            track = progressive and hop.phase == "to_gpu"
+            flow = self.fabric.transfer(inst.node, hop.links, hop.nbytes, hop.cap_Bps, hop.latency_s,
+                                        done.succeed, track=track)
+            if hop.phase == "to_gpu":
+                to_gpu_start, last_flow = th, flow
+            yield done
+            if hop.phase == "fetch":
+                rec.fetch_s = env.now - th
+                if source_tier == "cloud":
+                    self.stats.cloud_bytes += hop.nbytes
+                else:
+                    self._release_read(inst.node, source_tier, model.name)
+            else:
+                rec.to_gpu_s = env.now - th
+        t_w = env.now
+        rec.weights_resident_s = t_w
+        eng.weights_resident_s = t_w
+        self._instance_row(inst, "weights_resident", "")
+        start_done = t0 + start_s if self.engine.overlap_start_with_fetch else t_w + start_s
+        after = engine_after_weights_s(model, self.engine, kv, progressive)
+        override_s = None
+        override_n = 0
+        if progressive:
+            # KV allocation needs no weights: it follows engine start; the first pass streams the layers
+            compute_ready = start_done + after
+            ready_at = max(t_w, compute_ready)
+            batch = list(eng.queue)[: inst.max_num_seqs]
+            if batch and last_flow is not None:
+                layer_bytes = model.layer_bytes
+                layer_ready = [last_flow.time_at_bytes((i + 1) * layer_bytes) for i in range(model.n_layers)]
+                prompt = sum(r.prompt_tokens for r in batch)
+                per_layer = eng.inf.prefill_s(prompt) / model.n_layers
+                override_s = progressive_first_token_s(layer_ready, per_layer, max(compute_ready, to_gpu_start))
+                override_n = len(batch)
+        else:
+            ready_at = max(t_w, start_done) + after
+        rec.engine_init_s = ready_at - t_w
+        if ready_at > env.now:
+            yield env.timeout(ready_at - env.now)
+        if inst.status != "loading":
+            return
+        inst.status = "ready"
+        inst.ready_at_s = env.now
+        rec.ready_s = env.now
+        inst.idle_since_s = env.now
+        self._instance_row(inst, "ready", "")
+        self._drain(eng, override_s, override_n)
+        for cb in self._on_ready.pop(inst.id, ()):
+            cb()
+        self._execute(self.policy.on_load_done(inst, self.view))
+        if inst.idle:
+            self._execute(self.policy.on_idle(inst, self.view))
+
+    def _drain(self, eng: SimEngine, override_s: float | None = None, override_n: int = 0) -> None:
+        for req in eng.drain_queue(override_s, override_n):
+            self._resolve(req, "rejected", "queue_timeout")
+
+    def _on_finish(self, req: Request) -> None:
+        self._resolve(req, "completed", "")
+        eng: SimEngine = req.instance
+        if eng.queue:
+            self._drain(eng)
+        inst = eng.state
+        if inst.status == "ready" and inst.active == 0 and inst.waiting == 0:
+            acts = self.policy.on_idle(inst, self.view)
+            if acts:
+                self._execute(acts)
+            if self.pending:
+                self._schedule_retry()
+
+    def _remove_instance(self, inst: InstanceState, reason: str) -> None:
+        eng = self.engines.pop(inst.id)
+        eng.close_accounting()
+        now = self.env.now
+        life = now - inst.started_s
+        self.stats.reserved_byte_s += inst.gpu_bytes * life
+        self.stats.weights_byte_s += inst.model.weights_bytes * life
+        self.stats.kv_byte_s += eng.kv_int
+        for req in eng.take_queue():
+            self.pending.append(req)
+        self.state.remove_instance(inst)
+        self._instance_row(inst, "stopped", reason)
+        self._schedule_retry()
+
+    # ========================================================================= migration
+    def _migrate(self, mig: Migration, node: str, waiting: Request | None) -> None:
+        """Token-based live migration: load the victim's model on the destination, then move its
+        sequences there (each recomputes its KV cache); the freed GPUs then take the new model."""
+        victim = self.state.instances.get(mig.instance_id)
+        dest = None
+        if victim is not None and victim.status == "ready" and victim.node == node:
+            dest = self._start_instance(victim.model.name, mig.dest_node, mig.dest_source_tier, reason="migration")
+        if waiting is not None:
+            self.pending.append(waiting)  # placed again once the victim's GPUs are free
+        if dest is None or victim is None:
+            return
+        victim.status = "migrating"  # no new requests
+        src_eng = self.engines[victim.id]
+        a, b = mig.a_s_per_token, mig.b_s
+
+        def handover() -> None:
+            victim.status = "draining"
+            for req in src_eng.take_queue():
+                self._submit(req, dest)
+            src_eng.migrate_to(dest, a, b, lambda: self._remove_instance(victim, "migrated"))
+
+        self._on_ready.setdefault(dest.state.id, []).append(handover)
+
+    # =========================================================================== actions
+    def _execute(self, acts: Iterable[Action]) -> None:
+        for a in acts:
+            kind = type(a)
+            if kind is Copy:
+                self._copy(a)
+            elif kind is Evict:
+                self._evict(a)
+            elif kind is StartInstance:
+                if a.node in self.state.nodes and a.model in self.state.models:
+                    self._start_instance(a.model, a.node, a.source_tier, reason=a.reason)
+            elif kind is StopInstance:
+                inst = self.state.instances.get(a.instance_id)
+                if inst is not None and inst.idle:
+                    if a.demote_to:
+                        self._copy(Copy(inst.model.name, inst.node, a.demote_to, kind="demote"), src="gpu")
+                    self._remove_instance(inst, a.reason)
+            else:
+                raise PolicyError(f"policy {self.policy.name!r} returned {a!r}, not an action")
+
+    def _copy(self, mv: Copy, src: str | None = None) -> None:
+        ns = self.state.nodes.get(mv.node)
+        if ns is None or mv.to_tier not in ns.tiers or mv.model not in self.state.models:
+            raise PolicyError(f"policy {self.policy.name!r}: cannot execute {mv}")
+        tier = ns.tiers[mv.to_tier]
+        model = self.state.models[mv.model]
+        if tier.holds(mv.model) or tier.incoming(mv.model) or tier.free_bytes < model.weights_bytes:
+            return
+        if src is None:
+            src = ns.tier_holding(mv.model) or "cloud"
+            if src == mv.to_tier:
+                return
+        tier.reserve(mv.model, model.weights_bytes)
+        if src in LOCAL_TIERS:
+            self._reading[(mv.node, src, mv.model)] += 1
+        hop = copy_hop(src, mv.to_tier, model, ns.spec, self.cluster.store)
+        t0 = self.env.now
+
+        def done(_flow: Flow) -> None:
+            now = self.env.now
+            tier.commit(mv.model, now)
+            if src in LOCAL_TIERS:
+                self._release_read(mv.node, src, mv.model)
+            if src == "cloud":
+                self.stats.cloud_bytes += hop.nbytes
+            self.moves.append((t0, now, mv.model, mv.node, src, mv.to_tier, mv.kind, hop.nbytes, now - t0))
+
+        self.fabric.transfer(mv.node, hop.links, hop.nbytes, hop.cap_Bps, hop.latency_s, done)
+
+    def _evict(self, ev: Evict) -> None:
+        ns = self.state.nodes.get(ev.node)
+        if ns is None or ev.tier not in ns.tiers:
+            raise PolicyError(f"policy {self.policy.name!r}: cannot execute {ev}")
+        tier = ns.tiers[ev.tier]
+        if not tier.holds(ev.model) or self._reading.get((ev.node, ev.tier, ev.model), 0) > 0:
+            return  # gone already, or a load is reading it right now
+        nbytes = tier.remove(ev.model)
+        now = self.env.now
+        self.moves.append((now, now, ev.model, ev.node, ev.tier, "", ev.kind, nbytes, 0.0))
+
+    def _release_read(self, node: str, tier: str, model: str) -> None:
+        key = (node, tier, model)
+        self._reading[key] -= 1
+        if self._reading[key] <= 0:
+            del self._reading[key]
+
+    # ========================================================================== outcomes
+    def _resolve(self, req: Request, outcome: str, reason: str) -> None:
+        if req.outcome:
+            raise RuntimeError(f"request {req.id} resolved twice ({req.outcome}, then {outcome})")
+        req.outcome = outcome
+        req.reason = reason
+        if outcome != "completed":
+            req.finish_s = self.env.now
+        self.outstanding -= 1
+        if self.arrivals_done and self.outstanding == 0:
+            self._check_finished()
+
+    def _check_finished(self) -> None:
+        if self.arrivals_done and self.outstanding == 0 and not self.finished.triggered:
+            self.finished.succeed()
+
+    def _instance_row(self, inst: InstanceState, event: str, reason: str) -> None:
+        self.instance_rows.append((self.env.now, inst.id, inst.model.name, inst.node, event, inst.source_tier,
+                                   len(inst.gpu_ids), inst.gpu_bytes, inst.model.weights_bytes, reason))
+
+    def _finalize(self) -> None:
+        """Fail whatever is still unresolved and close every instance's accounting at the end time."""
+        for req in self.requests:
+            if req is not None and not req.outcome:
+                req.outcome, req.reason = "failed", "unfinished_at_end"
+                req.finish_s = self.end_s
+                self.outstanding -= 1
+        self.pending.clear()
+        for inst in list(self.state.instances.values()):
+            eng = self.engines.get(inst.id)
+            if eng is not None:
+                eng.queue.clear()
+                inst.waiting = 0
+                self._remove_instance(inst, "end_of_run")
+
