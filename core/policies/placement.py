@@ -101,18 +101,22 @@ class StartupTime(_PlacementBase):
 
     def cold_start(self, req: RequestView, view: ClusterView) -> ColdStart | None:
         best: ColdStart | None = None
-        best_t = float("inf")
+        best_key: tuple | None = None
         for node in view.nodes.values():
             if not node.up:
                 continue
             t, src = self._estimate(node, req.model, view)
-            if node_can_host(node, req.model, view, allow_evict=True):
-                if t < best_t or (t == best_t and best is not None and node.name < best.node):
-                    best, best_t = ColdStart(node.name, src), t
-            elif self.migration:
-                mig = self._migration(node, req, view)
-                if mig is not None and t + mig[1] < best_t:
-                    best, best_t = ColdStart(node.name, src, migrate=mig[0]), t + mig[1]
+            if node_can_host(node, req.model, view, allow_evict=False):
+                cand, key = ColdStart(node.name, src), (round(t, 3), 0, -node.gpu_free_total, node.name)
+            elif node_can_host(node, req.model, view, allow_evict=True):
+                cand, key = ColdStart(node.name, src), (round(t, 3), 1, -node.gpu_free_total, node.name)
+            elif self.migration and (mig := self._migration(node, req, view)) is not None:
+                cand, key = ColdStart(node.name, src, migrate=mig[0]), (round(t + mig[1], 3), 2, 0.0, node.name)
+            else:
+                continue
+            # ties (the model is nowhere yet) go to nodes that need no eviction, then to the emptiest
+            if best_key is None or key < best_key:
+                best, best_key = cand, key
         return best
 
     def _migration(self, node: NodeState, req: RequestView, view: ClusterView) -> tuple[Migration, float] | None:
