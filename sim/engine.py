@@ -188,12 +188,14 @@ class SimEngine:
         self._advance()
         heap = self._heap
         done = []
-        while heap and heap[0][0] <= self._v + 1e-9:
+        # a millionth of a token is nothing, and it keeps far above the float resolution of V
+        while heap and heap[0][0] <= self._v + 1e-6:
             _, _, req = heapq.heappop(heap)
             self._ctx -= req.prompt_tokens + req.output_tokens * 0.5
             done.append(req)
         if not heap:
             self._ctx = 0.0
+            self._v = 0.0  # nothing refers to the old clock: rebase it so it never grows large
         self._rerate()
         for req in done:
             self._finish(req)

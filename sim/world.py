@@ -351,8 +351,6 @@ class World:
             acts = self.policy.on_idle(inst, self.view)
             if acts:
                 self._execute(acts)
-            if self.pending:
-                self._schedule_retry()
 
     def _remove_instance(self, inst: InstanceState, reason: str) -> None:
         eng = self.engines.pop(inst.id)

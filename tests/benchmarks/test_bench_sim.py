@@ -1,0 +1,64 @@
+"""Simulator speed: simulated requests per wall-second vs a bare SimPy loop, measured in the same run.
+
+The bare loop is the floor any SimPy model pays: per request one process, one resource
+request and one timeout. The ratio (tierlab rate / bare rate) is what is checked, so a
+slow or noisy machine slows both sides alike. Target: >= 1/3.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import simpy
+
+from experiments.setup import build
+from sim.run import simulate
+from tests.conftest import config
+
+MIN_RATIO = 1 / 3
+
+
+def bare_simpy_rate(arrival_s: np.ndarray, service_s: float = 1.0, capacity: int = 64) -> float:
+    """Requests per wall-second of the simplest SimPy model of the same arrivals."""
+    env = simpy.Environment()
+    res = simpy.Resource(env, capacity)
+
+    def job(env):
+        with res.request() as req:
+            yield req
+            yield env.timeout(service_s)
+
+    def source(env):
+        for t in arrival_s.tolist():
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            env.process(job(env))
+
+    env.process(source(env))
+    t0 = time.perf_counter()
+    env.run()
+    return len(arrival_s) / (time.perf_counter() - t0)
+
+
+def test_sim_rate_vs_bare_simpy(benchmark):
+    """Scenario: conf workload=servegen_r1 cut to its first 2 hours, medium cluster, seed_tiered."""
+    s = build(config("workload=servegen_r1", "workload.window=[0,7200]", "output.plots=false"))
+    n = len(s.workload)
+
+    def one_run():
+        return simulate(s.cluster, s.models, s.engine, s.policy, s.workload)
+
+    # the policy object keeps per-run state: give every round a fresh one
+    def setup():
+        s.policy = build(config("workload=servegen_r1", "workload.window=[0,7200]")).policy
+        return (), {}
+
+    result = benchmark.pedantic(one_run, setup=setup, rounds=3, iterations=1)
+    sim_rate = n / benchmark.stats.stats.min if benchmark.enabled else result.summary["requests_per_wall_s"]
+    bare = max(bare_simpy_rate(s.workload.arrival_s) for _ in range(2))
+    ratio = sim_rate / bare
+    benchmark.extra_info.update({"requests": n, "sim_req_per_s": sim_rate, "bare_req_per_s": bare, "ratio": ratio})
+    print(f"\ntierlab {sim_rate:,.0f} req/s, bare SimPy {bare:,.0f} req/s, ratio {ratio:.2f} (target >= {MIN_RATIO:.2f})")
+    assert result.summary["requests"] == n
+    assert ratio >= MIN_RATIO
