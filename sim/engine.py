@@ -33,6 +33,7 @@ class SimEngine:
         "_ctx",
         "_heap",
         "_iter_s",
+        "_kv_tok",
         "_seq",
         "_t_last",
         "_v",
@@ -63,6 +64,7 @@ class SimEngine:
         self._t_last = env.now
         self._ctx = 0.0
         self._iter_s = inf.decode_iter_s(0, 0.0)
+        self._kv_tok = state.model.kv_bytes_per_token
         self._check_at = float("inf")
         self.kv_int = 0.0  # integral of KV bytes in use over time, for memory-waste accounting
         self.kv_t = env.now
@@ -72,7 +74,7 @@ class SimEngine:
 
     # -- admission ------------------------------------------------------------------------
     def kv_need(self, req: Request) -> float:
-        return (req.prompt_tokens + req.output_tokens) * self.state.model.kv_bytes_per_token
+        return (req.prompt_tokens + req.output_tokens) * self._kv_tok
 
     def can_ever_fit(self, req: Request) -> bool:
         return self.kv_need(req) <= self.state.kv_budget_bytes
@@ -162,13 +164,15 @@ class SimEngine:
             self._t_last = now
 
     def _rerate(self) -> None:
-        self._iter_s = self.inf.decode_iter_s(len(self._heap), self._ctx)
-        if self._heap:
-            when = self.env.now + max(0.0, self._heap[0][0] - self._v) * self._iter_s
+        heap = self._heap
+        self._iter_s = it = self.inf.decode_iter_s(len(heap), self._ctx)
+        if heap:
+            lead = heap[0][0] - self._v
+            delay = lead * it if lead > 0 else 0.0
+            when = self.env.now + delay
             if when < self._check_at - 1e-12:
                 self._check_at = when
-                ev = self.env.timeout(when - self.env.now)
-                ev.callbacks.append(self._on_check)
+                self.env.timeout(delay).callbacks.append(self._on_check)
 
     def _join_decode(self, req: Request) -> None:
         if self.forward is not None:

@@ -59,6 +59,24 @@ def test_sim_rate_vs_bare_simpy(benchmark):
     bare = max(bare_simpy_rate(s.workload.arrival_s) for _ in range(2))
     ratio = sim_rate / bare
     benchmark.extra_info.update({"requests": n, "sim_req_per_s": sim_rate, "bare_req_per_s": bare, "ratio": ratio})
-    print(f"\ntierlab {sim_rate:,.0f} req/s, bare SimPy {bare:,.0f} req/s, ratio {ratio:.2f} (target >= {MIN_RATIO:.2f})")
+    print(f"\ntierlab {sim_rate:,.0f} req/s, bare SimPy {bare:,.0f} req/s, ratio {ratio:.2f}"
+          f" (target >= {MIN_RATIO:.2f})")
     assert result.summary["requests"] == n
+    assert ratio >= MIN_RATIO
+
+
+def test_one_day_million_request_replay(benchmark):
+    """conf workload=replay_1m: ServeGen deepseek-r1, one day, ~1.0M requests, 73 deployments."""
+    s = build(config("workload=replay_1m", "output.plots=false"))
+    n = len(s.workload)
+    assert 0.95e6 < n < 1.05e6
+    result = benchmark.pedantic(lambda: simulate(s.cluster, s.models, s.engine, s.policy, s.workload),
+                                rounds=1, iterations=1)
+    summary = result.summary
+    bare = bare_simpy_rate(s.workload.arrival_s)
+    ratio = summary["requests_per_wall_s"] / bare
+    benchmark.extra_info.update({"requests": n, "sim_wall_s": summary["wall_s"], "ratio": ratio})
+    print(f"\n1M replay: {n:,} requests, {summary['sim_s']:.0f} s simulated in {summary['wall_s']:.1f} s wall "
+          f"({summary['requests_per_wall_s']:,.0f} req/s); bare SimPy {bare:,.0f} req/s; ratio {ratio:.2f}")
+    assert summary["completed"] + summary["rejected"] + summary["failed"] == n
     assert ratio >= MIN_RATIO
