@@ -74,8 +74,11 @@ def load_hops(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectS
 
 
 def copy_hop(src_tier: str, dst_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec) -> Hop:
-    """A tier movement: read from `src_tier` (a local tier, "gpu" or "cloud"), write into `dst_tier`."""
-    if src_tier == "cloud":
+    """A tier movement: read from `src_tier` (a local tier, "gpu", "host" staging memory or "cloud"),
+    write into `dst_tier`."""
+    if src_tier == "host":
+        links, cap, lat = (f"{dst_tier}_w",), float("inf"), 0.0
+    elif src_tier == "cloud":
         links: tuple[str, ...] = ("nic", f"{dst_tier}_w")
         cap, lat = store.streams * store.per_stream_Bps, store.ttfb_s
     elif src_tier == "gpu":

@@ -333,7 +333,8 @@ class World:
         self._drain(eng, override_s, override_n)
         for cb in self._on_ready.pop(inst.id, ()):
             cb()
-        self._execute(self.policy.on_load_done(inst, self.view))
+        # the weights just passed through host memory: copies of them made now need no re-read
+        self._execute(self.policy.on_load_done(inst, self.view), staged=(inst.node, model.name))
         if inst.idle:
             self._execute(self.policy.on_idle(inst, self.view))
 
@@ -391,11 +392,11 @@ class World:
         self._on_ready.setdefault(dest.state.id, []).append(handover)
 
     # =========================================================================== actions
-    def _execute(self, acts: Iterable[Action]) -> None:
+    def _execute(self, acts: Iterable[Action], staged: tuple[str, str] | None = None) -> None:
         for a in acts:
             kind = type(a)
             if kind is Copy:
-                self._copy(a)
+                self._copy(a, src="host" if staged == (a.node, a.model) else None)
             elif kind is Evict:
                 self._evict(a)
             elif kind is StartInstance:

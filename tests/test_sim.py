@@ -63,8 +63,13 @@ def test_cold_starts_carry_their_phases_and_source_tier():
 
 
 def test_tiered_policies_beat_mvp_on_mean_cold_start():
-    """Azure code trace over the 24-deployment catalog on the medium cluster (seed 0)."""
-    means = {p: _run(f"policy={p}").summary["cold_start_s"]["mean"] for p in ("mvp", "seed_tiered", "sllm")}
+    """Azure code trace over the 24-deployment catalog on the medium cluster, averaged over seeds 0-3
+    (the seed draws the Zipf model assignment; single seeds vary, see the closing note of issue 2)."""
+    means = {}
+    for policy in ("mvp", "seed_tiered", "sllm"):
+        runs = [_run(f"policy={policy}", f"seed={seed}", "output.plots=false").summary["cold_start_s"]["mean"]
+                for seed in range(4)]
+        means[policy] = sum(runs) / len(runs)
     assert means["seed_tiered"] < means["mvp"]
     assert means["sllm"] < means["mvp"]
 
