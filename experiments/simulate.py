@@ -22,6 +22,9 @@ from experiments.plots import cold_start_cdf, cost_breakdown
 from experiments.setup import build
 from sim.run import SimResult, simulate
 
+# absolute, so the console script finds it wherever it is launched from
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
 
 def run(cfg: dict[str, Any], out_dir: Path | None, *, progress: bool = False) -> SimResult:
     """Build from a plain config mapping, simulate, and write the outputs into `out_dir`."""
@@ -62,7 +65,7 @@ def one_line(summary: dict[str, Any]) -> str:
             f"mean cold start {cs_txt}; ${summary['cost_usd']:.2f})")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     plain = OmegaConf.to_container(cfg, resolve=True)

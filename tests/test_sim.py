@@ -170,3 +170,19 @@ def test_summary_counts_match_records():
     assert by_tier == int((req["cold_start"] & (req["outcome"] == "completed")).sum())
     # requests carry the GPU cost of the instances that served them; idle keep-alive time is nobody's
     assert 0 < req["cost_usd"].sum() <= s["cost_breakdown_usd"]["gpu"] + 1e-9
+
+
+def test_multirun_sweep_writes_one_output_per_job(tmp_path):
+    import shutil
+
+    exe = shutil.which("tierlab-simulate")
+    assert exe, "the console script is installed with the package"
+    proc = subprocess.run([exe, "--multirun", "policy=mvp,sllm", "cluster=small,medium", "workload.max_requests=300",
+                           "progress=false", "output.plots=false", f"hydra.sweep.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 4
+    policies = sorted(json.loads(p.read_text())["policy"] for p in summaries)
+    assert policies == ["mvp", "mvp", "sllm", "sllm"]
+    assert proc.stdout.count("simulated ") == 4
