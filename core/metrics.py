@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -102,7 +101,3 @@ def memory_waste_frac(reserved_byte_s: float, weights_byte_s: float, kv_byte_s: 
     if reserved_byte_s <= 0:
         return 0.0
     return max(0.0, 1.0 - (weights_byte_s + kv_byte_s) / reserved_byte_s)
-
-
-def quantiles(values: Sequence[float], qs: Sequence[float]) -> list[float | None]:
-    return [_q(np.asarray(values), q) for q in qs]

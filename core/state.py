@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from core.specs import TIER_RANK, ClusterSpec, EngineSpec, ModelSpec, NodeSpec, TierSpec
+from core.specs import ClusterSpec, EngineSpec, ModelSpec, NodeSpec, TierSpec
 
 
 class CapacityError(RuntimeError):
@@ -311,12 +311,11 @@ class ClusterView:
     read-only and must not keep references across calls.
     """
 
-    __slots__ = ("_clock", "_state", "bandwidth_hint")
+    __slots__ = ("_clock", "_state")
 
     def __init__(self, state: ClusterState, clock: object) -> None:
         self._state = state
         self._clock = clock  # any object with a float attribute `now`
-        self.bandwidth_hint: dict[str, float] = {}
 
     @property
     def now_s(self) -> float:
@@ -359,8 +358,3 @@ class ClusterView:
             if t is not None:
                 out[name] = t
         return out
-
-
-def tier_faster(a: str, b: str) -> bool:
-    """True when tier `a` is closer to the GPU than tier `b`."""
-    return TIER_RANK[a] < TIER_RANK[b]

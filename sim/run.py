@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from core.cost import egress_cost, gpu_cost, instance_lifetimes, request_cost_shares, storage_cost
@@ -147,14 +146,3 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
         },
     )
     return SimResult(requests=requests, moves=moves, instances=instances, summary=summary)
-
-
-def outcome_counts(requests: pd.DataFrame) -> dict[str, int]:
-    return {k: int(v) for k, v in requests["outcome"].value_counts().items()}
-
-
-def check_invariants(result: SimResult) -> None:
-    """Cheap end-of-run consistency checks (the property tests assert more)."""
-    req = result.requests
-    if not np.all(req["outcome"].isin(["completed", "rejected", "failed"])):
-        raise AssertionError("a request has no outcome")

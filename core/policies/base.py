@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from core.decisions import Action, Copy, Decision, Evict, StopInstance
-from core.specs import TIER_RANK
 from core.state import ClusterView, InstanceState, NodeState
 
 NO_ACTIONS: tuple[Action, ...] = ()
@@ -58,11 +57,6 @@ class Hooks:
 
 
 # --------------------------------------------------------------------------- helpers
-def instance_capacity(inst: InstanceState) -> int:
-    """Concurrent sequences an instance can hold (the engine's batch limit)."""
-    return inst.max_num_seqs
-
-
 def pick_instance(insts: Sequence[InstanceState]) -> InstanceState | None:
     """The live instance a new request should join: a ready one with a free slot (least busy),
     else a loading one with room, else the one with the shortest queue."""
@@ -180,10 +174,6 @@ def copy_with_room(node: NodeState, model: str, nbytes: float, tier: str, kind: 
     if ev is None:
         return []
     return [*ev, Copy(model, node.name, tier, kind=kind)]
-
-
-def best_source_rank(node: NodeState, model: str) -> int:
-    return TIER_RANK[node.local_source(model)]
 
 
 class PolicyBundle:
