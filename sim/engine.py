@@ -228,9 +228,10 @@ class SimEngine:
         self._ctx = 0.0
         self._rerate()
         for req, remaining in moved:
-            self._hand_over(req, remaining)
-        if self.state.active == 0:
-            on_drained()
+            self._hand_over(req, remaining)  # the last one out calls on_drained
+        if self.state.active == 0 and self.on_drained is not None:
+            cb, self.on_drained = self.on_drained, None
+            cb()
 
     def _hand_over(self, req: Request, remaining_tokens: float) -> None:
         assert self.forward is not None
