@@ -186,3 +186,17 @@ def test_multirun_sweep_writes_one_output_per_job(tmp_path):
     policies = sorted(json.loads(p.read_text())["policy"] for p in summaries)
     assert policies == ["mvp", "mvp", "sllm", "sllm"]
     assert proc.stdout.count("simulated ") == 4
+
+
+def test_measured_table_overrides_the_roofline():
+    """inference=measured_example times llama-3.1-8b deployments from the table instead of the roofline."""
+    kw = ("workload.max_requests=1500", "output.plots=false")
+    roof = _run(*kw).requests
+    meas = _run(*kw, "inference=measured_example").requests
+    is8b = roof["model"].str.startswith("llama-3.1-8b/") & (roof["outcome"] == "completed")
+    other = ~roof["model"].str.startswith("llama-3.1-8b/") & (roof["outcome"] == "completed")
+    # table: 20,000 prefill tokens/s
+    expect = meas.loc[is8b, "prompt_tokens"] / 20000.0
+    assert (meas.loc[is8b, "prefill_s"] - expect).abs().max() < 1e-9
+    assert not (roof.loc[is8b, "prefill_s"] - expect).abs().lt(1e-9).all()
+    pd.testing.assert_series_equal(roof.loc[other, "prefill_s"], meas.loc[other, "prefill_s"])
