@@ -22,7 +22,8 @@ class MeasuredTable:
     """Measured performance of one engine serving one model on one GPU type.
 
     `prefill_tokens_per_s` is the prefill throughput; `decode_batch` / `decode_iter_s` give
-    the decode iteration time at several batch sizes (linearly interpolated, clamped).
+    the decode iteration time at several batch sizes (linearly interpolated; below the first
+    size clamped, above the last extrapolated along the last segment).
     """
 
     engine: str
@@ -57,6 +58,9 @@ def measured_from_dict(data: Mapping[str, Any], where: str) -> MeasuredTable:
         )
     except KeyError as exc:
         raise ConfigError(f"{where}: missing field {exc.args[0]!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: prefill_tokens_per_s must be a number and decode_batch / decode_iter_s"
+                          f" lists of numbers ({exc})") from exc
     if not batch or len(batch) != len(iters) or list(batch) != sorted(set(batch)):
         raise ConfigError(f"{where}: decode_batch must be strictly increasing and as long as decode_iter_s")
     if table.prefill_tokens_per_s <= 0 or min(iters) <= 0:

@@ -128,6 +128,17 @@ def hop_time_s(hop: Hop, link_bw: dict[str, float]) -> float:
     return hop.latency_s + hop.nbytes / bw
 
 
+def ready_time_s(weights_resident_s: float, start_done_s: float, after_weights_s: float, progressive: bool) -> float:
+    """When an engine can serve: after its weights and its start-up work.
+
+    Without progressive loading, KV allocation and capture follow both the weights and the
+    process start; with it, KV allocation needs no weights and can finish before they do.
+    """
+    if progressive:
+        return max(weights_resident_s, start_done_s + after_weights_s)
+    return max(weights_resident_s, start_done_s) + after_weights_s
+
+
 def estimate_load_s(
     source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec, engine: EngineSpec,
     n_gpus: int, kv_bytes: float, progressive: bool = False,
@@ -136,5 +147,5 @@ def estimate_load_s(
     caps = link_capacities(node)
     transfer = sum(hop_time_s(h, caps) for h in load_hops(source_tier, model, node, store, n_gpus))
     start = engine_start_s(engine)
-    before = max(start, transfer) if engine.overlap_start_with_fetch else start + transfer
-    return before + engine_after_weights_s(model, engine, kv_bytes, progressive)
+    start_done = start if engine.overlap_start_with_fetch else transfer + start
+    return ready_time_s(transfer, start_done, engine_after_weights_s(model, engine, kv_bytes, progressive), progressive)

@@ -275,13 +275,15 @@ class ClusterState:
         source_tier: str, now_s: float,
     ) -> InstanceState:
         ns = self.nodes[node]
+        spec = self.models[model]  # before any change: an unknown model must leave no trace
+        if len(set(gpu_ids)) != len(gpu_ids):
+            raise CapacityError(f"node {node}: GPU ids repeat in {gpu_ids}")
         for g in gpu_ids:
             if ns.gpu_free_bytes[g] + 1e-6 < per_gpu_bytes:
                 raise CapacityError(f"node {node} gpu {g}: need {per_gpu_bytes:.0f} B, free {ns.gpu_free_bytes[g]:.0f}")
         for g in gpu_ids:
             ns.gpu_free_bytes[g] -= per_gpu_bytes
         self._next_instance += 1
-        spec = self.models[model]
         inst = InstanceState(
             id=f"i{self._next_instance}", model=spec, node=node, gpu_ids=gpu_ids,
             gpu_bytes=per_gpu_bytes * len(gpu_ids), kv_budget_bytes=kv_budget,

@@ -10,6 +10,7 @@ streams make further flows wait in line.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -145,7 +146,9 @@ class NodeLinks:
         if gen != self.generation:
             return  # superseded by a later start or finish
         self._advance()
-        finished = [f for f in self.active if f.remaining <= _EPS_BYTES or f.remaining <= f.rate * 1e-9]
+        # what is left after the timer is float rounding: at large times the clock's step can exceed 1 ns
+        slack_s = max(1e-9, 4 * math.ulp(self.env.now))
+        finished = [f for f in self.active if f.remaining <= _EPS_BYTES or f.remaining <= f.rate * slack_s]
         if finished:
             self.active = [f for f in self.active if f not in finished]
             self._admit()

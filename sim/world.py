@@ -32,6 +32,7 @@ from core.loadtime import (
     link_streams,
     load_hops,
     progressive_first_token_s,
+    ready_time_s,
 )
 from core.policies.base import PolicyBundle
 from core.specs import LOCAL_TIERS, ClusterSpec, EngineSpec, ModelSpec
@@ -309,7 +310,7 @@ class World:
         if progressive:
             # KV allocation needs no weights: it follows engine start; the first pass streams the layers
             compute_ready = start_done + after
-            ready_at = max(t_w, compute_ready)
+            ready_at = ready_time_s(t_w, start_done, after, progressive=True)
             batch = list(eng.queue)[: inst.max_num_seqs]
             if batch and last_flow is not None:
                 layer_bytes = model.layer_bytes
@@ -319,7 +320,7 @@ class World:
                 override_s = progressive_first_token_s(layer_ready, per_layer, max(compute_ready, to_gpu_start))
                 override_n = len(batch)
         else:
-            ready_at = max(t_w, start_done) + after
+            ready_at = ready_time_s(t_w, start_done, after, progressive=False)
         rec.engine_init_s = ready_at - t_w
         if ready_at > env.now:
             yield env.timeout(ready_at - env.now)

@@ -6,7 +6,7 @@ from core.decisions import ColdStart, Decision, Migration, Queue, Route
 from core.loadtime import estimate_load_s, link_capacities
 from core.policies.autoscaling import KeepAlive
 from core.policies.base import RequestView, node_can_host, pick_instance
-from core.specs import TIER_RANK
+from core.specs import LOCAL_TIERS, TIER_RANK
 from core.state import ClusterView, NodeState
 
 
@@ -91,12 +91,14 @@ class StartupTime(_PlacementBase):
         self.b = migration_b_s
 
     def _estimate(self, node: NodeState, model_name: str, view: ClusterView) -> tuple[float, str]:
+        """(estimated startup time, source tier): the fastest of the node's copies and the cloud store."""
         model = view.model(model_name)
-        src = node.local_source(model_name)
         n, _, kv = node.footprint(model)
-        load = estimate_load_s(src, model, node.spec, view.cluster.store, view.engine, n, kv)
         caps = link_capacities(node.spec)
         wait = max((b / caps[link] for link, b in node.loads_in_flight.items() if link in caps), default=0.0)
+        sources = [t for t in LOCAL_TIERS if t in node.tiers and node.tiers[t].holds(model_name)] + ["cloud"]
+        load, src = min((estimate_load_s(s, model, node.spec, view.cluster.store, view.engine, n, kv), TIER_RANK[s], s)
+                        for s in sources)[::2]
         return wait + load, src
 
     def cold_start(self, req: RequestView, view: ClusterView) -> ColdStart | None:
