@@ -170,10 +170,12 @@ def test_tier_aware_picks_the_node_with_the_fastest_tier():
     assert TierAware().place(Req(0, B8), view) == ColdStart(N0, "dram")
 
 
-def test_tier_aware_without_a_local_copy_picks_the_emptiest_node():
+def test_tier_aware_without_a_local_copy_packs_the_fullest_node_that_fits():
+    # best fit across nodes keeps whole nodes free for large tensor-parallel models
     state, _, view = world()
-    inst(state, A1, N0, active=1)
+    inst(state, A1, N1, active=1)
     assert TierAware().place(Req(0, B8), view) == ColdStart(N1, "cloud")
+    assert StartupTime().place(Req(0, B8), view) == ColdStart(N1, "cloud")
 
 
 def test_tier_aware_evicts_rather_than_give_up_a_faster_tier():

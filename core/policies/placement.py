@@ -57,7 +57,8 @@ class RoundRobin(_PlacementBase):
 
 class TierAware(_PlacementBase):
     """The seed's automatic tier detection: start where the model sits in the fastest tier
-    (GPU -> DRAM -> NVMe -> SATA -> cloud), preferring nodes with free GPU memory."""
+    (GPU -> DRAM -> NVMe -> SATA -> cloud); among equals, a node that needs no eviction, then the
+    fullest node that fits (best fit keeps whole nodes free for large tensor-parallel models)."""
 
     def cold_start(self, req: RequestView, view: ClusterView) -> ColdStart | None:
         best = None
@@ -66,7 +67,7 @@ class TierAware(_PlacementBase):
             for allow_evict, penalty in ((False, 0), (True, 1)):
                 if node_can_host(node, req.model, view, allow_evict=allow_evict):
                     src = node.local_source(req.model)
-                    key = (TIER_RANK[src], penalty, -node.gpu_free_total, node.name)
+                    key = (TIER_RANK[src], penalty, node.gpu_free_total, node.name)
                     if best_key is None or key < best_key:
                         best, best_key = ColdStart(node.name, src), key
                     break
@@ -109,14 +110,15 @@ class StartupTime(_PlacementBase):
                 continue
             t, src = self._estimate(node, req.model, view)
             if node_can_host(node, req.model, view, allow_evict=False):
-                cand, key = ColdStart(node.name, src), (round(t, 3), 0, -node.gpu_free_total, node.name)
+                cand, key = ColdStart(node.name, src), (round(t, 3), 0, node.gpu_free_total, node.name)
             elif node_can_host(node, req.model, view, allow_evict=True):
-                cand, key = ColdStart(node.name, src), (round(t, 3), 1, -node.gpu_free_total, node.name)
+                cand, key = ColdStart(node.name, src), (round(t, 3), 1, node.gpu_free_total, node.name)
             elif self.migration and (mig := self._migration(node, req, view)) is not None:
                 cand, key = ColdStart(node.name, src, migrate=mig[0]), (round(t + mig[1], 3), 2, 0.0, node.name)
             else:
                 continue
-            # ties (the model is nowhere yet) go to nodes that need no eviction, then to the emptiest
+            # ties (the model is nowhere yet) go to nodes that need no eviction, then to the fullest that fits:
+            # best fit keeps whole nodes free for large tensor-parallel models
             if best_key is None or key < best_key:
                 best, best_key = cand, key
         return best
