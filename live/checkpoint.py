@@ -1,0 +1,484 @@
+"""Small Llama-architecture checkpoints in the Hugging Face layout, generated locally and deterministically.
+
+A checkpoint directory holds `config.json` (LlamaConfig keys), `model.safetensors` (HF tensor
+names, written in layer order: embeddings, layer 0..N-1, final norm, lm_head), `tokenizer.json`
+(a byte-level BPE built with the `tokenizers` library), `tokenizer_config.json` and
+`generation_config.json`. Weights are seeded random (numpy Generator), so the same seed gives
+byte-identical files. The directory is written under a temporary name and renamed into place,
+so a crash never leaves a partial checkpoint at the target path.
+
+    python -m live.checkpoint OUT_DIR --preset tiny --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from live.manifest import WEIGHTS_FILE
+
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+BOS_ID, EOS_ID = 0, 1
+N_SPECIAL = 2
+_BYTE_TOKENS = 256
+
+# safetensors dtype tag, bytes per element, by the dtype names config.json uses
+DTYPES: dict[str, tuple[str, int]] = {"bfloat16": ("BF16", 2), "float16": ("F16", 2), "float32": ("F32", 4)}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class LlamaParams:
+    """Architecture of a Llama decoder (the LlamaConfig fields that decide tensor shapes)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LlamaParams.{field} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"LlamaParams.hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaParams.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaParams: head_dim={self.head_dim} must be even (rotary embeddings)")
+        if self.vocab_size < N_SPECIAL + _BYTE_TOKENS:
+            raise ValueError(f"LlamaParams.vocab_size={self.vocab_size} must be >= {N_SPECIAL + _BYTE_TOKENS} "
+                             "(special tokens + 256 byte tokens)")
+        if not (self.init_std > 0 and self.rms_norm_eps > 0 and self.rope_theta > 0):
+            raise ValueError("LlamaParams: init_std, rms_norm_eps and rope_theta must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(shape)) for _, shape in tensor_shapes(self))
+
+
+# sizes are for bfloat16; float32 doubles them
+PRESETS: dict[str, LlamaParams] = {
+    "tiny": LlamaParams(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=4096),  # ~10 MB
+    "small": LlamaParams(hidden_size=512, intermediate_size=1408, num_hidden_layers=14, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=8192),  # ~100 MB
+    "medium": LlamaParams(hidden_size=1024, intermediate_size=2816, num_hidden_layers=14, num_attention_heads=8,
+                          num_key_value_heads=4, vocab_size=16384),  # ~400 MB
+    "large": LlamaParams(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                         num_key_value_heads=4, vocab_size=32000),  # ~1 GB
+}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What `generate_checkpoint` wrote."""
+
+    path: Path
+    n_layers: int
+    total_bytes: int
+    files: tuple[str, ...]
+    params: LlamaParams
+    dtype: str
+    seed: int
+    n_params: int
+
+
+def tensor_shapes(p: LlamaParams) -> list[tuple[str, tuple[int, ...]]]:
+    """HF tensor names and shapes in the order they are written: embeddings, layers 0..N-1, norm, lm_head."""
+    h, i, hd = p.hidden_size, p.intermediate_size, p.head_dim
+    q_out, kv_out = p.num_attention_heads * hd, p.num_key_value_heads * hd
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (p.vocab_size, h))]
+    for layer in range(p.num_hidden_layers):
+        pre = f"model.layers.{layer}."
+        # forward order inside a layer, so a consumer reading the file front to back meets what it needs first
+        out += [
+            (pre + "input_layernorm.weight", (h,)),
+            (pre + "self_attn.q_proj.weight", (q_out, h)),
+            (pre + "self_attn.k_proj.weight", (kv_out, h)),
+            (pre + "self_attn.v_proj.weight", (kv_out, h)),
+            (pre + "self_attn.o_proj.weight", (h, q_out)),
+            (pre + "post_attention_layernorm.weight", (h,)),
+            (pre + "mlp.gate_proj.weight", (i, h)),
+            (pre + "mlp.up_proj.weight", (i, h)),
+            (pre + "mlp.down_proj.weight", (h, i)),
+        ]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (p.vocab_size, h))]
+    return out
+
+
+def hf_config(p: LlamaParams, dtype: str) -> dict:
+    """config.json contents, as transformers' LlamaConfig writes them."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": p.hidden_size,
+        "intermediate_size": p.intermediate_size,
+        "num_hidden_layers": p.num_hidden_layers,
+        "num_attention_heads": p.num_attention_heads,
+        "num_key_value_heads": p.num_key_value_heads,
+        "head_dim": p.head_dim,
+        "vocab_size": p.vocab_size,
+        "max_position_embeddings": p.max_position_embeddings,
+        "rms_norm_eps": p.rms_norm_eps,
+        "rope_theta": p.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "initializer_range": p.init_std,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "tie_word_embeddings": False,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+    }
+
+
+def params_from_config(config: dict) -> LlamaParams:
+    """The LlamaParams a config.json describes (the inverse of `hf_config`)."""
+    fields = LlamaParams.__dataclass_fields__
+    kwargs = {k: config[k] for k in fields if k in config}
+    if "initializer_range" in config:
+        kwargs["init_std"] = config["initializer_range"]
+    return LlamaParams(**kwargs)
+
+
+# ---------------------------------------------------------------- weights
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 raw bits (uint16), rounding to nearest even as torch does (inputs are finite)."""
+    u = x.view(np.uint32)
+    u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return (u >> np.uint32(16)).astype(np.uint16)
+
+
+def _tensor_bytes(name: str, shape: tuple[int, ...], dtype: str, rng: np.random.Generator, std: float) -> np.ndarray:
+    """One tensor's stored bytes: norms are ones (as HF initialises them), matrices N(0, std)."""
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        x = np.ones(shape, dtype=np.float32)
+    else:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        x *= np.float32(std)
+    if dtype == "bfloat16":
+        return _to_bf16_bits(x)
+    if dtype == "float16":
+        return x.astype(np.float16)
+    return x
+
+
+def write_safetensors_in_order(path: Path, shapes: list[tuple[str, tuple[int, ...]]], dtype: str,
+                               tensors: Iterator[np.ndarray], metadata: dict[str, str]) -> int:
+    """Write a safetensors file whose data follows `shapes` order; returns the file size in bytes.
+
+    The header is built from the shapes alone, so tensors stream from `tensors` one at a time and
+    the whole model is never held in memory. The safetensors library orders data by its own rules,
+    hence writing the format by hand: u64 LE header length, JSON header, then the data.
+    """
+    tag, itemsize = DTYPES[dtype]
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape in shapes:
+        nbytes = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the safetensors library pads it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, shape), arr in zip(shapes, tensors, strict=True):
+            if arr.shape != shape:
+                raise ValueError(f"{path}: tensor {name} has shape {arr.shape}, header says {shape}")
+            f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+# ---------------------------------------------------------------- tokenizer
+
+_TOKENIZER_TEXT = """\
+tierlab is a research testbed for serverless inference of large language models. Models live in a
+hierarchy of storage tiers: GPU memory, host memory, local NVMe drives, SATA disks and a cloud object
+store. When a request arrives for a model that is not resident on any GPU, the system performs a cold
+start: it fetches the weights from the fastest tier that holds them, copies them to the GPU, starts the
+engine, allocates the key-value cache and computes the first token. The time the user waits for that
+first token is what the scheduling, caching and loading policies try to reduce.
+
+A policy is plain Python. It never sleeps, never reads a clock of its own and never touches the disk.
+It receives the current time and a read-only view of the cluster, and it returns decisions: route this
+request to that instance, load this model on that node from that tier, evict, promote, prefetch, scale.
+The simulator and the live stack both execute these decisions and write the same records.
+
+Progressive loading lets the first forward pass start computing layer 0 while layers 1, 2 and 3 are
+still being read. Each layer's weights are stored contiguously in the file, in the order the forward
+pass needs them, so the loader can signal that layer i is ready as soon as its bytes are in memory.
+
+Numbers matter: 16 GiB of weights at 2.5 GB/s take 6.9 seconds; at 25 GB/s, 0.69 seconds. The cost of
+keeping a model warm is measured in GPU-hours, which are priced at about $2.50 per hour in 2024.
+
+def first_token_s(layer_ready_s, layer_compute_s, start_s):
+    t = start_s
+    for ready in layer_ready_s:
+        t = max(t, ready) + layer_compute_s
+    return t
+
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! How vexingly quick
+daft zebras jump? Sphinx of black quartz, judge my vow. "Hello, world", said the program; 'hello' said
+the test. Zürich, Montréal, São Paulo and Kraków are cities; naïve café crème costs €3.
+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet of the ByteLevel pre-tokenizer."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars), strict=True))
+
+
+def _learn_merges(words: Counter[tuple[str, ...]], max_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE on the training words; ties go to the smallest pair so the result is deterministic."""
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best, count = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if count < 2:  # a pair seen once is memorisation, not a merge
+            break
+        merges.append(best)
+        a, b = best
+        new_words: Counter[tuple[str, ...]] = Counter()
+        for word, c in words.items():
+            out: list[str] = []
+            k = 0
+            while k < len(word):
+                if k + 1 < len(word) and word[k] == a and word[k + 1] == b:
+                    out.append(a + b)
+                    k += 2
+                else:
+                    out.append(word[k])
+                    k += 1
+            new_words[tuple(out)] += c
+        words = new_words
+    return merges
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if vocab_size < N_SPECIAL + _BYTE_TOKENS:
+        raise ValueError(f"vocab_size={vocab_size} must be >= {N_SPECIAL + _BYTE_TOKENS}")
+    byte_chars = [_bytes_to_unicode()[b] for b in range(256)]
+    vocab: dict[str, int] = {BOS_TOKEN: BOS_ID, EOS_TOKEN: EOS_ID}
+    for ch in byte_chars:
+        vocab[ch] = len(vocab)
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words = Counter(tuple(w) for w, _ in pre.pre_tokenize_str(_TOKENIZER_TEXT))
+    merges = []
+    for a, b in _learn_merges(words, vocab_size - len(vocab)):
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    # fill to exactly vocab_size with valid but rare merges (token + byte), so config and tokenizer agree
+    tokens = list(vocab)[N_SPECIAL:]
+    k = 0
+    while len(vocab) < vocab_size:
+        for ch in byte_chars:
+            if len(vocab) >= vocab_size:
+                break
+            if tokens[k] + ch not in vocab:
+                vocab[tokens[k] + ch] = len(vocab)
+                tokens.append(tokens[k] + ch)
+                merges.append((tokens[k], ch))
+        k += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(BOS_TOKEN, special=True), AddedToken(EOS_TOKEN, special=True)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, BOS_ID)])
+    if tok.get_vocab_size(with_added_tokens=True) != vocab_size:
+        raise AssertionError(f"tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens, wanted {vocab_size}")
+    return tok.to_str()
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE `tokenizers.Tokenizer` with exactly `vocab_size` tokens (BOS id 0, EOS id 1)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_tokenizer_json(vocab_size))
+
+
+# ---------------------------------------------------------------- checkpoint
+
+def resolve_params(preset_or_params: str | LlamaParams) -> tuple[str, LlamaParams]:
+    """(preset name or "custom", params) for a preset name or explicit params."""
+    if isinstance(preset_or_params, LlamaParams):
+        return "custom", preset_or_params
+    if preset_or_params not in PRESETS:
+        raise ValueError(f"unknown preset {preset_or_params!r}; choose one of {sorted(PRESETS)} or pass LlamaParams")
+    return preset_or_params, PRESETS[preset_or_params]
+
+
+def _normalise_dtype(dtype: str) -> str:
+    dtype = _DTYPE_ALIASES.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
+    return dtype
+
+
+def _tmp_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.tmp-"
+
+
+def _remove_stale_tmp_dirs(out_dir: Path) -> None:
+    """Remove temp dirs left by generators of this path that were killed (their pid is gone)."""
+    pattern = re.compile(re.escape(_tmp_prefix(out_dir)) + r"(\d+)-")
+    for d in out_dir.parent.glob(_tmp_prefix(out_dir) + "*"):
+        m = pattern.match(d.name)
+        if not m or not d.is_dir():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # someone else's live process
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | LlamaParams = "tiny", seed: int = 0, *,
+                        dtype: str = "bfloat16", overwrite: bool = False) -> CheckpointInfo:
+    """Write a seeded random Llama checkpoint in HF layout to `out_dir`, atomically.
+
+    Files are written into a sibling temp dir, fsynced, and the dir is renamed to `out_dir`; on any
+    error the temp dir is removed and `out_dir` is untouched. An existing `out_dir` is an error unless
+    `overwrite`.
+    """
+    out_dir = Path(out_dir).absolute()
+    preset, params = resolve_params(preset_or_params)
+    dtype = _normalise_dtype(dtype)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
+    try:
+        shapes = tensor_shapes(params)
+        rng = np.random.default_rng(seed)
+        arrays = (_tensor_bytes(name, shape, dtype, rng, params.init_std) for name, shape in shapes)
+        metadata = {"format": "pt", "generator": "tierlab.live.checkpoint", "preset": preset, "seed": str(seed)}
+        write_safetensors_in_order(tmp / WEIGHTS_FILE, shapes, dtype, arrays, metadata)
+        config = hf_config(params, dtype)
+        small_files = {
+            "config.json": json.dumps(config, indent=2) + "\n",
+            "generation_config.json": json.dumps(
+                {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False}, indent=2) + "\n",
+            "tokenizer.json": _tokenizer_json(params.vocab_size),
+            "tokenizer_config.json": json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+                "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                "model_max_length": params.max_position_embeddings}, indent=2) + "\n",
+        }
+        for name, text in small_files.items():
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+        _fsync_dir(tmp)
+        if out_dir.exists():  # overwrite: move the old one aside first so the target is never half-written
+            old = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out_dir)}{os.getpid()}-old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = tuple(sorted(p.name for p in out_dir.iterdir()))
+    total = sum((out_dir / f).stat().st_size for f in files)
+    return CheckpointInfo(path=out_dir, n_layers=params.num_hidden_layers, total_bytes=total, files=files,
+                          params=params, dtype=dtype, seed=seed, n_params=params.n_params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m live.checkpoint", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's num_hidden_layers")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    params = PRESETS[args.preset]
+    if args.layers is not None:
+        params = replace(params, num_hidden_layers=args.layers)
+    try:
+        info = generate_checkpoint(args.out_dir, params if args.layers is not None else args.preset, args.seed,
+                                   dtype=args.dtype, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"path": str(info.path), "n_layers": info.n_layers, "n_params": info.n_params,
+                      "total_bytes": info.total_bytes, "dtype": info.dtype, "seed": info.seed,
+                      "files": list(info.files), "params": asdict(info.params)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

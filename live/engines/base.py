@@ -1,0 +1,483 @@
+"""Engine interfaces of the live stack: where layer weights come from, and how an engine process is run.
+
+Two contracts live here:
+
+- `LayerSource`: per-layer weights with a blocking `wait(group)`, so that a model's first forward
+  pass can compute layer i while later layers are still loading (progressive loading). Groups
+  follow the checkpoint's compute order: 0 = embeddings, 1..N = decoder layers, N+1 = final norm
+  + lm_head. `SafetensorsLayerSource` reads everything up front; `BackgroundSafetensorsLayerSource`
+  loads group by group in a thread; `EventLayerSource` is the building block for any producer
+  (the tier loader) that hands groups over as they become resident.
+- `EngineHandle`: what the node agent drives (start, wait_ready, stop, alive, url, port, pid).
+  `CpuEngineProcess` runs `python -m live.engines.cpu_server` in its own process group.
+
+This module imports neither torch nor safetensors at import time: the node agent uses
+`CpuEngineProcess` without paying for torch.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+# --------------------------------------------------------------------------- layer sources
+
+
+@runtime_checkable
+class LayerSource(Protocol):
+    """Per-group weights of a Llama checkpoint, handed over as they become resident.
+
+    Groups: 0 = `model.embed_tokens.*`, 1..n_layers = `model.layers.{group-1}.*`,
+    n_layers+1 = `model.norm.*` and `lm_head.*`. `wait(group)` blocks until that group is resident
+    and returns its tensors keyed by their checkpoint names (e.g. `model.layers.0.self_attn.q_proj.weight`),
+    in the checkpoint's dtype. It raises if loading failed.
+    """
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers N (so there are N + 2 groups)."""
+        ...
+
+    def wait(self, group: int) -> dict[str, torch.Tensor]: ...
+
+
+def tensor_group(name: str, n_layers: int) -> int:
+    """The group a checkpoint tensor belongs to (see `LayerSource`)."""
+    if name.startswith("model.embed_tokens."):
+        return 0
+    match = _LAYER_RE.match(name)
+    if match:
+        layer = int(match.group(1))
+        if layer >= n_layers:
+            raise ValueError(f"tensor {name!r} names layer {layer} but the checkpoint has {n_layers} layers")
+        return layer + 1
+    if name.startswith(("model.norm.", "lm_head.")):
+        return n_layers + 1
+    raise ValueError(f"tensor {name!r} is not part of a Llama checkpoint")
+
+
+def read_n_layers(model_dir: str | os.PathLike[str]) -> int:
+    """`num_hidden_layers` from the checkpoint's config.json."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config["num_hidden_layers"])
+
+
+def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoint's safetensors files: the shards named by the index if there is one, else all of them."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [root / name for name in names]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {root}")
+    return files
+
+
+class EventLayerSource:
+    """A `LayerSource` fed by a producer: `put(group, tensors)` releases a group, `wait` blocks on it.
+
+    The producer may be a loader thread, the tier loader, or a test releasing layers with delays.
+    `fail(exc)` wakes every waiter with that error, so a failed load never hangs a forward pass.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self._n_layers = n_layers
+        self._events = [threading.Event() for _ in range(n_layers + 2)]
+        self._tensors: dict[int, dict[str, torch.Tensor]] = {}
+        self._error: BaseException | None = None
+        # perf_counter() at which each group was released; read by stats and tests
+        self.released_at: dict[int, float] = {}
+
+    @property
+    def n_layers(self) -> int:
+        return self._n_layers
+
+    @property
+    def n_groups(self) -> int:
+        return self._n_layers + 2
+
+    def put(self, group: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Release one group (its tensors are resident from now on)."""
+        self._tensors[group] = tensors
+        self.released_at[group] = time.perf_counter()
+        self._events[group].set()
+
+    def fail(self, error: BaseException) -> None:
+        """Loading failed: every current and future `wait` raises."""
+        self._error = error
+        for event in self._events:
+            event.set()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The loading error, if loading failed."""
+        return self._error
+
+    def ready(self, group: int) -> bool:
+        return self._events[group].is_set() and self._error is None
+
+    def all_ready(self) -> bool:
+        return all(self.ready(g) for g in range(self.n_groups))
+
+    def wait(self, group: int, timeout_s: float | None = None) -> dict[str, torch.Tensor]:
+        if not 0 <= group < self.n_groups:
+            raise IndexError(f"group {group} out of range 0..{self.n_groups - 1}")
+        if not self._events[group].wait(timeout_s):
+            raise TimeoutError(f"group {group} not resident after {timeout_s} s")
+        if self._error is not None:
+            raise RuntimeError(f"loading group {group} failed: {self._error!r}") from self._error
+        return self._tensors[group]
+
+
+def _iter_groups(model_dir: str | os.PathLike[str], n_layers: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Read a checkpoint group by group, in compute order, each tensor copied into process memory."""
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        by_group: dict[int, list[tuple[str, object]]] = {g: [] for g in range(n_layers + 2)}
+        for path in safetensors_files(model_dir):
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                by_group[tensor_group(name, n_layers)].append((name, handle))
+        for group in range(n_layers + 2):
+            # get_tensor returns a copy-on-write mmap of the file; clone() makes the bytes resident,
+            # so "loaded" means read from the tier, not merely mapped
+            yield group, {name: handle.get_tensor(name).clone() for name, handle in by_group[group]}  # type: ignore[attr-defined]
+
+
+class SafetensorsLayerSource(EventLayerSource):
+    """Reads the whole checkpoint in the constructor; every `wait` returns at once."""
+
+    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+        super().__init__(read_n_layers(model_dir))
+        start = time.perf_counter()
+        for group, tensors in _iter_groups(model_dir, self.n_layers):
+            self.put(group, tensors)
+        self.load_s = time.perf_counter() - start
+
+
+class BackgroundSafetensorsLayerSource(EventLayerSource):
+    """Loads the checkpoint group by group (compute order) in a daemon thread; `wait` blocks per group.
+
+    `delay_s_per_group` sleeps before each group: an experiment knob that stands in for a slow tier.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], delay_s_per_group: float = 0.0) -> None:
+        super().__init__(read_n_layers(model_dir))
+        self.model_dir = Path(model_dir)
+        self.delay_s_per_group = delay_s_per_group
+        self.done = threading.Event()
+        self.load_s: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BackgroundSafetensorsLayerSource:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="layer-loader", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        try:
+            for group, tensors in _iter_groups(self.model_dir, self.n_layers):
+                if self.delay_s_per_group > 0:
+                    time.sleep(self.delay_s_per_group)
+                self.put(group, tensors)
+            self.load_s = time.perf_counter() - start
+        except BaseException as exc:  # any failure must reach the waiters, or a forward pass hangs
+            self.fail(exc)
+        finally:
+            self.done.set()
+
+
+# --------------------------------------------------------------------------- engine processes
+
+
+class EngineStartError(RuntimeError):
+    """The engine process exited (or never became ready); the message carries its log tail."""
+
+
+class EngineHandle(abc.ABC):
+    """One engine process as the node agent sees it."""
+
+    @property
+    @abc.abstractmethod
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:8001 (the OpenAI API lives under /v1)."""
+
+    @property
+    @abc.abstractmethod
+    def port(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """Process id (None before start)."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Launch the process; returns at once (use `wait_ready`)."""
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout_s: float) -> float:
+        """Block until the engine answers its readiness probe; returns seconds since start().
+
+        Raises EngineStartError if the process died, TimeoutError if not ready in time.
+        """
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Terminate the engine and everything it started; idempotent."""
+
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """True while the process runs."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on host (another process may still take it before use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def running_group_members(pgid: int) -> list[int]:
+    """Pids of the processes of group pgid that still run (zombies excluded).
+
+    Zombies are left out because a reparented child that died stays a zombie until init reaps it,
+    and some containers' init never does; signalling the group would still "find" it. Without
+    /proc (not Linux) this falls back to asking the kernel whether the group exists at all.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return [pgid] if _kill_group(pgid, 0) else []
+    members = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited while we looked
+        # fields after "pid (comm)": state ppid pgrp ...; comm may contain spaces and parentheses
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _kill_group(pgid: int, sig: int) -> bool:
+    """Send sig to the process group; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class CpuEngineProcess(EngineHandle):
+    """`python -m live.engines.cpu_server` in its own process group (session), logs in a temp file.
+
+    `stop()` sends SIGTERM to the whole group, then SIGKILL after `stop_grace_s`, and reaps the
+    process, so no orphan outlives it. The server also exits by itself if this process dies
+    (`--exit-with-parent`), which covers a parent killed with SIGKILL.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        port: int,
+        host: str = "127.0.0.1",
+        progressive: bool = False,
+        *,
+        model_name: str | None = None,
+        dtype: str = "float32",
+        threads: int | None = None,
+        extra_args: list[str] | None = None,
+        python: str = sys.executable,
+        stop_grace_s: float = 5.0,
+        probe_interval_s: float = 0.05,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self._port = port
+        self.host = host
+        self.progressive = progressive
+        self.model_name = model_name
+        self.dtype = dtype
+        self.threads = threads
+        self.extra_args = list(extra_args or [])
+        self.python = python
+        self.stop_grace_s = stop_grace_s
+        self.probe_interval_s = probe_interval_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: tempfile._TemporaryFileWrapper[bytes] | None = None
+        self._started_at = 0.0  # perf_counter() at start()
+        self.launched_at_unix: float | None = None
+
+    # -- EngineHandle
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def pgid(self) -> int | None:
+        """The process group id (equals pid: the engine leads its own session)."""
+        return self.pid
+
+    def command(self) -> list[str]:
+        """The argv that start() runs."""
+        argv = [
+            self.python, "-m", "live.engines.cpu_server",
+            "--model-dir", str(self.model_dir),
+            "--host", self.host,
+            "--port", str(self._port),
+            "--dtype", self.dtype,
+            "--exit-with-parent", str(os.getpid()),
+        ]  # fmt: skip
+        if self.progressive:
+            argv.append("--progressive")
+        if self.model_name:
+            argv += ["--model-name", self.model_name]
+        if self.threads:
+            argv += ["--threads", str(self.threads)]
+        return argv + self.extra_args
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("engine already started")
+        # a file, not a pipe: nobody drains a pipe while the engine runs, and a full pipe would block it
+        self._log_file = tempfile.NamedTemporaryFile(prefix="cpu-engine-", suffix=".log", delete=False)  # noqa: SIM115
+        env = dict(os.environ)
+        # the engine imports `live` from this checkout even when the package is not installed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        self.launched_at_unix = time.time()
+        self._started_at = time.perf_counter()
+        self._proc = subprocess.Popen(
+            [*self.command(), "--launched-at", repr(self.launched_at_unix)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO_ROOT),
+            start_new_session=True,  # own process group: stop() can kill everything it spawned
+        )
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
+    def log_path(self) -> Path | None:
+        """The file holding the engine's stdout and stderr (kept after stop(), deleted by close())."""
+        return Path(self._log_file.name) if self._log_file is not None else None
+
+    def log_tail(self, max_bytes: int = 4000) -> str:
+        """The last max_bytes of the engine's stdout+stderr."""
+        if self._log_file is None:
+            return ""
+        try:
+            with open(self._log_file.name, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - max_bytes))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def probe(self, path: str = "/ping", timeout_s: float = 1.0) -> int | None:
+        """HTTP status of GET path, or None if nothing answers."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout_s) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_ready(self, timeout_s: float) -> float:
+        if self._proc is None:
+            raise RuntimeError("engine not started")
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            if not self.alive():
+                raise EngineStartError(
+                    f"engine exited with code {self._proc.returncode} before it was ready; log tail:\n{self.log_tail()}"
+                )
+            if self.probe("/ping") == 200:
+                return time.perf_counter() - self._started_at
+            if time.perf_counter() >= deadline:
+                raise TimeoutError(f"engine not ready after {timeout_s} s; log tail:\n{self.log_tail()}")
+            time.sleep(self.probe_interval_s)
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        pgid = proc.pid
+        if _kill_group(pgid, signal.SIGTERM):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=self.stop_grace_s)
+        # SIGKILL whatever is left of the group: the leader if it ignored SIGTERM, and any child
+        # it spawned, which would otherwise outlive it as an orphan
+        _kill_group(pgid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.perf_counter() + self.stop_grace_s
+        while running_group_members(pgid) and time.perf_counter() < deadline:
+            _kill_group(pgid, signal.SIGKILL)  # SIGKILL is delivered asynchronously; repeat until none runs
+            time.sleep(0.01)
+        if self._log_file is not None:
+            self._log_file.close()
+
+    def close(self) -> None:
+        """stop() and delete the log file."""
+        self.stop()
+        if self._log_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._log_file.name)
+
+    def __enter__(self) -> CpuEngineProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        # a forgotten handle must not leave a server behind
+        with contextlib.suppress(Exception):
+            if self.alive():
+                self.stop()

@@ -1,0 +1,517 @@
+"""Parallel, progressive loader of a `model.safetensors` file from a storage tier into host memory.
+
+The whole file is read into one preallocated, 4 KiB-aligned host buffer by `n_threads` threads,
+each issuing `os.preadv` of `chunk_bytes` (16 MiB) at a time, in file order, with O_DIRECT where
+the filesystem allows it (it bypasses the page cache, whose single-threaded readahead is what
+limits a plain sequential read) and buffered reads where it does not (tmpfs, some overlays).
+Tensors are zero-copy views into that buffer.
+
+Loading is progressive: the tensors form groups in forward-pass order (group 0 = embeddings +
+layer 0, group i = layer i, group N = final norm + lm_head). Group i's `threading.Event` is set,
+and `on_layer(i, tensors)` called, as soon as every byte up to the end of groups 0..i is resident,
+so a consumer can compute layer i while later layers are still being read. On a file written in
+layer order (as `live.checkpoint` writes it) that is as soon as group i itself has arrived.
+
+    ckpt = load("ckpt_dir")                          # blocking
+    handle = start_load("ckpt_dir"); handle.wait_layer(0); ...; handle.result()   # progressive
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from live.manifest import WEIGHTS_FILE, Manifest, TensorRange, WeightLayout, read_layout, sha256_file
+
+ALIGN_BYTES = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size
+DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_THREADS = 8  # measured: 8 concurrent 16 MiB O_DIRECT reads saturate a virtio NVMe; more do not help
+_HASH_STEP_BYTES = 64 << 20
+_CACHED_FRACTION = 0.5  # above this much of the file in the page cache, buffered reads beat O_DIRECT
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    tag: getattr(torch, name) for tag, name in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+        "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+        "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    }.items() if hasattr(torch, name)
+}
+
+OnLayer = Callable[[int, dict[str, torch.Tensor]], None]
+
+
+class ChecksumError(ValueError):
+    """A loaded file's sha256 differs from its manifest; the message names the file."""
+
+
+@dataclass(frozen=True)
+class LoadTiming:
+    """Phases of one load, seconds from the start of the load (`start_load` / `load` call)."""
+
+    total_s: float
+    read_s: float  # until the last byte of the weights file was in host memory
+    to_device_s: float  # summed host -> device copy time (0 on CPU)
+    verify_s: float  # summed hashing time (overlaps the read; 0 without a manifest)
+    bytes_read: int
+    layer_ready_s: tuple[float, ...]  # group i (layer i; group 0 includes the embeddings) usable
+    tail_ready_s: float  # final norm + lm_head usable
+    n_threads: int
+    chunk_bytes: int
+    direct_io: bool  # every read used O_DIRECT
+    device: str
+
+    @property
+    def read_bw_Bps(self) -> float:
+        return self.bytes_read / self.read_s if self.read_s > 0 else float("inf")
+
+    @property
+    def load_bw_Bps(self) -> float:
+        return self.bytes_read / self.total_s if self.total_s > 0 else float("inf")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A loaded weights file: tensors by HF name (file order), its layout, config.json, timings."""
+
+    path: Path
+    layout: WeightLayout
+    tensors: dict[str, torch.Tensor]
+    config: dict | None
+    timing: LoadTiming
+    buffer: np.ndarray | None  # host memory the tensors view (None when they were moved to a device)
+
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Tensors of transformer layer i (without the embeddings)."""
+        return {name: self.tensors[name] for name in self.layout.layers[i].names}
+
+
+def default_device() -> str:
+    """"cuda" when a GPU is usable, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evict_page_cache(path: str | os.PathLike) -> str:
+    """Make the next read of `path` come from storage; returns the method used.
+
+    As root with a writable /proc/sys/vm/drop_caches: "drop_caches" (all clean caches dropped).
+    Otherwise (containers, non-root): "fadvise", POSIX_FADV_DONTNEED on the file after syncing it,
+    which drops its clean pages.
+    """
+    os.sync()  # dirty pages survive both methods; write them back first
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3")
+            return "drop_caches"
+        except OSError:  # PermissionError included: read-only /proc/sys in a container
+            pass
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return "fadvise"
+
+
+def resident_fraction(path: str | os.PathLike) -> float:
+    """Fraction of a file's pages in the page cache (mincore); 0.0 where that cannot be asked."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    except (OSError, AttributeError):
+        return 0.0
+    page = os.sysconf("SC_PAGE_SIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED: maps, touches nothing
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return 0.0
+        try:
+            vec = ctypes.create_string_buffer((size + page - 1) // page)
+            if libc.mincore(addr, size, vec) != 0:
+                return 0.0
+            return float((np.frombuffer(vec.raw, dtype=np.uint8) & 1).mean())
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def alloc_buffer(n_bytes: int, pinned: bool = False) -> np.ndarray:
+    """A uint8 buffer of n_bytes rounded up to ALIGN_BYTES, starting at an ALIGN_BYTES-aligned address.
+
+    Left uninitialised: the reads fault its pages in, so they are touched once, not zeroed and then written.
+    """
+    n = _round_up(max(n_bytes, 1), ALIGN_BYTES)
+    if pinned:  # page-locked host memory makes host -> GPU copies asynchronous and full speed
+        raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8, pin_memory=True).numpy()
+    else:
+        raw = np.empty(n + ALIGN_BYTES, dtype=np.uint8)
+    off = -raw.ctypes.data % ALIGN_BYTES
+    return raw[off:off + n]
+
+
+def _check_buffer(buffer: np.ndarray, size: int, path: Path) -> np.ndarray:
+    need = _round_up(max(size, 1), ALIGN_BYTES)
+    if buffer.dtype != np.uint8 or buffer.ndim != 1 or not buffer.flags.c_contiguous or not buffer.flags.writeable:
+        raise ValueError("buffer must be a writable, contiguous 1-D uint8 array (see alloc_buffer)")
+    if buffer.size < need:
+        raise ValueError(f"{path}: buffer holds {buffer.size} bytes, loading needs {need}")
+    return buffer[:need]
+
+
+def _groups(layout: WeightLayout) -> list[tuple[TensorRange, ...]]:
+    """Dispatch groups: embeddings + layer 0, layers 1..N-1, then the tail."""
+    if not layout.layers:
+        return [layout.head.tensors, layout.tail.tensors]
+    first = tuple(sorted(layout.head.tensors + layout.layers[0].tensors, key=lambda t: t.start_byte))
+    return [first, *(g.tensors for g in layout.layers[1:]), layout.tail.tensors]
+
+
+def _weights_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no such weights file")
+    return weights
+
+
+class ProgressiveLoad:
+    """A load in progress: per-group readiness events, waits, and the final result.
+
+    `ready[i]` is set when group i is usable (i < n_layers: layer i, group 0 also holding the
+    embeddings; i == n_layers: final norm + lm_head). With a manifest, groups become usable as their
+    bytes arrive, before the file's sha256 is known; `result()` returns only after the check passed
+    and raises ChecksumError otherwise, as does every wait once the check has failed.
+    """
+
+    def __init__(self, path: Path, *, on_layer: OnLayer | None, device: str | torch.device | None,
+                 manifest: Manifest | None, n_threads: int, chunk_bytes: int, direct_io: bool | None,
+                 buffer: np.ndarray | None = None) -> None:
+        self._t0 = time.perf_counter()
+        if n_threads < 1 or chunk_bytes < 1:
+            raise ValueError(f"n_threads ({n_threads}) and chunk_bytes ({chunk_bytes}) must be >= 1")
+        self.path = path
+        self.layout = read_layout(path)
+        self.n_layers = self.layout.n_layers
+        self._groups = _groups(self.layout)
+        self.ready: tuple[threading.Event, ...] = tuple(threading.Event() for _ in self._groups)
+        self._on_layer = on_layer
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._manifest = manifest
+        self._expected_sha256 = self._check_manifest(manifest) if manifest is not None else None
+        self._n_threads = n_threads
+        self._chunk_bytes = chunk_bytes
+        self._size = self.layout.size_bytes
+        self._n_chunks = -(-self._size // chunk_bytes)
+
+        # the host buffer and one uint8 tensor over it; every tensor is a view of a slice of it
+        if buffer is None:
+            self._buf: np.ndarray | None = alloc_buffer(self._size, pinned=self._device.type == "cuda")
+        else:
+            self._buf = _check_buffer(buffer, self._size, path)
+        self._mv = memoryview(self._buf)
+        self._host = torch.from_numpy(self._buf[:self._size])
+
+        self._fd = os.open(path, os.O_RDONLY)
+        self._direct_fd: int | None = None  # None once direct reads are off, for this load
+        if direct_io is None:  # auto: bypass the page cache unless the file is mostly in it already
+            direct_io = resident_fraction(path) < _CACHED_FRACTION
+        if direct_io and chunk_bytes % ALIGN_BYTES == 0 and self._buf.ctypes.data % ALIGN_BYTES == 0 \
+                and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # EINVAL on tmpfs and friends: buffered reads it is
+                self._direct_fd = None
+        self._opened_direct_fd = self._direct_fd  # closed at the end even if reads fell back
+        self._all_direct = self._direct_fd is not None
+
+        # shared state, guarded by _cond
+        self._cond = threading.Condition()
+        self._next_chunk = 0
+        self._chunk_done = bytearray(self._n_chunks)
+        self._done_prefix_chunks = 0
+        self.bytes_resident = 0  # length of the prefix of the file that is in the buffer
+        self._read_end_s: float | None = None
+        self._error: BaseException | None = None
+        self._verified = manifest is None
+        self._verify_s = 0.0
+        self._to_device_s = 0.0
+        self._group_ready_s: list[float] = []
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._result: LoadedCheckpoint | None = None
+        self._finished = threading.Event()
+
+        self._workers = [threading.Thread(target=self._worker, name=f"tierlab-read-{k}", daemon=True)
+                         for k in range(min(n_threads, max(self._n_chunks, 1)))]
+        self._hasher = threading.Thread(target=self._hash, name="tierlab-hash", daemon=True) if manifest else None
+        self._dispatcher = threading.Thread(target=self._dispatch, name="tierlab-dispatch", daemon=True)
+        for t in self._workers:
+            t.start()
+        if self._hasher:
+            self._hasher.start()
+        self._dispatcher.start()
+
+    # ------------------------------------------------------------ public
+
+    def wait_layer(self, i: int, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """Block until layer i is usable; its tensors (for i == 0 also the embeddings)."""
+        if not 0 <= i < len(self._groups) - 1:
+            raise IndexError(f"layer {i} out of range: {self.path} has {self.n_layers} layers")
+        return self._wait_group(i, timeout)
+
+    def wait_tail(self, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """Block until the final norm and lm_head are usable; their tensors."""
+        return self._wait_group(len(self._groups) - 1, timeout)
+
+    def result(self, timeout: float | None = None) -> LoadedCheckpoint:
+        """Block until the load finished (and verified); raises the load's error, if any."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"{self.path}: load not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    # ------------------------------------------------------------ internals
+
+    def _check_manifest(self, manifest: Manifest) -> str:
+        try:
+            entry = manifest.file(self.path.name)
+        except KeyError as e:
+            raise ValueError(f"{self.path}: not listed in the manifest of {manifest.model}") from e
+        if entry.size_bytes != self.layout.size_bytes:
+            raise ChecksumError(f"{self.path}: size {self.layout.size_bytes} bytes, manifest of {manifest.model} "
+                                f"says {entry.size_bytes}")
+        return entry.sha256
+
+    def _wait_group(self, i: int, timeout: float | None) -> dict[str, torch.Tensor]:
+        if not self.ready[i].wait(timeout):
+            raise TimeoutError(f"{self.path}: group {i} not ready after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return {t.name: self._tensors[t.name] for t in self._groups[i]}
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                if self._error is not None or self._next_chunk >= self._n_chunks:
+                    return
+                k = self._next_chunk
+                self._next_chunk += 1
+            try:
+                self._read_chunk(k)
+            except BaseException as e:
+                self._fail(e)
+                return
+            with self._cond:
+                self._chunk_done[k] = 1
+                n = self._done_prefix_chunks
+                while n < self._n_chunks and self._chunk_done[n]:
+                    n += 1
+                if n != self._done_prefix_chunks:
+                    self._done_prefix_chunks = n
+                    self.bytes_resident = min(n * self._chunk_bytes, self._size)
+                    if n == self._n_chunks:
+                        self._read_end_s = time.perf_counter() - self._t0
+                    self._cond.notify_all()
+
+    def _read_chunk(self, k: int) -> None:
+        pos = k * self._chunk_bytes
+        end = min(pos + self._chunk_bytes, self._size)
+        while pos < end:
+            direct_fd = self._direct_fd
+            if direct_fd is not None and pos % ALIGN_BYTES == 0:
+                # the buffer extends to the next alignment boundary, so the last read may ask past EOF
+                try:
+                    n = os.preadv(direct_fd, [self._mv[pos:_round_up(end, ALIGN_BYTES)]], pos)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._direct_fd = None  # opened, but the filesystem refuses direct reads: stay buffered
+                    self._all_direct = False
+                    continue
+            else:
+                self._all_direct = False
+                n = os.preadv(self._fd, [self._mv[pos:end]], pos)
+            if n == 0:
+                raise OSError(errno.EIO, f"file ended at byte {pos} of {self._size} (truncated while loading?)",
+                              str(self.path))
+            pos += n
+
+    def _hash(self) -> None:
+        h = hashlib.sha256()
+        hashed = 0
+        try:
+            while hashed < self._size:
+                with self._cond:
+                    self._cond.wait_for(lambda h=hashed: self.bytes_resident > h or self._error is not None)
+                    if self._error is not None:
+                        return
+                    upto = self.bytes_resident
+                t = time.perf_counter()
+                while hashed < upto:  # hashlib releases the GIL on large updates: this overlaps the reads
+                    step = min(upto, hashed + _HASH_STEP_BYTES)
+                    h.update(self._mv[hashed:step])
+                    hashed = step
+                self._verify_s += time.perf_counter() - t
+            if h.hexdigest() != self._expected_sha256:
+                raise ChecksumError(f"{self.path}: sha256 {h.hexdigest()} does not match the manifest of "
+                                    f"{self._manifest.model} ({self._expected_sha256})")
+            t = time.perf_counter()
+            directory = self.path.parent
+            for entry in self._manifest.files:  # the small files beside the weights: config, tokenizer
+                if entry.name == self.path.name:
+                    continue
+                other = directory / entry.name
+                if not other.is_file():
+                    raise FileNotFoundError(f"{other}: listed in the manifest of {self._manifest.model} but missing")
+                if other.stat().st_size != entry.size_bytes or sha256_file(other) != entry.sha256:
+                    raise ChecksumError(f"{other}: size or sha256 does not match the manifest of "
+                                        f"{self._manifest.model}")
+            self._verify_s += time.perf_counter() - t
+        except BaseException as e:
+            self._fail(e)
+            return
+        with self._cond:
+            self._verified = True
+            self._cond.notify_all()
+
+    def _views(self, tensors: tuple[TensorRange, ...]) -> dict[str, torch.Tensor]:
+        out = {}
+        for t in tensors:
+            dtype = _TORCH_DTYPES.get(t.dtype)
+            if dtype is None:
+                raise ValueError(f"{self.path}: tensor {t.name} has unsupported dtype {t.dtype}")
+            raw = self._host[t.start_byte:t.end_byte]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if t.start_byte % itemsize == 0:
+                out[t.name] = raw.view(dtype).reshape(t.shape)
+            else:  # misaligned for its dtype (not in files we write): copy rather than fail
+                x = torch.empty(t.shape, dtype=dtype)
+                x.view(-1).view(torch.uint8).copy_(raw)
+                out[t.name] = x
+        return out
+
+    def _dispatch(self) -> None:
+        need = 0
+        try:
+            for i, group in enumerate(self._groups):
+                need = max([need] + [t.end_byte for t in group])
+                with self._cond:
+                    self._cond.wait_for(lambda need=need: self.bytes_resident >= need or self._error is not None)
+                    if self._error is not None:
+                        break
+                tensors = self._views(group)
+                if self._device.type != "cpu":
+                    t = time.perf_counter()
+                    tensors = {k: v.to(self._device, non_blocking=True) for k, v in tensors.items()}
+                    if self._device.type == "cuda":
+                        torch.cuda.synchronize(self._device)
+                    self._to_device_s += time.perf_counter() - t
+                self._tensors.update(tensors)
+                self._group_ready_s.append(time.perf_counter() - self._t0)
+                self.ready[i].set()
+                if self._on_layer is not None:
+                    self._on_layer(i, tensors)
+            with self._cond:
+                self._cond.wait_for(lambda: (self._read_end_s is not None and self._verified)
+                                    or self._error is not None)
+        except BaseException as e:
+            self._fail(e)
+        for w in self._workers:
+            w.join()
+        if self._hasher:
+            self._hasher.join()
+        os.close(self._fd)
+        if self._opened_direct_fd is not None:
+            os.close(self._opened_direct_fd)
+        if self._error is None:
+            self._result = self._build_result()
+        else:  # nothing of a failed load is handed out; free the buffer
+            self._tensors = {}
+        self._buf = self._mv = self._host = None  # type: ignore[assignment]
+        for e in self.ready:
+            e.set()  # wake waiters; they see the error
+        self._finished.set()
+
+    def _build_result(self) -> LoadedCheckpoint:
+        config_path = self.path.parent / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        ready = self._group_ready_s
+        timing = LoadTiming(
+            total_s=time.perf_counter() - self._t0, read_s=self._read_end_s or 0.0, to_device_s=self._to_device_s,
+            verify_s=self._verify_s, bytes_read=self._size, layer_ready_s=tuple(ready[:-1]), tail_ready_s=ready[-1],
+            n_threads=self._n_threads, chunk_bytes=self._chunk_bytes, direct_io=self._all_direct,
+            device=str(self._device))
+        order = {t.name: t.start_byte for t in self.layout.tensors()}
+        tensors = dict(sorted(self._tensors.items(), key=lambda kv: order[kv[0]]))
+        return LoadedCheckpoint(path=self.path, layout=self.layout, tensors=tensors, config=config, timing=timing,
+                                buffer=self._buf if self._device.type == "cpu" else None)
+
+
+def start_load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, device: str | torch.device | None = None,
+               manifest: Manifest | None = None, n_threads: int = DEFAULT_THREADS,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, direct_io: bool | None = None,
+               buffer: np.ndarray | None = None) -> ProgressiveLoad:
+    """Start loading a checkpoint dir's `model.safetensors` (or a .safetensors file) in the background.
+
+    `device`: None or "cpu" keeps the tensors in host memory; any other torch device gets each group
+    copied there before its event fires. `direct_io`: None uses O_DIRECT unless the file is mostly in
+    the page cache already, True always tries it; both fall back silently where the filesystem
+    refuses it; False never uses it. `buffer`: host memory to load into (from `alloc_buffer`, reused
+    across loads to skip page faults and pinning); the returned tensors view it.
+
+    Errors found before reading (missing file, bad header, size differing from the manifest) raise
+    here; later ones from `result()` and the waits.
+    """
+    return ProgressiveLoad(_weights_path(path), on_layer=on_layer, device=device, manifest=manifest,
+                           n_threads=n_threads, chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer)
+
+
+def load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, device: str | torch.device | None = None,
+         manifest: Manifest | None = None, n_threads: int = DEFAULT_THREADS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+         direct_io: bool | None = None, buffer: np.ndarray | None = None) -> LoadedCheckpoint:
+    """Load a checkpoint's weights, blocking; `on_layer(i, tensors)` is called per group in order as it arrives.
+
+    With a manifest, the weights' sha256 (computed while reading) and the other listed files are
+    checked; a mismatch raises ChecksumError naming the file and nothing is returned.
+    """
+    return start_load(path, on_layer=on_layer, device=device, manifest=manifest, n_threads=n_threads,
+                      chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer).result()

@@ -1,0 +1,97 @@
+"""The server's pure parts, in process: incremental detokenization with stop strings, template, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from live.engines.cpu_server import ApiError, TextStream, chat_prompt, parse_sampling
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(tiny_llama / "tokenizer.json"))
+
+
+def stream_all(tokenizer: Tokenizer, text: str, stop: list[str]) -> tuple[list[str], TextStream]:
+    stream = TextStream(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop)
+    deltas = []
+    for token in tokenizer.encode(text).ids:
+        deltas.append(stream.push(token))
+        if stream.stopped:
+            break
+    deltas.append(stream.flush())
+    return deltas, stream
+
+
+def test_multibyte_characters_split_across_tokens_are_never_half_emitted(tokenizer: Tokenizer) -> None:
+    text = "héllo ✓ wörld ∑ 🚀 done"
+    ids = tokenizer.encode(text).ids
+    assert len(ids) > len(text.encode()) // 2  # the trained vocab lacks these: bytes come one token each
+    deltas, stream = stream_all(tokenizer, text, [])
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert not stream.stopped
+
+
+def test_stop_string_split_across_tokens_truncates_before_it(tokenizer: Tokenizer) -> None:
+    text = "hello world, hello tierlab"
+    deltas, stream = stream_all(tokenizer, text, ["xyz", "o w"])
+    assert stream.stopped
+    assert "".join(deltas) == "hell"
+    # the stop string's first characters were held back, never sent
+    assert all("o" not in d for d in deltas)
+
+
+def test_stop_string_that_never_occurs_releases_everything(tokenizer: Tokenizer) -> None:
+    deltas, stream = stream_all(tokenizer, "hello llama", ["lamb"])
+    assert "".join(deltas) == "hello llama" and not stream.stopped
+
+
+def test_chat_template() -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+    ]
+    assert chat_prompt(messages) == "<|system|>: be brief\n<|user|>: hi there\n<|assistant|>:"
+    for bad in ([], "hi", [{"role": "wizard", "content": "x"}], [{"role": "user", "content": 3}], ["x"]):
+        with pytest.raises(ApiError) as err:
+            chat_prompt(bad)
+        assert err.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"seed": "x"}, "seed"),
+        ({"stop": ["a", 3]}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stream": "yes"}, "stream"),
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
+def test_invalid_sampling_parameters(body: dict, param: str) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_sampling(body, ("max_tokens",))
+    assert err.value.status == 400
+    assert err.value.param == param
+    assert set(err.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_sampling_defaults_and_aliases() -> None:
+    params = parse_sampling(
+        {"max_completion_tokens": 7, "stop": "x", "stream": True, "n": 1}, ("max_completion_tokens",)
+    )
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 1.0, 1.0, None)
+    assert params.stop == ["x"] and params.stream and not params.include_usage
