@@ -340,7 +340,12 @@ class Engine:
             dtype = DTYPES[self.dtype_name]
             start = time.perf_counter()
             if self.progressive:
-                source = BackgroundSafetensorsLayerSource(self.model_dir, self.layer_delay_s).start()
+                if self.layer_delay_s > 0:  # an artificial slow tier, for experiments
+                    source = BackgroundSafetensorsLayerSource(self.model_dir, self.layer_delay_s).start()
+                else:  # tierlab's parallel, layer-ordered loader
+                    from live.engines.loader_source import LoaderLayerSource
+
+                    source = LoaderLayerSource(self.model_dir)
                 self.model = LlamaModel.from_dir(self.model_dir, dtype, layer_source=source)
                 threading.Thread(target=self._watch_progressive, args=(source, start), daemon=True).start()
             else:

@@ -1,0 +1,276 @@
+"""Object-store access for checkpoints through fsspec: `file://`, `s3://`, `az://` / `abfs://`, `gs://`.
+
+A `Store` is a root URL (scheme, bucket or container, optional prefix) plus an fsspec filesystem;
+keys are posix paths relative to that root. Uploads never expose a partial object to readers, and
+downloads never leave a partial file at the target path: they go through a temp file that is
+fsynced and renamed into place.
+
+    store = open_store("s3://bucket/models", {"endpoint_url": "http://127.0.0.1:5000"})
+    store.put_dir("ckpt/", "llama-tiny")
+    store.get_file("llama-tiny/model.safetensors", "out/model.safetensors", streams=16)
+
+Backends: `s3fs` for s3, `adlfs` for az/abfs, `gcsfs` for gs (each imported by fsspec on first use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import fsspec
+
+DEFAULT_CHUNK_BYTES = 8 << 20
+DEFAULT_STREAMS = 8
+TMP_PREFIX = ".tierlab-tmp-"  # temp keys and files start with this; `list` hides them
+_COPY_BUF_BYTES = 4 << 20
+
+# Object stores whose single-object PUT is atomic (S3 PUT / multipart complete, Azure block-list
+# commit, GCS upload finalize): readers see the old object or the whole new one, never a prefix.
+# There, an extra temp key + server-side copy would only double the bytes written.
+_ATOMIC_PUT = frozenset({"s3", "s3a", "az", "abfs", "abfss", "gs", "gcs"})
+_PROTOCOLS = frozenset({"file", "local"}) | _ATOMIC_PUT
+
+
+class StoreError(OSError):
+    """A store operation failed; the message names the store URL and the key."""
+
+
+def _translate_options(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """fsspec constructor kwargs from our options (kept thin: unknown keys pass through to the backend)."""
+    opts = dict(options)
+    if protocol in ("s3", "s3a") and "endpoint_url" in opts:
+        # s3fs takes the endpoint inside client_kwargs; accept it top-level as the brief's tests do
+        client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
+        client_kwargs["endpoint_url"] = opts.pop("endpoint_url")
+        opts["client_kwargs"] = client_kwargs
+    if protocol in ("file", "local"):
+        opts.setdefault("auto_mkdir", True)
+    # listings caches would hide objects changed behind our back (another writer, a repair)
+    if protocol not in ("file", "local"):
+        opts.setdefault("use_listings_cache", False)
+    opts.setdefault("skip_instance_cache", True)
+    return opts
+
+
+class Store:
+    """One object-store root: a URL like `s3://bucket/prefix` and the fsspec filesystem that serves it."""
+
+    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, protocol: str) -> None:
+        self.url = url
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.protocol = protocol
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # --- keys -----------------------------------------------------------------------------------------------
+    def path(self, key: str) -> str:
+        """The backend path of `key`; keys are relative posix paths and may not climb out of the root."""
+        parts = [p for p in key.split("/") if p not in ("", ".")]
+        if not parts or ".." in parts or "\\" in key:
+            raise ValueError(f"{self.url}: bad key {key!r}")
+        return f"{self.root}/{'/'.join(parts)}"
+
+    def url_of(self, key: str) -> str:
+        """Full URL of `key`, for messages."""
+        return f"{self.url.rstrip('/')}/{key.lstrip('/')}"
+
+    # --- writes ---------------------------------------------------------------------------------------------
+    def put_file(self, local_path: str | os.PathLike, key: str) -> None:
+        """Upload one file to `key`; readers never see a partial object."""
+        dst = self.path(key)
+        try:
+            if self.protocol in _ATOMIC_PUT:
+                self.fs.put_file(os.fspath(local_path), dst)
+            else:
+                _local_atomic_copy(Path(local_path), Path(dst))
+        except Exception as e:
+            raise StoreError(f"{self.url_of(key)}: upload of {local_path} failed ({e})") from e
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write `data` as `key`, atomically like `put_file`."""
+        dst = self.path(key)
+        try:
+            if self.protocol in _ATOMIC_PUT:
+                self.fs.pipe_file(dst, data)
+            else:
+                _local_atomic_write(Path(dst), data)
+        except Exception as e:
+            raise StoreError(f"{self.url_of(key)}: write failed ({e})") from e
+
+    def put_dir(self, local_dir: str | os.PathLike, prefix: str) -> list[str]:
+        """Upload every regular file under `local_dir` to `prefix/<relative path>`; returns the keys written."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise NotADirectoryError(f"{local_dir}: not a directory")
+        keys = []
+        for p in sorted(local_dir.rglob("*")):
+            if p.is_file():
+                key = f"{prefix.strip('/')}/{p.relative_to(local_dir).as_posix()}"
+                self.put_file(p, key)
+                keys.append(key)
+        return keys
+
+    def delete(self, key: str) -> None:
+        """Remove `key` (a file or, recursively, a prefix); missing is not an error."""
+        path = self.path(key)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
+
+    # --- reads ----------------------------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        try:
+            self.fs.info(self.path(key), refresh=True)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def size(self, key: str) -> int:
+        """Size of the object in bytes (FileNotFoundError if absent)."""
+        info = self.fs.info(self.path(key), refresh=True)
+        return int(info["size"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys of all objects under `prefix`, sorted, relative to the store root; temp keys hidden."""
+        base = self.path(prefix) if prefix.strip("/") else self.root
+        try:
+            found = self.fs.find(base, withdirs=False)
+        except FileNotFoundError:
+            return []
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        keys = []
+        for p in found:
+            p = self.fs._strip_protocol(p)
+            rel = p[len(root):] if p.startswith(root) else p
+            if not any(part.startswith(TMP_PREFIX) for part in rel.split("/")):
+                keys.append(rel)
+        return sorted(keys)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self.path(key))
+
+    def get_file(self, key: str, local_path: str | os.PathLike, streams: int = DEFAULT_STREAMS,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, size_bytes: int | None = None) -> int:
+        """Download `key` to `local_path` with `streams` parallel ranged reads of `chunk_bytes`; returns bytes.
+
+        Chunks land in a temp file beside `local_path`, which is fsynced and renamed into place; on any
+        error the temp file is removed and `local_path` is untouched. `size_bytes` skips the size lookup.
+        """
+        if streams < 1 or chunk_bytes < 1:
+            raise ValueError(f"streams and chunk_bytes must be >= 1, got {streams}, {chunk_bytes}")
+        src = self.path(key)
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{local_path.name}"
+        try:
+            total = self.size(key) if size_bytes is None else size_bytes
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.ftruncate(fd, total)
+                ranges = [(a, min(a + chunk_bytes, total)) for a in range(0, total, chunk_bytes)]
+
+                def fetch(rng: tuple[int, int]) -> None:
+                    a, b = rng
+                    data = self.fs.cat_file(src, start=a, end=b)
+                    if len(data) != b - a:  # a short read means the object changed or is shorter than expected
+                        raise StoreError(f"{self.url_of(key)}: range [{a}, {b}) returned {len(data)} bytes")
+                    os.pwrite(fd, data, a)
+
+                with ThreadPoolExecutor(max_workers=min(streams, max(1, len(ranges)))) as pool:
+                    for _ in pool.map(fetch, ranges):  # re-raises the first failure
+                        pass
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, local_path)
+            _fsync_dir(local_path.parent)  # make the rename itself durable
+            return total
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(f"{self.url_of(key)}: download to {local_path} failed ({type(e).__name__}: {e})") from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def presign(self, key: str, expires_s: int = 3600) -> str | None:
+        """A time-limited HTTP(S) URL for `key`, or None where the store cannot sign (local, no credentials)."""
+        if self.protocol not in _ATOMIC_PUT:
+            return None
+        try:
+            return self.fs.sign(self.path(key), expiration=int(expires_s))
+        except (NotImplementedError, AttributeError, ValueError, TypeError):
+            return None
+
+
+def open_store(url: str, options: Mapping[str, Any] | None = None) -> Store:
+    """A `Store` for `url` (`file:///dir`, `s3://bucket/prefix`, `az://container/prefix`, `gs://bucket`).
+
+    `options` go to the fsspec backend: for s3 `key`, `secret`, `endpoint_url` (e.g. a local moto
+    server); for az/abfs `connection_string` or `account_name` + `account_key`; for gs `token`, `project`.
+    """
+    parts = urlsplit(url)
+    protocol = parts.scheme or "file"
+    if protocol not in _PROTOCOLS:
+        raise ValueError(f"{url}: unsupported store scheme {protocol!r} (want one of {sorted(_PROTOCOLS)})")
+    if protocol in ("file", "local"):
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{url}: file URLs must be file:///absolute/path")
+        root = str(Path(parts.path or "/").absolute())
+    else:
+        if not parts.netloc:
+            raise ValueError(f"{url}: missing bucket / container")
+        root = f"{parts.netloc}{parts.path}".rstrip("/")
+    try:
+        fs = fsspec.filesystem(protocol, **_translate_options(protocol, options or {}))
+    except ImportError as e:
+        raise ImportError(f"{url}: the fsspec backend for {protocol!r} is not installed "
+                          f"(s3: s3fs, az/abfs: adlfs, gs: gcsfs) ({e})") from e
+    return Store(url.rstrip("/"), fs, root, protocol)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _local_atomic_copy(src: Path, dst: Path) -> None:
+    """Copy to a temp sibling, fsync, rename: a reader of `dst` sees the old file or the whole new one."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{dst.name}"
+    try:
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            shutil.copyfileobj(fin, fout, _COPY_BUF_BYTES)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _local_atomic_write(dst: Path, data: bytes) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{dst.name}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
