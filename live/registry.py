@@ -242,9 +242,7 @@ class Registry:
             key = f"{name}/{entry.name}"
             try:
                 store.get_file(key, staging / entry.name, streams=streams, chunk_bytes=self.chunk_bytes)
-            except FileNotFoundError:
-                return StoreFailure(store.url, key, "missing")
-            except Exception as e:
+            except Exception as e:  # missing object, network, short read: the message says which
                 return StoreFailure(store.url, key, f"download failed ({e})")
         problems = _verify_problems(staging, expected)
         if problems:

@@ -11,7 +11,8 @@ import pytest
 
 from live.checkpoint import generate_checkpoint
 from live.stores import Store, open_store
-from tests.live_registry.services import ServiceUnavailable, azurite_blob, moto_server
+
+from .services import ServiceUnavailable, azurite_blob, moto_server
 
 pytest.importorskip("s3fs", reason="s3:// stores need s3fs (pip install s3fs)")
 
