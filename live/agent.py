@@ -1,0 +1,519 @@
+"""The node agent: one process per node that moves checkpoints between tiers and runs engine processes.
+
+An ASGI app (starlette) served by uvicorn, on 127.0.0.1 by default. Every endpoint but /healthz
+needs `Authorization: Bearer <token>`. Tiers are real dirs (`<tier_dir>/<model>/`); the "cloud" is
+the model registry (`live.registry.Registry`, stores in priority order).
+
+    GET  /healthz                          {"ok": true, "node"}
+    GET  /status                           {"node", "tiers": {name: {path, capacity_bytes, used_bytes, models}},
+                                            "instances": [...], "errors": [...]}
+    POST /tiers/copy  {model, to_tier}     a movement record {model, node, from_tier, to_tier, kind, bytes, ...}
+    POST /tiers/evict {model, tier}        {model, tier, freed_bytes}
+    POST /load        {model, source_tier?} {instance: {...}, timings: {source_tier, fetch_s, engine_start_s, ready_s}}
+    POST /unload      {instance}           {instance, stopped: true}
+
+Errors are `{"error": {"message", "type", "code"}}` with 400 (bad JSON, missing field, unsafe name),
+401, 404 (unknown model / instance / tier content), 409, 502 (fetch or checksum), 507 (tier full).
+
+    python -m live.agent --node n0 --port 8700 --token T --tier dram=/dev/shm/t:2G --tier sata=/data/t:100G \\
+        --store file:///models
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from live.agent_tiers import Tier, TierConfig, TierError, parallel_copy_files
+from live.engines.base import CpuEngineProcess, EngineStartError, free_port
+from live.manifest import Manifest
+from live.registry import Registry, RegistryError, check_model_name
+
+log = logging.getLogger(__name__)
+
+TIER_ORDER = ("dram", "nvme", "sata")  # fastest first; a model is read from the first tier holding it
+CLOUD = "cloud"
+DEFAULT_PORT = 8700
+_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class AgentError(Exception):
+    """A request failed; rendered as `{"error": {"message", "type", "code"}}` with HTTP `status`."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+        409: "conflict_error", 502: "upstream_error", 507: "insufficient_storage_error",
+    }
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "code": self.code}}
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class EngineSettings:
+    """How engine processes are started."""
+
+    threads: int | None = 1
+    dtype: str = "float32"
+    progressive: bool = False
+    ready_timeout_s: float = 120.0
+
+
+def default_dram_dir(node: str, port: int) -> Path:
+    """/dev/shm/tierlab-<node>-<port> where /dev/shm exists (memory-backed), else under the temp dir."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return base / f"tierlab-{node}-{port}"
+
+
+@dataclass
+class AgentConfig:
+    """One node agent: where it listens, its tiers, its registry and its engine settings."""
+
+    node: str = "n0"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str = ""
+    tiers: dict[str, TierConfig] = field(default_factory=dict)
+    stores: list[str] = field(default_factory=list)
+    store_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    copy_streams: int = 4  # threads per local tier-to-tier copy
+    cloud_streams: int = 16  # parallel ranged reads per cloud object
+    max_errors: int = 50  # recent errors kept for /status
+
+    def __post_init__(self) -> None:
+        if not self.token:
+            raise ValueError("AgentConfig needs a bearer token (the control API is never open)")
+        if not self.stores:
+            raise ValueError("AgentConfig needs at least one registry store URL")
+        unknown = set(self.tiers) - set(TIER_ORDER)
+        if unknown:
+            raise ValueError(f"unknown tiers {sorted(unknown)}; tiers are {TIER_ORDER}")
+        if not self.tiers:
+            raise ValueError("AgentConfig needs at least one local tier")
+
+
+def parse_bytes(text: str) -> int:
+    """'1048576', '512M', '2G', '1GiB' -> bytes (binary units)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"bad size {text!r}: use an integer with an optional K/M/G/T suffix")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_tier(spec: str) -> TierConfig:
+    """'name=DIR:BYTES' -> TierConfig (DIR may itself contain ':'; the size is after the last one)."""
+    name, sep, rest = spec.partition("=")
+    path, sep2, size = rest.rpartition(":")
+    if not sep or not sep2 or not path:
+        raise ValueError(f"bad tier {spec!r}: use name=DIR:BYTES, e.g. sata=/data/tierlab:100G")
+    return TierConfig(name.strip(), Path(path), parse_bytes(size))
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+@dataclass
+class Instance:
+    """One engine process started by the agent."""
+
+    id: str
+    model: str
+    source_tier: str  # the local tier whose dir the engine reads
+    model_dir: str
+    engine: CpuEngineProcess
+    status: str = "loading"  # loading -> ready -> stopped
+    started_at_unix: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "model": self.model, "url": self.engine.url, "port": self.engine.port,
+                "pid": self.engine.pid, "status": self.status, "source_tier": self.source_tier,
+                "model_dir": self.model_dir, "started_at_unix": self.started_at_unix}
+
+
+class NodeAgent:
+    """The agent's state and operations, independent of HTTP (every method blocks; call them from threads)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        # fastest first, whatever order the config lists them in
+        self.tiers: dict[str, Tier] = {n: Tier(config.tiers[n]) for n in TIER_ORDER if n in config.tiers}
+        self.registry = Registry(config.stores, config.store_options)
+        self.instances: dict[str, Instance] = {}
+        self.moves: list[dict[str, Any]] = []
+        self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=config.max_errors)
+        self._lock = threading.Lock()  # guards instances / moves / errors and load-vs-evict decisions
+        self._copy_locks: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    # -- lookups
+
+    def _model(self, model: Any) -> str:
+        """The model name if safe (400 otherwise); checked before any file is touched."""
+        if not isinstance(model, str):
+            raise AgentError(400, f"'model' must be a string, got {type(model).__name__}", "invalid_model")
+        try:
+            return check_model_name(model)
+        except ValueError as e:
+            raise AgentError(400, str(e), "unsafe_model_name") from None
+
+    def _tier(self, name: Any, field_name: str) -> Tier:
+        if not isinstance(name, str) or name not in self.tiers:
+            raise AgentError(400, f"{field_name!r} must be one of this node's tiers {list(self.tiers)}, got {name!r}",
+                             "unknown_tier")
+        return self.tiers[name]
+
+    def _manifest(self, model: str) -> Manifest:
+        try:
+            return self.registry.manifest(model)
+        except RegistryError as e:
+            raise AgentError(404, f"model {model!r} is not in the registry: {e}", "model_not_found") from None
+
+    def fastest_holder(self, model: str, exclude: str | None = None) -> str | None:
+        """The fastest local tier holding `model` (None if only the cloud has it)."""
+        return next((n for n, t in self.tiers.items() if n != exclude and t.holds(model)), None)
+
+    def _record_error(self, op: str, model: str, err: AgentError) -> None:
+        log.warning("%s %s failed: %s", op, model, err.message)
+        with self._lock:
+            self.errors.append({"time_unix": time.time(), "op": op, "model": model, "code": err.code,
+                                "message": err.message})
+
+    # -- tier movements
+
+    def copy(self, model: Any, to_tier: Any) -> dict[str, Any]:
+        """Bring `model` into `to_tier` from the fastest tier holding it (or the cloud); a movement record."""
+        model = self._model(model)
+        dest = self._tier(to_tier, "to_tier")
+        manifest = self._manifest(model)
+        try:
+            return self._copy(model, dest, manifest)
+        except AgentError as e:
+            self._record_error("copy", model, e)
+            raise
+
+    def _copy(self, model: str, dest: Tier, manifest: Manifest) -> dict[str, Any]:
+        with self._copy_locks[(dest.name, model)]:  # one copy per (tier, model): a second waits and finds it there
+            start_unix, start = time.time(), time.perf_counter()
+            if dest.holds(model):
+                return self._move(model, dest.name, dest.name, "cached", 0, start_unix, 0.0)
+            source = self.fastest_holder(model, exclude=dest.name)
+            need = manifest.total_bytes
+            try:
+                dest.reserve(model, need)
+            except TierError as e:
+                raise AgentError(e.status, str(e), e.code) from None
+            try:
+                if source is None:
+                    nbytes = self._fetch_cloud(model, dest, manifest)
+                else:
+                    nbytes = self._copy_local(model, self.tiers[source], dest, manifest)
+            finally:
+                dest.release(need)
+            kind = "fetch" if source is None else "copy"
+            return self._move(model, source or CLOUD, dest.name, kind, nbytes, start_unix,
+                              time.perf_counter() - start)
+
+    def _fetch_cloud(self, model: str, dest: Tier, manifest: Manifest) -> int:
+        try:
+            self.registry.fetch(model, dest.model_dir(model), streams=self.config.cloud_streams, manifest=manifest)
+        except RegistryError as e:  # every store failed (missing object, sha256 mismatch): nothing was placed
+            raise AgentError(502, f"fetch of {model!r} from the cloud into tier {dest.name!r} failed: {e}",
+                             "fetch_failed") from None
+        return manifest.total_bytes
+
+    def _copy_local(self, model: str, src: Tier, dest: Tier, manifest: Manifest) -> int:
+        staging = dest.staging_dir(model)
+        try:
+            nbytes = parallel_copy_files(src.model_dir(model), staging, [f.name for f in manifest.files],
+                                         self.config.copy_streams)
+            dest.place(staging, model, manifest)
+            return nbytes
+        except TierError as e:
+            raise AgentError(e.status, str(e), e.code) from None
+        except OSError as e:
+            raise AgentError(500, f"copy of {model!r} from tier {src.name!r} to {dest.name!r} failed: {e}",
+                             "copy_failed") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after a rename; leftovers only after a failure
+
+    def _move(self, model: str, from_tier: str, to_tier: str, kind: str, nbytes: int, start_unix: float,
+              duration_s: float) -> dict[str, Any]:
+        """A movement record with the columns of `core.records.MOVE_SCHEMA` (times in unix seconds)."""
+        rec = {"time_s": start_unix, "end_s": start_unix + duration_s, "model": model, "node": self.config.node,
+               "from_tier": from_tier, "to_tier": to_tier, "kind": kind, "bytes": nbytes, "duration_s": duration_s}
+        if kind != "cached":
+            with self._lock:
+                self.moves.append(rec)
+        return rec
+
+    def evict(self, model: Any, tier: Any) -> dict[str, Any]:
+        """Remove `model` from `tier`; 409 while an instance started from that dir is still loading."""
+        model = self._model(model)
+        t = self._tier(tier, "tier")
+        with self._lock:  # the same lock /load holds while it picks a dir and registers the instance
+            busy = [i.id for i in self.instances.values()
+                    if i.model == model and i.source_tier == t.name and i.status == "loading"]
+            if busy:
+                raise AgentError(409, f"model {model!r} in tier {t.name!r} is being read by loading instance(s) "
+                                      f"{busy}", "tier_in_use")
+            try:
+                freed = t.evict(model)
+            except TierError as e:
+                raise AgentError(e.status, str(e), e.code) from None
+        return {"model": model, "tier": t.name, "freed_bytes": freed}
+
+    # -- engines
+
+    def load(self, model: Any, source_tier: Any = None) -> dict[str, Any]:
+        """Make sure `model` is in a local tier, start an engine on it, wait until ready; instance + timings."""
+        model = self._model(model)
+        named = self._tier(source_tier, "source_tier") if source_tier is not None else None
+        manifest = self._manifest(model)
+        try:
+            return self._load(model, named, manifest)
+        except AgentError as e:
+            self._record_error("load", model, e)
+            raise
+
+    def _load(self, model: str, named: Tier | None, manifest: Manifest) -> dict[str, Any]:
+        hops: list[dict[str, Any]] = []
+        origin: str | None = None
+        if named is not None and not named.holds(model):
+            hops.append(self._copy(model, named, manifest))
+        elif named is None and self.fastest_holder(model) is None:
+            # cold in every local tier: the cloud fetch lands in the slowest tier (sata), as a cache
+            hops.append(self._copy(model, list(self.tiers.values())[-1], manifest))
+        if hops and hops[0]["from_tier"] == CLOUD:
+            origin = CLOUD
+        with self._lock:
+            if self._closed:
+                raise AgentError(503, "agent is shutting down", "shutting_down")
+            tier_name = named.name if named is not None else self.fastest_holder(model)
+            if tier_name is None or not self.tiers[tier_name].holds(model):  # evicted between copy and start
+                raise AgentError(409, f"model {model!r} left tier {tier_name!r} before its engine started",
+                                 "evicted")
+            tier = self.tiers[tier_name]
+            engine = CpuEngineProcess(tier.model_dir(model), free_port(self.config.host), host=self.config.host,
+                                      progressive=self.config.engine.progressive, model_name=model,
+                                      dtype=self.config.engine.dtype, threads=self.config.engine.threads)
+            inst = Instance(f"{self.config.node}-{model}-{next(self._ids)}", model, tier_name,
+                            str(tier.model_dir(model)), engine)
+            self.instances[inst.id] = inst
+            t0 = time.perf_counter()
+            engine.start()
+            engine_start_s = time.perf_counter() - t0
+        try:
+            ready_s = engine.wait_ready(self.config.engine.ready_timeout_s)
+        except (EngineStartError, TimeoutError) as e:
+            engine.stop()
+            with self._lock:
+                self.instances.pop(inst.id, None)
+            raise AgentError(500, f"engine for {model!r} did not become ready: {e}", "engine_start_failed") from None
+        with self._lock:
+            inst.status = "ready"
+        timings = {"source_tier": origin or tier_name, "engine_tier": tier_name, "fetch_s": hops,
+                   "engine_start_s": engine_start_s, "ready_s": ready_s}
+        return {"instance": inst.to_json(), "timings": timings}
+
+    def unload(self, instance: Any) -> dict[str, Any]:
+        if not isinstance(instance, str):
+            raise AgentError(400, "'instance' must be a string", "invalid_instance")
+        with self._lock:
+            inst = self.instances.pop(instance, None)
+        if inst is None:
+            raise AgentError(404, f"no instance {instance!r} on node {self.config.node!r}", "instance_not_found")
+        inst.engine.stop()  # the whole process group, SIGTERM then SIGKILL
+        inst.status = "stopped"
+        return {"instance": instance, "stopped": True}
+
+    def status(self) -> dict[str, Any]:
+        tiers = {n: {"path": str(t.path), "capacity_bytes": t.config.capacity_bytes, "used_bytes": t.used_bytes(),
+                     "models": t.models()} for n, t in self.tiers.items()}
+        with self._lock:
+            instances = [i.to_json() for i in self.instances.values()]
+            errors = list(self.errors)
+        return {"node": self.config.node, "tiers": tiers, "instances": instances, "errors": errors}
+
+    def shutdown(self) -> None:
+        """Stop every engine (no orphans); later loads are refused."""
+        with self._lock:
+            self._closed = True
+            instances = list(self.instances.values())
+            self.instances.clear()
+        for inst in instances:
+            with contextlib.suppress(Exception):  # one failed stop must not leave the others running
+                inst.engine.stop()
+                inst.status = "stopped"
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _error(err: AgentError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _authorized(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+async def _json_body(request: Request, required: Sequence[str]) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AgentError(400, f"request body is not valid JSON ({e})", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise AgentError(400, "request body must be a JSON object", "invalid_json")
+    missing = [k for k in required if k not in body]
+    if missing:
+        raise AgentError(400, f"missing field(s) {missing}", "missing_field")
+    return body
+
+
+Handler = Callable[[Request], Awaitable[JSONResponse]]
+
+
+def create_app(agent: NodeAgent) -> Starlette:
+    """The ASGI app over `agent`; its lifespan end stops every engine."""
+    token = agent.config.token
+
+    def guarded(fn: Callable[[Request], Awaitable[Any]]) -> Handler:
+        async def endpoint(request: Request) -> JSONResponse:
+            if not _authorized(request, token):
+                return _error(AgentError(401, "missing or wrong bearer token", "invalid_token"))
+            try:
+                return JSONResponse(await fn(request))
+            except AgentError as e:
+                return _error(e)
+        return endpoint
+
+    def op(method: Callable[..., dict[str, Any]], required: Sequence[str], optional: Sequence[str] = ()) -> Handler:
+        async def call(request: Request) -> dict[str, Any]:
+            body = await _json_body(request, required)
+            kwargs = {k: body[k] for k in (*required, *optional) if k in body}
+            # copies and engine starts take seconds: a worker thread keeps /healthz and /status answering
+            return await run_in_threadpool(method, **kwargs)
+        return guarded(call)
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "node": agent.config.node})
+
+    async def status(request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(agent.status)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        code = getattr(exc, "status_code", 500)
+        return _error(AgentError(code, str(getattr(exc, "detail", exc)), "http_error"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await run_in_threadpool(agent.shutdown)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/status", guarded(status)),
+        Route("/tiers/copy", op(agent.copy, ("model", "to_tier")), methods=["POST"]),
+        Route("/tiers/evict", op(agent.evict, ("model", "tier")), methods=["POST"]),
+        Route("/load", op(agent.load, ("model",), ("source_tier",)), methods=["POST"]),
+        Route("/unload", op(agent.unload, ("instance",)), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+def serve(config: AgentConfig, log_level: str = "info") -> None:
+    """Run the agent until SIGINT / SIGTERM; engines are stopped on the way out (lifespan end, then atexit-safe)."""
+    import uvicorn
+
+    agent = NodeAgent(config)
+    try:
+        uvicorn.run(create_app(agent), host=config.host, port=config.port, log_level=log_level,
+                    lifespan="on", timeout_graceful_shutdown=10)
+    finally:
+        agent.shutdown()  # also when uvicorn failed before the lifespan ran (port taken, ...)
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
+    p = argparse.ArgumentParser(prog="python -m live.agent", description=__doc__.split("\n")[0])
+    p.add_argument("--node", default="n0")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--token", default=os.environ.get("TIERLAB_AGENT_TOKEN", ""),
+                   help="bearer token (default: $TIERLAB_AGENT_TOKEN)")
+    p.add_argument("--tier", action="append", default=[], metavar="NAME=DIR:BYTES",
+                   help=f"a local tier ({', '.join(TIER_ORDER)}); repeat. Default: dram under /dev/shm, 1 GiB")
+    p.add_argument("--store", action="append", default=[], metavar="URL", help="registry store, in priority order")
+    p.add_argument("--store-options", default="{}", help='JSON: {"s3://b/p": {"endpoint_url": ...}}')
+    p.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--progressive", action="store_true", help="engines serve while layers load")
+    p.add_argument("--copy-streams", type=int, default=4)
+    p.add_argument("--cloud-streams", type=int, default=16)
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    try:
+        tiers = [parse_tier(s) for s in args.tier]
+        options: Mapping[str, Any] = json.loads(args.store_options)
+    except (ValueError, json.JSONDecodeError) as e:
+        p.error(str(e))
+    tier_map = {t.name: t for t in tiers} or {"dram": TierConfig("dram", default_dram_dir(args.node, args.port),
+                                                                 1 << 30)}
+    try:
+        config = AgentConfig(node=args.node, host=args.host, port=args.port, token=args.token, tiers=tier_map,
+                             stores=list(args.store), store_options={k: dict(v) for k, v in options.items()},
+                             engine=EngineSettings(args.threads, args.dtype, args.progressive),
+                             copy_streams=args.copy_streams, cloud_streams=args.cloud_streams)
+    except ValueError as e:
+        p.error(str(e))
+    return config, args.log_level
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, log_level = config_from_args(argv)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.info("agent %s on %s:%d, tiers %s", config.node, config.host, config.port,
+             {n: asdict(t) | {"path": str(t.path)} for n, t in config.tiers.items()})
+    serve(config, log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Local storage tiers of one node: real directories holding `<tier_dir>/<model>/` checkpoints.
+
+Every copy into a tier goes through a hidden staging dir inside that tier, is fsynced, checked
+against the registry manifest (sha256), and only then renamed to `<tier_dir>/<model>` (atomic on
+one filesystem). Capacity is enforced with reservations, so concurrent copies cannot overshoot it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from live.manifest import Manifest, verify
+
+STAGING_PREFIX = ".tierlab-"  # staging / eviction dirs start with this; never listed as models
+DEFAULT_COPY_CHUNK_BYTES = 8 << 20
+
+
+class TierError(RuntimeError):
+    """A tier operation failed; `status` and `code` say how the HTTP layer reports it."""
+
+    def __init__(self, message: str, status: int = 500, code: str = "tier_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class TierFullError(TierError):
+    """Not enough free bytes in a tier for a model (HTTP 507)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 507, "insufficient_storage")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """One local tier: a directory and how many bytes it may hold."""
+
+    name: str
+    path: Path
+    capacity_bytes: int
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the regular files under `path` (0 if it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            # a file may vanish while we walk (an eviction, a staging dir renamed into place)
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Tier:
+    """A tier directory with capacity accounting (bytes on disk + bytes reserved by copies in flight)."""
+
+    def __init__(self, config: TierConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.path = Path(config.path).absolute()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._reserved_bytes = 0
+
+    def model_dir(self, model: str) -> Path:
+        return self.path / model
+
+    def holds(self, model: str) -> bool:
+        # staging dirs are renamed into place only when complete, so a present dir is a whole checkpoint
+        return self.model_dir(model).is_dir()
+
+    def models(self) -> dict[str, int]:
+        """Model name -> bytes on disk, for every complete checkpoint in the tier."""
+        out = {}
+        for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
+            if entry.is_dir() and not entry.name.startswith(STAGING_PREFIX):
+                out[entry.name] = dir_bytes(Path(entry.path))
+        return out
+
+    def used_bytes(self) -> int:
+        """Bytes on disk (staging dirs included) plus bytes reserved by copies not yet written."""
+        with self._lock:
+            reserved = self._reserved_bytes
+        return dir_bytes(self.path) + reserved
+
+    def reserve(self, model: str, need_bytes: int) -> None:
+        """Reserve `need_bytes` for a copy of `model`, or raise TierFullError naming tier, need and free bytes."""
+        with self._lock:
+            used = dir_bytes(self.path) + self._reserved_bytes
+            free = self.config.capacity_bytes - used
+            if need_bytes > free:
+                raise TierFullError(
+                    f"tier {self.name!r} ({self.path}) cannot take model {model!r}: need {need_bytes} bytes, "
+                    f"free {max(free, 0)} bytes (capacity {self.config.capacity_bytes}, used {used})")
+            self._reserved_bytes += need_bytes
+
+    def release(self, need_bytes: int) -> None:
+        with self._lock:
+            self._reserved_bytes -= need_bytes
+
+    def staging_dir(self, model: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}copy-{model}-", dir=self.path))
+
+    def place(self, staging: Path, model: str, manifest: Manifest) -> None:
+        """Verify `staging` against `manifest`, then rename it to the model dir; TierError if it does not match."""
+        try:
+            problems = verify(staging, manifest)
+        except FileNotFoundError as e:
+            problems = [str(e)]
+        if problems:
+            raise TierError(f"model {model!r}: copy into tier {self.name!r} does not match the manifest: "
+                            + "; ".join(problems), 502, "checksum_mismatch")
+        os.rename(staging, self.model_dir(model))  # fails (rather than merges) if the model appeared meanwhile
+        fsync_dir(self.path)
+
+    def evict(self, model: str) -> int:
+        """Remove the model's dir; returns the bytes freed. Renamed away first so readers never see half a dir."""
+        src = self.model_dir(model)
+        if not src.is_dir():
+            raise TierError(f"model {model!r} is not in tier {self.name!r}", 404, "not_in_tier")
+        freed = dir_bytes(src)
+        doomed = self.path / f"{STAGING_PREFIX}evict-{model}-{uuid.uuid4().hex[:8]}"
+        os.rename(src, doomed)
+        fsync_dir(self.path)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return freed
+
+
+def parallel_copy_files(src_dir: Path, dst_dir: Path, names: list[str], streams: int,
+                        chunk_bytes: int = DEFAULT_COPY_CHUNK_BYTES) -> int:
+    """Copy `names` from `src_dir` to `dst_dir` with `streams` threads doing chunked pread/pwrite; returns bytes.
+
+    Each destination file is preallocated to its size and fsynced; chunks of all files share one pool,
+    so a single large weights file still uses every stream.
+    """
+    if streams < 1 or chunk_bytes < 1:
+        raise ValueError(f"streams and chunk_bytes must be >= 1, got {streams}, {chunk_bytes}")
+    fds: list[tuple[int, int]] = []
+    jobs: list[tuple[int, int, int, int]] = []  # (src fd, dst fd, offset, length)
+    total = 0
+    try:
+        for name in names:
+            src_fd = os.open(src_dir / name, os.O_RDONLY)
+            try:
+                (dst_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                dst_fd = os.open(dst_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except BaseException:
+                os.close(src_fd)
+                raise
+            fds.append((src_fd, dst_fd))
+            size = os.fstat(src_fd).st_size
+            os.ftruncate(dst_fd, size)
+            total += size
+            jobs += [(src_fd, dst_fd, off, min(chunk_bytes, size - off)) for off in range(0, size, chunk_bytes)]
+
+        def copy_chunk(job: tuple[int, int, int, int]) -> None:
+            src_fd, dst_fd, off, length = job
+            done = 0
+            while done < length:  # pread may return fewer bytes than asked
+                data = os.pread(src_fd, length - done, off + done)
+                if not data:
+                    raise OSError(f"short read at offset {off + done} (source shrank while copying)")
+                os.pwrite(dst_fd, data, off + done)
+                done += len(data)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(streams, len(jobs)))) as pool:
+            for _ in pool.map(copy_chunk, jobs):  # re-raises the first failure
+                pass
+        for _src_fd, dst_fd in fds:
+            os.fsync(dst_fd)
+    finally:
+        for src_fd, dst_fd in fds:
+            os.close(src_fd)
+            os.close(dst_fd)
+    return total
