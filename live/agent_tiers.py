@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from live.fsutil import fsync_dir
 from live.manifest import Manifest, verify
 
 STAGING_PREFIX = ".tierlab-"  # staging / eviction dirs start with this; never listed as models
@@ -58,14 +59,6 @@ def dir_bytes(path: Path) -> int:
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
 
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Tier:

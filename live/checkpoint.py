@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from live.fsutil import fsync_dir as _fsync_dir
 from live.manifest import WEIGHTS_FILE
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -388,13 +389,6 @@ def _remove_stale_tmp_dirs(out_dir: Path) -> None:
         except PermissionError:
             pass  # someone else's live process
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | LlamaParams = "tiny", seed: int = 0, *,

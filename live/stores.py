@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from live.fsutil import fsync_dir as _fsync_dir
+
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STREAMS = 8
 TMP_PREFIX = ".tierlab-tmp-"  # temp keys and files start with this; `list` hides them
@@ -236,13 +238,6 @@ def open_store(url: str, options: Mapping[str, Any] | None = None) -> Store:
                           f"(s3: s3fs, az/abfs: adlfs, gs: gcsfs) ({e})") from e
     return Store(url.rstrip("/"), fs, root, protocol)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _local_atomic_copy(src: Path, dst: Path) -> None:
