@@ -2,36 +2,27 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from live_registry.services import ServiceUnavailable, moto_server
+from live_registry import conftest as registry_fixtures
 
 from live.registry import Registry
-from live.stores import open_store
 
 from .conftest import MODEL, AgentProc
+
+# the registry tests' moto server and fresh-bucket fixtures, shared (pytest registers them by their own names)
+moto_endpoint = registry_fixtures.moto_endpoint
+s3_url = registry_fixtures.s3_url
 
 pytest.importorskip("s3fs", reason="s3:// stores need s3fs")
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    try:
-        with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
-            yield endpoint
-    except ServiceUnavailable as e:
-        pytest.skip(f"moto S3 server unavailable here: {e}")
-
-
-def test_load_from_an_s3_cloud(moto_endpoint: str, tiny_ckpt: Path, start_agent: Callable[..., AgentProc]) -> None:
-    options = {"key": "testing", "secret": "testing", "endpoint_url": moto_endpoint}  # moto takes any credentials
-    bucket = f"tierlab-{uuid.uuid4().hex[:12]}"
-    open_store(f"s3://{bucket}", options).fs.mkdir(bucket)
-    url = f"s3://{bucket}/models"
+def test_load_from_an_s3_cloud(request: pytest.FixtureRequest, tiny_ckpt: Path,
+                               start_agent: Callable[..., AgentProc]) -> None:
+    url, options = request.getfixturevalue("s3_url")
     Registry([url], {url: options}).publish(MODEL, tiny_ckpt)
 
     agent = start_agent(url, {"nvme": 1 << 30, "sata": 1 << 30}, options)
