@@ -552,6 +552,10 @@ class Gateway:
         try:
             chunk: bytes | None = first
             while chunk is not None:
+                if b"data: [DONE]" in buf + chunk:
+                    # the client has the whole answer once this chunk is out: a client that hangs up
+                    # right after [DONE] (the openai client does) was served, not disconnected
+                    outcome, reason = "completed", ""
                 buf = self._scan_sse(buf + chunk, req, t_arrival)
                 yield chunk
                 try:
