@@ -18,10 +18,10 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import fsspec
@@ -240,13 +240,14 @@ def open_store(url: str, options: Mapping[str, Any] | None = None) -> Store:
 
 
 
-def _local_atomic_copy(src: Path, dst: Path) -> None:
-    """Copy to a temp sibling, fsync, rename: a reader of `dst` sees the old file or the whole new one."""
+@contextlib.contextmanager
+def _atomic_file(dst: Path) -> Iterator[BinaryIO]:
+    """A file to write that appears at `dst` only whole: temp sibling, fsync, rename, fsync the directory."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{dst.name}"
     try:
-        with open(src, "rb") as fin, open(tmp, "xb") as fout:
-            shutil.copyfileobj(fin, fout, _COPY_BUF_BYTES)
+        with open(tmp, "xb") as fout:
+            yield fout
             fout.flush()
             os.fsync(fout.fileno())
         os.replace(tmp, dst)
@@ -256,16 +257,12 @@ def _local_atomic_copy(src: Path, dst: Path) -> None:
             tmp.unlink()
 
 
+def _local_atomic_copy(src: Path, dst: Path) -> None:
+    """Copy so that a reader of `dst` sees the old file or the whole new one."""
+    with open(src, "rb") as fin, _atomic_file(dst) as fout:
+        shutil.copyfileobj(fin, fout, _COPY_BUF_BYTES)
+
+
 def _local_atomic_write(dst: Path, data: bytes) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{dst.name}"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with _atomic_file(dst) as fout:
+        fout.write(data)
