@@ -7,8 +7,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from core.specs import ClusterSpec, ModelSpec
+from core.specs import LOCAL_TIERS, ClusterSpec, ModelSpec
 from core.units import GB, HOUR_S, MONTH_S
+
+#: Instance-table events that end an instance: unloaded, or lost with its node.
+END_EVENTS: tuple[str, ...] = ("stopped", "preempted", "failed")
 
 
 def instance_lifetimes(instances: pd.DataFrame, end_s: float) -> pd.DataFrame:
@@ -17,7 +20,7 @@ def instance_lifetimes(instances: pd.DataFrame, end_s: float) -> pd.DataFrame:
         return pd.DataFrame(columns=["instance", "node", "model", "gpus", "gpu_bytes", "weights_bytes",
                                      "start_s", "stop_s"])
     starts = instances[instances["event"] == "loading"].set_index("instance")
-    stops = instances[instances["event"] == "stopped"].set_index("instance")["time_s"]
+    stops = instances[instances["event"].isin(END_EVENTS)].set_index("instance")["time_s"]
     out = starts[["node", "model", "gpus", "gpu_bytes", "weights_bytes"]].copy()
     out["start_s"] = starts["time_s"]
     out["stop_s"] = stops.reindex(out.index).fillna(end_s).clip(upper=end_s)
@@ -34,29 +37,53 @@ def gpu_cost(lifetimes: pd.DataFrame, cluster: ClusterSpec) -> tuple[float, floa
     return float(hours.sum()), float(usd.sum())
 
 
-def storage_cost(moves: pd.DataFrame, cluster: ClusterSpec, models: Sequence[ModelSpec], end_s: float) -> float:
-    """USD of storage: every model in the object store for the run, plus local tiers at their prices."""
+def storage_cost_by_tier(moves: pd.DataFrame, cluster: ClusterSpec, models: Sequence[ModelSpec],
+                         end_s: float) -> dict[str, float]:
+    """USD of storage per tier: "cloud" is the whole catalog in every object store for the run; each
+    local tier is GB-months held (from a copy landing until its eviction or loss) x the tier's price."""
     catalog_gb = sum(m.weights_bytes for m in models) / GB
-    usd = catalog_gb * cluster.store.price_usd_per_gb_month * end_s / MONTH_S
+    out = {"cloud": sum(catalog_gb * s.price_usd_per_gb_month * end_s / MONTH_S for s in cluster.stores)}
+    out.update({t: 0.0 for t in LOCAL_TIERS if any(t in n.tiers for n in cluster.nodes)})
     prices = {(n.name, t.name): t.price_usd_per_gb_month for n in cluster.nodes for t in n.tiers.values()}
     if moves.empty or not any(prices.values()):
-        return usd
+        return out
     held: dict[tuple[str, str, str], float] = {}
     for row in moves.sort_values("end_s").itertuples(index=False):
-        if row.kind == "evict":
+        if not row.to_tier:  # an eviction, or a copy lost with its node: it leaves the tier
             start = held.pop((row.node, row.from_tier, row.model), None)
             if start is not None:
-                usd += prices.get((row.node, row.from_tier), 0.0) * row.bytes / GB * (row.time_s - start) / MONTH_S
+                out[row.from_tier] += (prices.get((row.node, row.from_tier), 0.0) * row.bytes / GB
+                                       * (row.time_s - start) / MONTH_S)
         else:
             held[(row.node, row.to_tier, row.model)] = row.end_s
     by_model = {m.name: m.weights_bytes for m in models}
     for (node, tier, model), start in held.items():
-        usd += prices.get((node, tier), 0.0) * by_model.get(model, 0.0) / GB * (end_s - start) / MONTH_S
+        out[tier] += prices.get((node, tier), 0.0) * by_model.get(model, 0.0) / GB * (end_s - start) / MONTH_S
+    return out
+
+
+def egress_cost(bytes_by_route: Mapping[tuple[str, str], float], cluster: ClusterSpec) -> float:
+    """USD of bytes fetched from object stores, keyed by (store name, cloud of the fetching node): a store
+    charges its egress price on bytes leaving its cloud; inside its cloud the transfer is free."""
+    stores = {s.name: s for s in cluster.stores}
+    usd = 0.0
+    for (store_name, node_cloud), nbytes in sorted(bytes_by_route.items()):
+        store = stores[store_name]
+        if node_cloud != store.cloud:
+            usd += nbytes / GB * store.egress_usd_per_gb
     return usd
 
 
-def egress_cost(cloud_bytes: float, cluster: ClusterSpec) -> float:
-    return cloud_bytes / GB * cluster.store.egress_usd_per_gb
+def fleet_cost(up_s_by_node: Mapping[str, float], cluster: ClusterSpec) -> tuple[float, float]:
+    """(node-hours, USD) of keeping the nodes provisioned for `up_s_by_node` seconds each, spot nodes
+    at their spot price: the bill of a reserved fleet, whatever its GPUs did (`gpu_cost` bills only
+    the GPU-time instances held)."""
+    hours = usd = 0.0
+    for node in cluster.nodes:
+        h = up_s_by_node.get(node.name, 0.0) / HOUR_S
+        hours += h
+        usd += h * node.usd_per_hour
+    return hours, usd
 
 
 def request_cost_shares(requests: pd.DataFrame, lifetimes: pd.DataFrame, cluster: ClusterSpec) -> np.ndarray:

@@ -4,14 +4,19 @@ A cold start is a chain of hops (fetch from the source tier into host memory, co
 to GPU) plus engine init (process start, KV-cache allocation, graph capture / compile).
 The simulator runs each hop as a flow over shared links; `estimate_load_s` is the
 closed-form time on idle links that policies use to rank options.
+
+The node's `LoaderSpec` shapes the hops: its read efficiency and read cap bound the fetch,
+its host-to-GPU efficiency and GPU parallelism bound the copy, and a pipelined loader
+streams the checkpoint through host memory in chunks (one hop over the source tier's read
+link and PCIe at once) instead of staging it whole. The default loader changes nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from core.specs import EngineSpec, ModelSpec, NodeSpec, ObjectStoreSpec
+from core.specs import EngineSpec, LoaderSpec, ModelSpec, NodeSpec, ObjectStoreSpec, TierSpec
 
 PHASES: tuple[str, ...] = ("fetch", "to_gpu", "engine_init")
 
@@ -47,6 +52,22 @@ def link_streams(node: NodeSpec) -> dict[str, int]:
     return out
 
 
+def loader_read_Bps(loader: LoaderSpec, tier: TierSpec) -> float:
+    """How fast `loader` reads a checkpoint out of `tier`.
+
+    The loader's own cap (its I/O threads) bounds reads from storage devices only: a
+    checkpoint already in host DRAM is copied to the GPUs by DMA, not read through files.
+    """
+    bw = tier.read_bw_Bps * loader.read_efficiency
+    return bw if tier.name == "dram" else min(bw, loader.max_read_Bps)
+
+
+def loader_to_gpu_Bps(node: NodeSpec, n_gpus: int) -> float:
+    """Host-to-GPU rate of the node's loader for an instance on `n_gpus` GPUs."""
+    loader = node.loader
+    return node.gpu.h2d_Bps * (n_gpus if loader.parallel_gpus else 1) * loader.to_gpu_efficiency
+
+
 def fetch_hop(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec) -> Hop | None:
     """The hop that brings the weights from `source_tier` into host memory (None if already there)."""
     nbytes = model.weights_bytes
@@ -55,21 +76,53 @@ def fetch_hop(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectS
     if source_tier == "dram":
         return None
     tier = node.tiers[source_tier]
-    return Hop("fetch", source_tier, "host", (f"{source_tier}_r",), nbytes, tier.read_bw_Bps, tier.latency_s)
+    return Hop("fetch", source_tier, "host", (f"{source_tier}_r",), nbytes, loader_read_Bps(node.loader, tier),
+               tier.latency_s)
 
 
 def to_gpu_hop(model: ModelSpec, node: NodeSpec, n_gpus: int) -> Hop:
-    """Host memory to the instance's GPUs (tensor-parallel shards move in parallel)."""
-    return Hop("to_gpu", "host", "gpu", ("pcie",), model.weights_bytes, node.gpu.h2d_Bps * n_gpus, 0.0)
+    """Host memory to the instance's GPUs (tensor-parallel shards move in parallel unless the loader
+    copies one GPU at a time)."""
+    return Hop("to_gpu", "host", "gpu", ("pcie",), model.weights_bytes, loader_to_gpu_Bps(node, n_gpus), 0.0)
+
+
+def pipelined_hops(source_tier: str, model: ModelSpec, node: NodeSpec, n_gpus: int) -> list[Hop]:
+    """A chunked loader's hops from a local tier: read the first chunk, then stream the checkpoint
+    over the tier's read link and PCIe at once, at the slower of the two.
+
+    The stream hop carries every byte, so a layer's arrival on the GPU is where progressive
+    loading expects it; the fill makes the total at most one chunk's read time longer than
+    an exact two-stage pipeline. From DRAM there is nothing to fill. (The simulator ends its
+    read claim on the source tier with the fetch phase, here after the first chunk.)
+    """
+    tier = node.tiers[source_tier]
+    read = loader_read_Bps(node.loader, tier)
+    stream_cap = min(read, loader_to_gpu_Bps(node, n_gpus))
+    links = (f"{source_tier}_r", "pcie")
+    nbytes = model.weights_bytes
+    if source_tier == "dram":
+        return [Hop("to_gpu", source_tier, "gpu", links, nbytes, stream_cap, tier.latency_s)]
+    fill = min(node.loader.chunk_bytes, nbytes)
+    return [Hop("fetch", source_tier, "host", (f"{source_tier}_r",), fill, read, tier.latency_s),
+            Hop("to_gpu", source_tier, "gpu", links, nbytes, stream_cap, 0.0)]
 
 
 def load_hops(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec, n_gpus: int) -> list[Hop]:
-    """All transfer hops of a cold start, in order."""
-    hops = []
-    first = fetch_hop(source_tier, model, node, store)
-    if first is not None:
-        hops.append(first)
-    hops.append(to_gpu_hop(model, node, n_gpus))
+    """All transfer hops of a cold start, in order; the loader's fixed overhead delays the first.
+
+    A cloud download is staged even for a pipelined loader: it lands in host memory first.
+    """
+    loader = node.loader
+    if loader.pipelined and source_tier != "cloud":
+        hops = pipelined_hops(source_tier, model, node, n_gpus)
+    else:
+        hops = []
+        first = fetch_hop(source_tier, model, node, store)
+        if first is not None:
+            hops.append(first)
+        hops.append(to_gpu_hop(model, node, n_gpus))
+    if loader.fixed_overhead_s > 0:
+        hops[0] = replace(hops[0], latency_s=hops[0].latency_s + loader.fixed_overhead_s)
     return hops
 
 
@@ -128,6 +181,12 @@ def hop_time_s(hop: Hop, link_bw: dict[str, float]) -> float:
     return hop.latency_s + hop.nbytes / bw
 
 
+def transfer_s(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectStoreSpec, n_gpus: int) -> float:
+    """Time until the weights are resident on the GPUs, on idle links (a loader's "load time")."""
+    caps = link_capacities(node)
+    return sum(hop_time_s(h, caps) for h in load_hops(source_tier, model, node, store, n_gpus))
+
+
 def ready_time_s(weights_resident_s: float, start_done_s: float, after_weights_s: float, progressive: bool) -> float:
     """When an engine can serve: after its weights and its start-up work.
 
@@ -144,8 +203,7 @@ def estimate_load_s(
     n_gpus: int, kv_bytes: float, progressive: bool = False,
 ) -> float:
     """Closed-form cold-start time on idle links: hops in sequence, engine start overlapped if allowed."""
-    caps = link_capacities(node)
-    transfer = sum(hop_time_s(h, caps) for h in load_hops(source_tier, model, node, store, n_gpus))
+    transfer = transfer_s(source_tier, model, node, store, n_gpus)
     start = engine_start_s(engine)
     start_done = start if engine.overlap_start_with_fetch else transfer + start
     return ready_time_s(transfer, start_done, engine_after_weights_s(model, engine, kv_bytes, progressive), progressive)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,54 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+#: Rejections caused by the request itself (a model nobody serves, a context no engine can hold),
+#: not by the service: they do not count against availability.
+REQUEST_CAUSED_REASONS: frozenset[str] = frozenset({"unknown_model", "kv_cache_too_small"})
+
+
+def union_length_s(intervals: Sequence[tuple[float, float]]) -> float:
+    """Total time covered by the union of [start, end) intervals."""
+    total = 0.0
+    cur_start = cur_end = None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def availability(
+    requests: pd.DataFrame, *, no_path_intervals: Sequence[tuple[float, float]], recoveries_s: Sequence[float],
+) -> dict[str, Any]:
+    """Availability of the service over a run.
+
+    - `availability`: completed / (requests - requests rejected for reasons of their own,
+      `REQUEST_CAUSED_REASONS`). Every other request that did not complete (queue timeouts, failures,
+      unfinished at the end) counts as unavailability, whatever caused it: overload as well as faults.
+    - `unavailable_s`: seconds during which no model could be started from scratch: no object store
+      served cloud fetches (a store out and the failover not done yet, or every store out) or no node
+      was up. Models already resident or cached on a node may still have been served then.
+    - `failover_recovery_s`: for each loss of the store serving cloud fetches that ended within the run,
+      the time until a store served again (`failover_s` when a backup was up; longer when none was).
+    """
+    n = len(requests)
+    own = requests["outcome"].eq("rejected") & requests["reason"].isin(REQUEST_CAUSED_REASONS)
+    eligible = n - int(own.sum())
+    completed = int((requests["outcome"] == "completed").sum())
+    rec = np.asarray(recoveries_s, dtype=float)
+    return {
+        "availability": completed / eligible if eligible else None,
+        "unavailable_s": union_length_s(no_path_intervals),
+        "failover_recovery_s": {"count": int(rec.size), "mean": _mean(rec), "p50": _q(rec, 0.5),
+                                "max": float(rec.max()) if rec.size else None},
+    }
 
 
 def memory_waste_frac(reserved_byte_s: float, weights_byte_s: float, kv_byte_s: float) -> float:

@@ -112,7 +112,14 @@ def write_tables(out_dir: str | Path, requests: pd.DataFrame, moves: pd.DataFram
         "instances": out / "instances.parquet",
     }
     for key, df in (("requests", requests), ("moves", moves), ("instances", instances)):
-        tmp = paths[key].with_suffix(".parquet.tmp")
-        df.to_parquet(tmp, index=False)
-        tmp.replace(paths[key])  # never leave a half-written table behind
+        write_table(paths[key], df)
     return paths
+
+
+def write_table(path: str | Path, df: pd.DataFrame) -> Path:
+    """Write one table as parquet through a temp name, so a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_suffix(".parquet.tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path

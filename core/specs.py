@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from core.errors import ConfigError
@@ -19,6 +19,13 @@ from core.errors import ConfigError
 LOCAL_TIERS: tuple[str, ...] = ("dram", "nvme", "sata")
 TIER_ORDER: tuple[str, ...] = ("gpu", *LOCAL_TIERS, "cloud")
 TIER_RANK: dict[str, int] = {name: i for i, name in enumerate(TIER_ORDER)}
+
+#: Node fault settings a cluster config may give once for all its node groups.
+NODE_FAULT_FIELDS: tuple[str, ...] = (
+    "preemption_rate_per_hour", "preemption_notice_s", "replacement_delay_s", "failure_rate_per_hour", "repair_s")
+#: Keys a cluster config mapping may hold.
+CLUSTER_KEYS: frozenset[str] = frozenset({"node_groups", "store", "stores", "failover_s", "spot_share",
+                                          *NODE_FAULT_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,12 @@ class TierSpec:
 
 @dataclass(frozen=True)
 class ObjectStoreSpec:
-    """The cloud object store every model is published to (the tier of last resort)."""
+    """A cloud object store every model is published to (the tier of last resort).
+
+    `egress_usd_per_gb` is charged on bytes fetched by a node in another cloud (transfers
+    inside the store's cloud are free: aws_s3_to_ec2_same_region). Outages start as a
+    Poisson process at `outage_rate_per_hour` and last `outage_duration_s` each.
+    """
 
     name: str = "s3"
     per_stream_Bps: float = 93e6
@@ -86,11 +98,35 @@ class ObjectStoreSpec:
     ttfb_s: float = 0.02
     price_usd_per_gb_month: float = 0.023
     egress_usd_per_gb: float = 0.0
+    cloud: str = "aws"
+    region: str = "us-east-1"
+    outage_rate_per_hour: float = 0.0
+    outage_duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How a node's checkpoint loader moves weights from a tier onto the GPUs.
+
+    The defaults are the staged loader every run has always used: read the whole checkpoint
+    into host memory at the tier's read bandwidth, then copy it to all of the instance's GPUs
+    at once at the host-to-GPU bandwidth. Real loaders (ServerlessLLM's, safetensors via
+    transformers) differ only in these parameters; see core/loadtime.py for how each is used.
+    """
+
+    name: str = "staged"
+    pipelined: bool = False  # chunks are copied to the GPUs while later chunks are read
+    chunk_bytes: float = 0.0  # pipeline unit: the first chunk is read before any copy starts
+    read_efficiency: float = 1.0  # share of the source tier's read bandwidth the loader reaches
+    max_read_Bps: float = math.inf  # the loader's own read throughput from a storage device (I/O threads)
+    to_gpu_efficiency: float = 1.0  # share of host-to-GPU bandwidth (1 = pinned-memory DMA)
+    parallel_gpus: bool = True  # shards go to the instance's GPUs at once (False: one GPU at a time)
+    fixed_overhead_s: float = 0.0  # per load, before the first byte moves
 
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """A machine: GPUs, NIC and local tiers, with its price."""
+    """A machine: GPUs, NIC and local tiers, with its price and its checkpoint loader."""
 
     name: str
     gpu: GpuSpec
@@ -102,15 +138,27 @@ class NodeSpec:
     od_usd_per_hour: float = 0.0
     spot_usd_per_hour: float = 0.0
     spot: bool = False
+    # spot nodes only: interruptions (Poisson), the notice before one, the wait for an (empty) replacement
+    preemption_rate_per_hour: float = 0.0
+    preemption_notice_s: float = 0.0
+    replacement_delay_s: float = 0.0
+    # any node: failures (Poisson); back after `repair_s` with its disk tiers, without its host memory
+    failure_rate_per_hour: float = 0.0
+    repair_s: float = 0.0
+    loader: LoaderSpec = field(default_factory=LoaderSpec)
 
     @property
     def gpu_mem_bytes(self) -> float:
         return self.gpu.mem_bytes * self.n_gpus
 
     @property
+    def usd_per_hour(self) -> float:
+        """What the node costs per hour: its spot price if it is a spot node, else on-demand."""
+        return self.spot_usd_per_hour if self.spot else self.od_usd_per_hour
+
+    @property
     def usd_per_gpu_hour(self) -> float:
-        price = self.spot_usd_per_hour if self.spot else self.od_usd_per_hour
-        return price / self.n_gpus
+        return self.usd_per_hour / self.n_gpus
 
 
 @dataclass(frozen=True)
@@ -133,10 +181,21 @@ class EngineSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """The fleet: nodes and the object store."""
+    """The fleet: nodes and the object stores.
+
+    `store` is the primary store; `backup_stores` take over, in order, when the store serving
+    cloud fetches is out, `failover_s` (detection + switch) after it went out.
+    """
 
     nodes: tuple[NodeSpec, ...]
     store: ObjectStoreSpec = field(default_factory=ObjectStoreSpec)
+    backup_stores: tuple[ObjectStoreSpec, ...] = ()
+    failover_s: float = 0.0
+
+    @property
+    def stores(self) -> tuple[ObjectStoreSpec, ...]:
+        """Every store, primary first (the failover order); each holds the whole catalog."""
+        return (self.store, *self.backup_stores)
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -199,12 +258,32 @@ def tier_from_dict(name: str, data: Mapping[str, Any], where: str) -> TierSpec:
     return t
 
 
+def loader_from_dict(data: Mapping[str, Any], where: str) -> LoaderSpec:
+    """A loader from its config mapping; efficiencies must lie in (0, 1], `max_read_Bps` may be inf."""
+    ld = _build(LoaderSpec, data, where)
+    for f in ("pipelined", "parallel_gpus"):
+        if not isinstance(getattr(ld, f), bool):
+            raise ConfigError(f"{where}.{f} must be true or false, got {getattr(ld, f)!r}")
+    for f in ("read_efficiency", "to_gpu_efficiency"):
+        _positive(f"{where}.{f}", getattr(ld, f))
+        if getattr(ld, f) > 1:
+            raise ConfigError(f"{where}.{f} must be <= 1, got {getattr(ld, f)!r}")
+    cap = ld.max_read_Bps
+    if not isinstance(cap, int | float) or isinstance(cap, bool) or math.isnan(cap) or cap <= 0:
+        raise ConfigError(f"{where}.max_read_Bps must be a positive number (or inf), got {cap!r}")
+    for f in ("chunk_bytes", "fixed_overhead_s"):
+        _non_negative(f"{where}.{f}", getattr(ld, f))
+    return ld
+
+
 def store_from_dict(data: Mapping[str, Any], where: str = "cluster.store") -> ObjectStoreSpec:
     s = _build(ObjectStoreSpec, data, where)
     for f in ("per_stream_Bps", "streams"):
         _positive(f"{where}.{f}", getattr(s, f))
-    for f in ("ttfb_s", "price_usd_per_gb_month", "egress_usd_per_gb"):
+    for f in ("ttfb_s", "price_usd_per_gb_month", "egress_usd_per_gb", "outage_rate_per_hour", "outage_duration_s"):
         _non_negative(f"{where}.{f}", getattr(s, f))
+    if s.outage_rate_per_hour > 0 and s.outage_duration_s <= 0:
+        raise ConfigError(f"{where}.outage_duration_s must be > 0 when outage_rate_per_hour > 0")
     return s
 
 
@@ -222,8 +301,18 @@ def engine_from_dict(data: Mapping[str, Any], where: str = "engine") -> EngineSp
 def cluster_from_dict(data: Mapping[str, Any], where: str = "cluster") -> ClusterSpec:
     """Build a cluster from `{store: {...}, node_groups: [{name, count, gpu, n_gpus, ...}]}`.
 
-    A node group expands into `count` identical nodes named `<name>-<i>`.
+    A node group expands into `count` identical nodes named `<name>-<i>`. Cluster-level
+    `spot_share` and fault keys (`NODE_FAULT_FIELDS`) are defaults every group may override;
+    the first round(count x spot_share) nodes of a group are spot. `stores: [...]` (primary
+    first) replaces `store: {...}` for failover across stores.
     """
+    unknown = set(data) - CLUSTER_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(CLUSTER_KEYS)}")
+    cluster_share = _spot_share(data.get("spot_share", 0.0), f"{where}.spot_share")
+    for key in NODE_FAULT_FIELDS:
+        if key in data:
+            _non_negative(f"{where}.{key}", data[key])
     groups = data.get("node_groups")
     if not groups:
         raise ConfigError(f"{where}.node_groups: at least one node group is required")
@@ -233,24 +322,66 @@ def cluster_from_dict(data: Mapping[str, Any], where: str = "cluster") -> Cluste
         if not isinstance(group, Mapping):
             raise ConfigError(f"{gw}: expected a mapping")
         group = dict(group)
+        share = _spot_share(group.pop("spot_share", cluster_share), f"{gw}.spot_share")
+        for key in NODE_FAULT_FIELDS:
+            if key in data:
+                group.setdefault(key, data[key])
         count = group.pop("count", 1)
         if not isinstance(count, int) or count < 1:
             raise ConfigError(f"{gw}.count must be a positive integer, got {count!r}")
         gpu = gpu_from_dict(group.pop("gpu", None) or {}, f"{gw}.gpu")
         tiers_cfg = group.pop("tiers", None) or {}
         tiers = {name: tier_from_dict(name, t, f"{gw}.tiers.{name}") for name, t in tiers_cfg.items()}
+        loader = loader_from_dict(group.pop("loader", None) or {}, f"{gw}.loader")
         base = group.pop("name", f"node{gi}")
         for i in range(count):
-            node = _build(NodeSpec, group, gw, name=f"{base}-{i}", gpu=gpu, tiers=tiers)
+            node = _build(NodeSpec, group, gw, name=f"{base}-{i}", gpu=gpu, tiers=tiers, loader=loader)
             nodes.append(node)
         _positive(f"{gw}.n_gpus", nodes[-1].n_gpus)
         _positive(f"{gw}.nic_Bps", nodes[-1].nic_Bps)
         _non_negative(f"{gw}.od_usd_per_hour", nodes[-1].od_usd_per_hour)
         _non_negative(f"{gw}.spot_usd_per_hour", nodes[-1].spot_usd_per_hour)
+        nodes[-count:] = _with_spot(nodes[-count:], share, gw)
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.node_groups: node names collide: {sorted(names)}")
-    return ClusterSpec(nodes=tuple(nodes), store=store_from_dict(data.get("store") or {}, f"{where}.store"))
+    stores = _stores_from_dict(data, where)
+    failover_s = data.get("failover_s", 0.0)
+    _non_negative(f"{where}.failover_s", failover_s)
+    return ClusterSpec(nodes=tuple(nodes), store=stores[0], backup_stores=stores[1:], failover_s=float(failover_s))
+
+
+def _spot_share(share: Any, where: str) -> float:
+    if not isinstance(share, int | float) or isinstance(share, bool) or not 0.0 <= share <= 1.0:
+        raise ConfigError(f"{where} must be a number in [0, 1], got {share!r}")
+    return float(share)
+
+
+def _with_spot(group: list[NodeSpec], share: float, where: str) -> list[NodeSpec]:
+    """The group's nodes with the first round(count x `share`) made spot (halves round up), fault fields checked."""
+    n_spot = math.floor(len(group) * share + 0.5)
+    out = [replace(n, spot=True) if i < n_spot else n for i, n in enumerate(group)]
+    for f in NODE_FAULT_FIELDS:
+        _non_negative(f"{where}.{f}", getattr(out[0], f))
+    if any(n.spot for n in out) and out[0].spot_usd_per_hour <= 0:
+        raise ConfigError(f"{where}.spot_usd_per_hour: spot nodes need a spot price (spot: true or spot_share > 0)")
+    return out
+
+
+def _stores_from_dict(data: Mapping[str, Any], where: str) -> tuple[ObjectStoreSpec, ...]:
+    """`stores: [...]` (primary first) or the single `store: {...}`; not both."""
+    many = data.get("stores")
+    if not many:
+        return (store_from_dict(data.get("store") or {}, f"{where}.store"),)
+    if data.get("store"):
+        raise ConfigError(f"{where}: give either store (one store) or stores (a failover list), not both")
+    if not isinstance(many, Sequence) or isinstance(many, str):
+        raise ConfigError(f"{where}.stores: expected a list of stores, primary first")
+    stores = tuple(store_from_dict(s, f"{where}.stores[{i}]") for i, s in enumerate(many))
+    names = [s.name for s in stores]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.stores: store names repeat: {names}")
+    return stores
 
 
 def validate_fit(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: EngineSpec) -> None:

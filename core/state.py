@@ -8,7 +8,7 @@ state at one instant, `now_s`. Policies must not mutate what they are shown.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -215,6 +215,25 @@ class NodeState:
             if t is not None and model in t._entries:
                 return name
         return "cloud"
+
+    def lose_contents(self, keep: Collection[str] = ()) -> list[tuple[str, str, float]]:
+        """The node went away (preempted, failed): every tier not in `keep` loses what it holds, and
+        every copy still being written is dropped. Returns (tier, model, bytes) of the copies lost.
+
+        Its instances must have been removed first; the GPUs are then whole again.
+        """
+        if self.instances:
+            raise CapacityError(f"node {self.name}: remove its instances before it loses its contents")
+        usable = self.spec.gpu.mem_bytes * self.engine.gpu_mem_util
+        self.gpu_free_bytes = [usable] * self.spec.n_gpus  # exact again, whatever rounding the removals left
+        lost: list[tuple[str, str, float]] = []
+        for name, tier in self.tiers.items():
+            tier.reserved.clear()
+            if name in keep:
+                continue
+            for model in sorted(tier.entries):
+                lost.append((name, model, tier.remove(model)))
+        return lost
 
     def footprint(self, model: ModelSpec) -> tuple[int, float, float]:
         """`gpus_needed` for `model` on this node, cached (specs never change)."""

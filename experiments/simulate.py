@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError, TraceFormatError
-from core.records import write_tables
+from core.records import write_table, write_tables
 from experiments.plots import cold_start_cdf, cost_breakdown
 from experiments.setup import build
 from sim.run import SimResult, simulate
@@ -34,7 +34,7 @@ def run(cfg: dict[str, Any], out_dir: Path | None, *, progress: bool = False) ->
         s.cluster, s.models, s.engine, s.policy, s.workload, measured=s.measured,
         request_timeout_s=s.sim.get("request_timeout_s", 600.0),
         drain_timeout_s=s.sim.get("drain_timeout_s", 3600.0),
-        ttft_slo_s=s.sim.get("ttft_slo_s", 10.0), progress=progress,
+        ttft_slo_s=s.sim.get("ttft_slo_s", 10.0), progress=progress, seed=int(cfg.get("seed", 0)),
     )
     result.summary["workload"] = s.workload.name
     result.summary["models"] = len(s.models)
@@ -44,6 +44,7 @@ def run(cfg: dict[str, Any], out_dir: Path | None, *, progress: bool = False) ->
         output = cfg.get("output") or {}
         if output.get("records", True):
             write_tables(out_dir, result.requests, result.moves, result.instances)
+            write_table(out_dir / "events.parquet", result.events)  # faults, failovers, stores used
         if output.get("plots", True):
             cold_start_cdf(result.requests, out_dir / "cold_start_cdf.png", f"Cold starts: {s.policy.name}")
             cost_breakdown(result.summary, out_dir / "cost_breakdown.png")

@@ -47,7 +47,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from live.agent_tiers import Tier, TierConfig, TierError, parallel_copy_files
-from live.engines.base import CpuEngineProcess, EngineStartError, free_port
+from live.engines.base import EngineHandle, EngineStartError, free_port
+from live.engines.factory import ENGINE_KINDS, make_engine
+from live.lifecycle import exit_with_parent
 from live.manifest import Manifest
 from live.registry import Registry, RegistryError, check_model_name
 
@@ -90,6 +92,15 @@ class EngineSettings:
     dtype: str = "float32"
     progressive: bool = False
     ready_timeout_s: float = 120.0
+    kind: str = "cpu"  # one of live.engines.factory.ENGINE_KINDS
+    toka_executable: str = "toka"  # Tokasaurus's launcher: a name on PATH or a path
+    gpus: int = 1  # GPUs a Tokasaurus engine may use (its profile picks tp_size from them)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINE_KINDS:
+            raise ValueError(f"EngineSettings.kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
+        if self.gpus < 1:
+            raise ValueError(f"EngineSettings.gpus must be >= 1, got {self.gpus}")
 
 
 def default_dram_dir(node: str, port: int) -> Path:
@@ -113,6 +124,7 @@ class AgentConfig:
     copy_streams: int = 4  # threads per local tier-to-tier copy
     cloud_streams: int = 16  # parallel ranged reads per cloud object
     max_errors: int = 50  # recent errors kept for /status
+    parent_pid: int | None = None  # stop the engines and exit when this process is gone (None: never)
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -154,14 +166,15 @@ class Instance:
     model: str
     source_tier: str  # the local tier whose dir the engine reads
     model_dir: str
-    engine: CpuEngineProcess
+    engine: EngineHandle
     status: str = "loading"  # loading -> ready -> stopped
     started_at_unix: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "model": self.model, "url": self.engine.url, "port": self.engine.port,
                 "pid": self.engine.pid, "status": self.status, "source_tier": self.source_tier,
-                "model_dir": self.model_dir, "started_at_unix": self.started_at_unix}
+                "model_dir": self.model_dir, "started_at_unix": self.started_at_unix,
+                "engine": self.engine.kind, "streaming": self.engine.streaming}
 
 
 class NodeAgent:
@@ -328,15 +341,20 @@ class NodeAgent:
                 raise AgentError(409, f"model {model!r} left tier {tier_name!r} before its engine started",
                                  "evicted")
             tier = self.tiers[tier_name]
-            engine = CpuEngineProcess(tier.model_dir(model), free_port(self.config.host), host=self.config.host,
-                                      progressive=self.config.engine.progressive, model_name=model,
-                                      dtype=self.config.engine.dtype, threads=self.config.engine.threads)
+            settings = self.config.engine
+            engine = make_engine(settings.kind, tier.model_dir(model), free_port(self.config.host),
+                                 host=self.config.host, model_name=model, dtype=settings.dtype,
+                                 threads=settings.threads, progressive=settings.progressive,
+                                 toka_executable=settings.toka_executable, n_gpus=settings.gpus)
             inst = Instance(f"{self.config.node}-{model}-{next(self._ids)}", model, tier_name,
                             str(tier.model_dir(model)), engine)
-            self.instances[inst.id] = inst
             t0 = time.perf_counter()
-            engine.start()
+            try:
+                engine.start()  # a missing executable or model file fails here, before any process runs
+            except EngineStartError as e:
+                raise AgentError(500, f"engine for {model!r} cannot start: {e}", "engine_start_failed") from None
             engine_start_s = time.perf_counter() - t0
+            self.instances[inst.id] = inst
         try:
             ready_s = engine.wait_ready(self.config.engine.ready_timeout_s)
         except (EngineStartError, TimeoutError) as e:
@@ -460,10 +478,16 @@ def create_app(agent: NodeAgent) -> Starlette:
 
 
 def serve(config: AgentConfig, log_level: str = "info") -> None:
-    """Run the agent until SIGINT / SIGTERM; engines are stopped on the way out (lifespan end, then atexit-safe)."""
+    """Run the agent until SIGINT / SIGTERM; engines are stopped on the way out (lifespan end, then atexit-safe).
+
+    With `config.parent_pid`, the agent also stops its engines and exits when that process dies
+    (its launcher, e.g. `live.serve`, killed without a chance to stop it).
+    """
     import uvicorn
 
     agent = NodeAgent(config)
+    if config.parent_pid:
+        exit_with_parent(config.parent_pid, on_exit=agent.shutdown)
     try:
         uvicorn.run(create_app(agent), host=config.host, port=config.port, log_level=log_level,
                     lifespan="on", timeout_graceful_shutdown=10)
@@ -485,9 +509,13 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
     p.add_argument("--threads", type=int, default=1, help="torch threads per engine")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--progressive", action="store_true", help="engines serve while layers load")
+    p.add_argument("--engine", default="cpu", choices=ENGINE_KINDS, help="engine kind the node runs")
+    p.add_argument("--toka", default="toka", help="Tokasaurus launcher (--engine tokasaurus): a name on PATH or a path")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs one Tokasaurus engine may use")
     p.add_argument("--copy-streams", type=int, default=4)
     p.add_argument("--cloud-streams", type=int, default=16)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--exit-with-parent", type=int, metavar="PID", help="stop the engines and exit when PID is gone")
     args = p.parse_args(argv)
     try:
         tiers = [parse_tier(s) for s in args.tier]
@@ -499,8 +527,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
     try:
         config = AgentConfig(node=args.node, host=args.host, port=args.port, token=args.token, tiers=tier_map,
                              stores=list(args.store), store_options={k: dict(v) for k, v in options.items()},
-                             engine=EngineSettings(args.threads, args.dtype, args.progressive),
-                             copy_streams=args.copy_streams, cloud_streams=args.cloud_streams)
+                             engine=EngineSettings(args.threads, args.dtype, args.progressive, kind=args.engine,
+                                                   toka_executable=args.toka, gpus=args.gpus),
+                             copy_streams=args.copy_streams, cloud_streams=args.cloud_streams,
+                             parent_pid=args.exit_with_parent)
     except ValueError as e:
         p.error(str(e))
     return config, args.log_level

@@ -10,33 +10,44 @@ each request executes `bundle.place(req, view)`:
   the instance, forward;
 - `Queue`: wait and place again, up to `queue_timeout_s`; `Reject`: 503 with the reason.
 
+Faults: a background loop polls every agent's /healthz; after `health_failures` misses in a row (or at once
+on a connection error from /load or /status, or when an engine's connection fails and its agent does not
+answer) the node is marked down: its instances are dropped, requests waiting on them are placed again, and
+placement (`core.policies.base.node_can_host`) starts models elsewhere. When the agent answers again the node
+is marked up, its tiers are re-read and engines it still runs that the gateway forgot are unloaded. An engine
+that fails before its first byte is retired and the request retried once elsewhere (else 502); one that dies
+mid-stream ends the client's stream with an SSE error event. `request_timeout_s` bounds every request.
+
 CPU nodes have no GPU: each node gets a nominal GPU (`GatewayConfig.nominal_gpu`) so core's GPU
 accounting (`NodeState.footprint`, `gpu_fit`, `add_instance`) works unchanged; models default to a
 nominal `ModelSpec` small enough that several instances fit.
 
-    POST /v1/chat/completions, POST /v1/completions   (stream and non-stream; SSE is relayed chunk by chunk)
+    POST /v1/chat/completions, POST /v1/completions   (stream and non-stream; SSE is relayed event by event,
+                                                      or synthesized for engines that cannot stream)
     GET  /v1/models                                  the caller's models only
-    GET  /healthz                                    {"ok": true}
+    GET  /healthz                                    {"ok": true, "started"}
     GET  /metrics                                    Prometheus text
+    GET  /admin/records                              the request records as JSON (Bearer <admin_token>)
 
 Auth is `Authorization: Bearer <api key>`; errors use OpenAI's shape `{"error": {message, type, param, code}}`.
-One row per request is kept in `core.records.REQUEST_SCHEMA` (`Gateway.records()`).
+Every completion response carries `x-tierlab-request-id`, the request_id of its row in `records()`
+(`core.records.REQUEST_SCHEMA`; rejected requests have rows too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import dataclasses
 import itertools
 import json
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pandas as pd
@@ -48,68 +59,51 @@ from starlette.routing import Route as HttpRoute
 from core.decisions import Action, ColdStart, Copy, Evict, Queue, Reject, Route, StartInstance, StopInstance
 from core.policies.base import PolicyBundle
 from core.records import REQUEST_SCHEMA, frame, rows_to_columns
-from core.specs import ClusterSpec, EngineSpec, GpuSpec, ModelSpec, NodeSpec, TierSpec
-from core.state import CapacityError, ClusterState, ClusterView, InstanceState, NodeState
+from core.specs import ClusterSpec, NodeSpec, TierSpec
+from core.state import CapacityError, ClusterState, ClusterView, InstanceState, NodeState, TierState
+from live import gateway_sse as sse
+from live.gateway_agents import AgentClient, AgentUnreachable, connection_error
+from live.gateway_api import (
+    ApiError,
+    Tenant,
+    authenticate,
+    bearer,
+    include_usage,
+    parse_body,
+    prompt_tokens,
+    token_matches,
+    validate,
+)
+from live.gateway_config import (
+    DEFAULT_NODE_PRICE_PER_HOUR,
+    NOMINAL_GPU,
+    NOMINAL_TIER_BW_BPS,
+    AgentRef,
+    GatewayConfig,
+    default_bundle,
+    nominal_model,
+)
+from live.gateway_metrics import GatewayMetrics
+from live.gateway_records import (
+    RequestInfo,
+    apply_load_timings,
+    instance_event,
+    instance_frame,
+    records_json,
+    request_frame,
+    request_row,
+    tpot,
+    write_request_records,
+)
+
+__all__ = ["DEFAULT_NODE_PRICE_PER_HOUR", "NOMINAL_GPU", "AgentRef", "ApiError", "Gateway", "GatewayConfig",
+           "RequestInfo", "Tenant", "create_app", "default_bundle", "nominal_model"]
 
 log = logging.getLogger(__name__)
 
-TTFT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-NOMINAL_GPU = GpuSpec("cpu-nominal", mem_bytes=80e9, hbm_Bps=100e9, flops=1e12, h2d_Bps=10e9)
-NOMINAL_TIER_BW_BPS = 1e9
-
-
-def default_bundle() -> PolicyBundle:
-    """TierAware placement x NoCaching x KeepAlive(300 s)."""
-    from core.policies.autoscaling import KeepAlive
-    from core.policies.caching import NoCaching
-    from core.policies.placement import TierAware
-
-    return PolicyBundle(TierAware(), NoCaching(), KeepAlive(keep_alive_s=300), name="tier_aware")
-
-
-def nominal_model(name: str) -> ModelSpec:
-    """A 1B-parameter stand-in: core only needs its size for GPU accounting (~3 GB of a nominal 72 GB)."""
-    return ModelSpec(name=name, params_b=1.0, n_layers=16, hidden_size=2048, n_kv_heads=8, head_dim=64)
-
-
-@dataclass(frozen=True)
-class AgentRef:
-    """One node agent the gateway drives."""
-
-    name: str
-    url: str
-    token: str
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """An API key's owner and the models it may call."""
-
-    name: str
-    models: tuple[str, ...]
-
-
-@dataclass
-class GatewayConfig:
-    """Agents, tenants (API key -> Tenant), models and the knobs of the request path."""
-
-    agents: list[AgentRef]
-    tenants: dict[str, Tenant]
-    models: dict[str, ModelSpec] = field(default_factory=dict)  # default: a nominal spec per tenant model
-    nominal_gpu: GpuSpec = NOMINAL_GPU
-    engine: EngineSpec = field(default_factory=lambda: EngineSpec(name="cpu", max_num_seqs=8))
-    queue_timeout_s: float = 10.0
-    queue_poll_s: float = 0.1
-    load_timeout_s: float = 180.0
-    request_timeout_s: float = 300.0
-    tick: bool = True  # run the bundle's on_tick (keep-alive stops) every `bundle.tick_s`
-
-    def __post_init__(self) -> None:
-        if not self.agents:
-            raise ValueError("GatewayConfig needs at least one agent")
-        for tenant in self.tenants.values():
-            for m in tenant.models:
-                self.models.setdefault(m, nominal_model(m))
+REQUEST_ID_HEADER = "x-tierlab-request-id"
+SSE_HEADERS = {"Cache-Control": "no-cache"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class WallClock:
@@ -123,51 +117,9 @@ class WallClock:
         return time.monotonic() - self._t0
 
 
-class ApiError(Exception):
-    """An OpenAI-shaped error with an HTTP status."""
-
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error",
-                                       403: "permission_error", 404: "not_found_error"}
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-@dataclass
-class RequestInfo:
-    """What a policy may read of a request (`core.policies.base.RequestView`), plus what the gateway records."""
-
-    id: int
-    model: str
-    tenant: str
-    prompt_tokens: int
-    output_tokens: int
-    arrival_s: float
-    queue_s: float = 0.0
-    cold_start: bool = False
-    source_tier: str = ""
-    fetch_s: float = math.nan
-    engine_init_s: float = math.nan
-    cold_start_s: float = math.nan
-    ttft_s: float = math.nan
-    e2e_s: float = math.nan
-    out_tokens: int = 0
-    in_tokens: int = 0
-    node: str = ""
-    instance: str = ""
-    outcome: str = "failed"
-    reason: str = ""
-
-
 @dataclass
 class Live:
-    """Gateway-side state of an instance started via an agent."""
+    """Gateway-side state of an instance started via an agent (or adopted)."""
 
     inst: InstanceState
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -175,18 +127,24 @@ class Live:
     agent_instance: str = ""
     timings: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    node_lost: bool = False  # the error is its node going down: the request is placed again
+    streaming: bool = True  # the engine streams; else the gateway synthesizes the SSE stream
 
 
 class EngineFailed(Exception):
     """The engine failed before sending its first byte (the request may be retried elsewhere)."""
 
+    def __init__(self, message: str, connection: bool = False) -> None:
+        super().__init__(message)
+        self.connection = connection  # the TCP connection failed: the engine (or its node) may be gone
 
-def _safe_model_name(name: str) -> bool:
-    return bool(name) and "/" not in name and ".." not in name and "\\" not in name and name.strip() == name
+
+class NodeLost(EngineFailed):
+    """The instance's node went down while the request waited for it."""
 
 
 class Gateway:
-    """Cluster mirror, policy execution, forwarding, metrics and records."""
+    """Cluster mirror, agent health, policy execution, forwarding, metrics and records."""
 
     def __init__(self, config: GatewayConfig, bundle: PolicyBundle | None = None) -> None:
         self.config = config
@@ -196,37 +154,43 @@ class Gateway:
         self.state: ClusterState | None = None
         self.view: ClusterView | None = None
         self.live: dict[str, Live] = {}
+        self.metrics = GatewayMetrics()
+        self.queued = 0  # requests waiting for placement or for their instance to load
         self._rows: list[tuple[Any, ...]] = []
+        self._events: list[tuple[Any, ...]] = []  # instance lifecycle, INSTANCE_SCHEMA
         self._ids = itertools.count(1)
+        self._health_misses = dict.fromkeys(self.agents, 0)
+        self._reviving: set[str] = set()
         self._http: httpx.AsyncClient | None = None
-        self._tick_task: asyncio.Task[None] | None = None
+        self._agents: AgentClient = None  # type: ignore[assignment]  # built by start(), on the event loop
+        self._loops: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.requests_by_outcome: Counter[str] = Counter()
-        self.cold_starts_by_tier: Counter[str] = Counter()
-        self.ttft_buckets = [0] * len(TTFT_BUCKETS_S)
-        self.ttft_count = 0
-        self.ttft_sum = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Read every agent's /status and build the cluster mirror."""
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.config.request_timeout_s, connect=5.0))
-        statuses = await asyncio.gather(*(self._agent_status(a) for a in self.config.agents))
-        nodes = []
-        for agent, st in zip(self.config.agents, statuses, strict=True):
-            tiers = {name: TierSpec(name, float(t["capacity_bytes"]), NOMINAL_TIER_BW_BPS, NOMINAL_TIER_BW_BPS)
-                     for name, t in (st or {}).get("tiers", {}).items()}
-            nodes.append(NodeSpec(agent.name, self.config.nominal_gpu, 1, 1e9, tiers))
-        self.state = ClusterState(ClusterSpec(tuple(nodes)), list(self.config.models.values()), self.config.engine)
+        """Read every agent's /status, build the cluster mirror, start the health and tick loops."""
+        c = self.config
+        timeout = httpx.Timeout(c.request_timeout_s, connect=c.connect_timeout_s)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # trust_env=False: the cluster is reached directly, never through a proxy from the environment
+        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        self._agents = AgentClient(self._http, self.agents, self._node_down, c.health_timeout_s)
+        statuses = await asyncio.gather(*(self._agents.status(a.name) for a in c.agents))
+        nodes = [NodeSpec(a.name, c.nominal_gpu, 1, 1e9, self._tier_specs(st), od_usd_per_hour=c.price_per_hour(a.name))
+                 for a, st in zip(c.agents, statuses, strict=True)]
+        self.state = ClusterState(ClusterSpec(tuple(nodes)), list(c.models.values()), c.engine)
         self.view = ClusterView(self.state, self.clock)
-        for agent, st in zip(self.config.agents, statuses, strict=True):
-            if st is None:
-                self.state.nodes[agent.name].up = False
-            else:
+        for agent, st in zip(c.agents, statuses, strict=True):
+            if st is not None:
                 self._sync_tiers(self.state.nodes[agent.name], st)
-        if self.config.tick and self.bundle.tick_s:
-            self._tick_task = asyncio.create_task(self._tick_loop(self.bundle.tick_s))
+            elif agent.url:
+                self.state.nodes[agent.name].up = False
+                log.warning("agent %s is down at start; the health loop will bring it in", agent.name)
+        if c.health_interval_s > 0:
+            self._loops.append(asyncio.create_task(self._health_loop(c.health_interval_s)))
+        if c.tick and self.bundle.tick_s:
+            self._loops.append(asyncio.create_task(self._tick_loop(self.bundle.tick_s)))
 
     def _spawn(self, coro: Any) -> None:
         """Run `coro` in the background, keeping a reference until it ends."""
@@ -235,11 +199,13 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        """Stop the tick loop and close the HTTP client (instances stay with their agents)."""
-        if self._tick_task is not None:
-            self._tick_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tick_task
+        """Stop the loops and background tasks and close the HTTP client (instances stay with their agents)."""
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        for task in [*self._loops, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loops.clear()
         if self._http is not None:
             await self._http.aclose()
 
@@ -251,28 +217,72 @@ class Gateway:
             except Exception:  # a failed action must not end the loop
                 log.exception("tick actions failed")
 
-    # ------------------------------------------------------------------ agents
+    # ------------------------------------------------------------------ agents and their health
 
-    def _headers(self, agent: AgentRef) -> dict[str, str]:
-        return {"Authorization": f"Bearer {agent.token}"}
+    @staticmethod
+    def _tier_specs(status: dict[str, Any] | None) -> dict[str, TierSpec]:
+        return {name: TierSpec(name, float(t["capacity_bytes"]), NOMINAL_TIER_BW_BPS, NOMINAL_TIER_BW_BPS)
+                for name, t in (status or {}).get("tiers", {}).items()}
 
-    async def _agent_status(self, agent: AgentRef) -> dict[str, Any] | None:
-        assert self._http is not None
-        try:
-            r = await self._http.get(agent.url + "/status", headers=self._headers(agent), timeout=10)
-            r.raise_for_status()
-            return r.json()
-        except (httpx.HTTPError, ValueError) as e:
-            log.warning("agent %s unreachable: %s", agent.name, e)
-            return None
+    async def _health_loop(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await asyncio.gather(*(self.check_agent(a.name) for a in self.config.agents if a.url),
+                                 return_exceptions=True)
 
-    async def _agent_post(self, node: str, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        assert self._http is not None
-        agent = self.agents[node]
-        r = await self._http.post(agent.url + path, json=body, headers=self._headers(agent), timeout=timeout)
-        if r.status_code != 200:
-            raise RuntimeError(f"agent {node} {path} -> {r.status_code}: {r.text[:300]}")
-        return r.json()
+    async def check_agent(self, node: str) -> bool:
+        """One health check of `node`'s agent: count a miss (marking the node down at `health_failures`), or
+        clear the count (marking a down node up again). True if it answered."""
+        ok = await self._agents.healthy(node)
+        ns = self._state().nodes[node]
+        if ok:
+            self._health_misses[node] = 0
+            if not ns.up and node not in self._reviving:
+                self._reviving.add(node)
+                try:
+                    await self._node_up(node)
+                finally:
+                    self._reviving.discard(node)
+        else:
+            self._health_misses[node] += 1
+            if self._health_misses[node] >= self.config.health_failures:
+                self._node_down(node, f"{self._health_misses[node]} health checks missed")
+        return ok
+
+    def _node_down(self, node: str, why: str) -> None:
+        """Mark `node` down: drop its instances; requests waiting on them are placed again."""
+        if self.state is None:  # during start(): the mirror is built with the node down
+            return
+        ns = self.state.nodes[node]
+        if not ns.up:
+            return
+        ns.up = False
+        log.warning("node %s marked down: %s", node, why)
+        for inst in list(ns.instances.values()):
+            lv = self.live.get(inst.id)
+            self._drop(inst, "node_down")
+            if lv is not None:
+                lv.error, lv.node_lost = f"node {node} went down ({why})", True
+                lv.ready.set()  # wake the requests waiting for it
+
+    async def _node_up(self, node: str) -> None:
+        """The agent answers again: re-read its tiers, unload engines the gateway no longer knows, mark it up."""
+        st = await self._agents.status(node)
+        if st is None:
+            return
+        ns = self._state().nodes[node]
+        missing = {n: t for n, t in self._tier_specs(st).items() if n not in ns.tiers}
+        if missing:  # the agent was down when the gateway started: its tiers are news
+            ns.spec = dataclasses.replace(ns.spec, tiers={**ns.spec.tiers, **missing})
+            ns.tiers.update({n: TierState(t) for n, t in missing.items()})
+        self._sync_tiers(ns, st)
+        # the node had no instances in the mirror while down, so every engine the agent still runs is an orphan
+        for inst in st.get("instances", []):
+            if isinstance(inst, dict) and isinstance(inst.get("id"), str):
+                self._spawn(self._quiet_unload(node, inst["id"]))
+        self._health_misses[node] = 0
+        ns.up = True
+        log.warning("node %s is up again", node)
 
     def _sync_tiers(self, ns: NodeState, status: dict[str, Any]) -> None:
         """Make the mirror's tier contents equal to the agent's (model bytes as on disk)."""
@@ -281,7 +291,7 @@ class Gateway:
             ts = ns.tiers.get(name)
             if ts is None:
                 continue
-            held = {m: b for m, b in t.get("models", {}).items() if m in self.state.models}  # type: ignore[union-attr]
+            held = {m: b for m, b in t.get("models", {}).items() if m in self._state().models}
             for m in list(ts.entries):
                 if m not in held:
                     ts.remove(m)
@@ -292,8 +302,10 @@ class Gateway:
                         ts.commit(m, now)
 
     async def refresh(self, node: str) -> None:
-        """Re-read one node's tier contents."""
-        st = await self._agent_status(self.agents[node])
+        """Re-read one node's tier contents (nothing while it is down)."""
+        if not self._state().nodes[node].up:
+            return
+        st = await self._agents.status(node)
         if st is not None:
             self._sync_tiers(self._state().nodes[node], st)
 
@@ -314,13 +326,13 @@ class Gateway:
         for a in actions:
             try:
                 if isinstance(a, StopInstance):
-                    await self.stop_instance(a.instance_id, a.demote_to)
+                    await self.stop_instance(a.instance_id, a.demote_to, a.reason)
                 elif isinstance(a, Copy):
-                    await self._agent_post(a.node, "/tiers/copy", {"model": a.model, "to_tier": a.to_tier},
+                    await self._agents.post(a.node, "/tiers/copy", {"model": a.model, "to_tier": a.to_tier},
                                            self.config.load_timeout_s)
                     await self.refresh(a.node)
                 elif isinstance(a, Evict):
-                    await self._agent_post(a.node, "/tiers/evict", {"model": a.model, "tier": a.tier}, 30)
+                    await self._agents.post(a.node, "/tiers/evict", {"model": a.model, "tier": a.tier}, 30)
                     await self.refresh(a.node)
                 elif isinstance(a, StartInstance):
                     lv = self.cold_start(a.model, a.node, a.source_tier)
@@ -329,7 +341,7 @@ class Gateway:
             except Exception as e:  # an action failing is logged, never fatal
                 log.warning("action %s failed: %s", a, e)
 
-    async def stop_instance(self, instance_id: str, demote_to: str | None = None) -> None:
+    async def stop_instance(self, instance_id: str, demote_to: str | None = None, reason: str = "stopped") -> None:
         """Unload an idle instance (optionally copying its weights to `demote_to` first)."""
         lv = self.live.get(instance_id)
         inst = self._state().instances.get(instance_id)
@@ -338,33 +350,74 @@ class Gateway:
         inst.status = "stopping"
         if demote_to is not None:
             with contextlib.suppress(Exception):
-                await self._agent_post(inst.node, "/tiers/copy", {"model": inst.model.name, "to_tier": demote_to},
+                await self._agents.post(inst.node, "/tiers/copy", {"model": inst.model.name, "to_tier": demote_to},
                                        self.config.load_timeout_s)
-        with contextlib.suppress(Exception):
-            await self._agent_post(inst.node, "/unload", {"instance": lv.agent_instance}, 30)
-        self._drop(inst)
+        if lv.agent_instance:
+            with contextlib.suppress(Exception):
+                await self._agents.post(inst.node, "/unload", {"instance": lv.agent_instance}, 30)
+        self._drop(inst, reason)
         await self.refresh(inst.node)
 
-    def _drop(self, inst: InstanceState) -> None:
+    def _drop(self, inst: InstanceState, reason: str) -> None:
         if inst.id in self._state().instances:
             self._state().remove_instance(inst)
+            self._events.append(instance_event(self.clock.now, inst, "stopped", reason))
         self.live.pop(inst.id, None)
 
-    def cold_start(self, model: str, node: str, source_tier: str) -> Live | None:
-        """Reserve GPU room on `node` and start loading `model` there in the background; None if no room."""
-        state, view = self._state(), self._view()
+    def _register(self, model: str, node: str, source_tier: str) -> InstanceState | None:
+        """Reserve GPU room on `node` for an instance of `model` in the mirror; None if there is none."""
+        state = self._state()
         ns = state.nodes[node]
         n, per_gpu, kv = ns.footprint(state.models[model])
         gpu_ids = ns.gpu_fit(per_gpu * n, per_gpu)
         if gpu_ids is None:
             return None
         inst = state.add_instance(model, node, gpu_ids, per_gpu, kv, source_tier, self.clock.now)
+        self._events.append(instance_event(inst.started_s, inst, "loading"))
+        return inst
+
+    def _mark_ready(self, lv: Live) -> None:
+        inst = lv.inst
+        inst.status = "ready"
+        inst.ready_at_s = self.clock.now
+        inst.idle_since_s = inst.last_used_s = inst.ready_at_s
+        self._events.append(instance_event(inst.ready_at_s, inst, "ready"))
+        lv.ready.set()
+
+    def cold_start(self, model: str, node: str, source_tier: str) -> Live | None:
+        """Reserve GPU room on `node` and start loading `model` there in the background; None if no room."""
+        if not self._state().nodes[node].up or not self.agents[node].url:  # no agent: nothing can load there
+            return None
+        inst = self._register(model, node, source_tier)
+        if inst is None:
+            return None
         lv = Live(inst)
         self.live[inst.id] = lv
-        self.cold_starts_by_tier[source_tier] += 1
+        self.metrics.cold_start(source_tier)
         self._spawn(self._load(lv, source_tier))
-        self.bundle.on_load_started(inst, view)
+        self.bundle.on_load_started(inst, self._view())
         return lv
+
+    def adopt_instance(self, model: str, node: str, url: str, streaming: bool = True) -> str:
+        """Serve `model` from an engine already running at `url` on `node` (no agent involved); its instance id.
+
+        For benchmarks and engines started by hand. Call it from the gateway's event loop, or while no request
+        is in flight (it changes the mirror).
+        """
+        state = self._state()
+        if model not in state.models:
+            raise ValueError(f"adopt_instance: unknown model {model!r}; known: {sorted(state.models)}")
+        if node not in state.nodes:
+            raise ValueError(f"adopt_instance: unknown node {node!r}; known: {sorted(state.nodes)}")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"adopt_instance: url must be http(s)://host:port, got {url!r}")
+        inst = self._register(model, node, "gpu")
+        if inst is None:
+            raise CapacityError(f"adopt_instance: no GPU room for {model!r} on node {node!r}")
+        lv = Live(inst, url=url.rstrip("/"), streaming=streaming)
+        self.live[inst.id] = lv
+        self._mark_ready(lv)
+        return inst.id
 
     async def _load(self, lv: Live, source_tier: str) -> None:
         inst = lv.inst
@@ -372,70 +425,80 @@ class Gateway:
         if source_tier != "cloud":
             body["source_tier"] = source_tier
         try:
-            out = await self._agent_post(inst.node, "/load", body, self.config.load_timeout_s)
-            lv.url = out["instance"]["url"]
-            lv.agent_instance = out["instance"]["id"]
-            lv.timings = out.get("timings", {})
-            inst.status = "ready"
-            inst.ready_at_s = self.clock.now
-            inst.idle_since_s = inst.last_used_s = inst.ready_at_s
+            out = await self._agents.post(inst.node, "/load", body, self.config.load_timeout_s)
         except Exception as e:  # any failure ends this instance; waiters see lv.error
-            lv.error = f"load of {inst.model.name} on {inst.node} failed: {e}"
-            log.warning(lv.error)
-            self._drop(inst)
-        finally:
+            if not lv.error:  # (a node marked down has already told them)
+                lv.error = f"load of {inst.model.name} on {inst.node} failed: {e}"
+                lv.node_lost = isinstance(e, AgentUnreachable)
+                log.warning(lv.error)
+            self._drop(inst, "load_failed")
             lv.ready.set()
+            return
+        agent_instance = out["instance"]["id"]
+        if lv.error:  # its node was marked down meanwhile and the request went elsewhere: no orphan engine
+            self._spawn(self._quiet_unload(inst.node, agent_instance))
+            return
+        lv.url = out["instance"]["url"]
+        lv.agent_instance = agent_instance
+        lv.streaming = out["instance"].get("streaming", True) is not False
+        lv.timings = out.get("timings", {})
+        self._mark_ready(lv)
         await self.refresh(inst.node)
-        if not lv.error:
-            await self.execute(self.bundle.on_load_done(inst, self._view()))
+        await self.execute(self.bundle.on_load_done(inst, self._view()))
 
     async def _place(self, req: RequestInfo, exclude: set[str]) -> Live:
-        """Ask the bundle until it names an instance (waiting for it to be ready); raise ApiError(503) if not."""
+        """Ask the bundle until it names an instance, and wait for it to be ready.
+
+        ApiError(503) on Reject or when nothing is found within `queue_timeout_s`; NodeLost / EngineFailed
+        if the instance's load failed; TimeoutError if it did not load within `load_timeout_s`.
+        """
         view = self._view()
-        deadline = time.monotonic() + self.config.queue_timeout_s
         t0 = time.monotonic()
-        while True:
-            decision = self.bundle.place(req, view)
-            lv: Live | None = None
-            reason = ""
-            if isinstance(decision, Route):
-                lv = self.live.get(decision.instance_id)
-                reason = "routed_to_unknown_instance"
-                if lv is not None and decision.instance_id in exclude:
-                    lv, reason = None, "only_failed_instance"
-            elif isinstance(decision, ColdStart):
-                lv = self.cold_start(req.model, decision.node, decision.source_tier)
-                if lv is None:
-                    await self.execute(self.bundle.on_gpu_pressure(decision.node, req.model, view))
-                    lv = self.cold_start(req.model, decision.node, decision.source_tier)
-                reason = "no_gpu_capacity"
-            elif isinstance(decision, Queue):
-                reason = decision.reason
-            elif isinstance(decision, Reject):
-                raise ApiError(503, f"rejected: {decision.reason}", decision.reason)
-            if lv is not None:
-                break
-            if time.monotonic() >= deadline:
-                raise ApiError(503, f"no capacity for {req.model!r}: {reason}", reason)
-            await asyncio.sleep(self.config.queue_poll_s)
-        req.queue_s = time.monotonic() - t0
-        inst = lv.inst
-        cold = inst.status == "loading"
-        inst.waiting += 1
+        deadline = t0 + self.config.queue_timeout_s
+        self.queued += 1
         try:
-            if cold:
-                await asyncio.wait_for(lv.ready.wait(), self.config.load_timeout_s)
+            while True:
+                decision = self.bundle.place(req, view)
+                lv: Live | None = None
+                reason = ""
+                if isinstance(decision, Route):
+                    lv = self.live.get(decision.instance_id)
+                    reason = "routed_to_unknown_instance"
+                    if lv is not None and decision.instance_id in exclude:
+                        lv, reason = None, "only_failed_instance"
+                elif isinstance(decision, ColdStart):
+                    lv = self.cold_start(req.model, decision.node, decision.source_tier)
+                    if lv is None:
+                        await self.execute(self.bundle.on_gpu_pressure(decision.node, req.model, view))
+                        lv = self.cold_start(req.model, decision.node, decision.source_tier)
+                    reason = "no_gpu_capacity"
+                elif isinstance(decision, Queue):
+                    reason = decision.reason
+                elif isinstance(decision, Reject):
+                    raise ApiError(503, f"rejected: {decision.reason}", decision.reason)
+                if lv is not None:
+                    break
+                if time.monotonic() >= deadline:
+                    raise ApiError(503, f"no capacity for {req.model!r}: {reason}", reason)
+                await asyncio.sleep(self.config.queue_poll_s)
+            req.queue_s = time.monotonic() - t0
+            inst = lv.inst
+            cold = inst.status == "loading"
+            inst.waiting += 1
+            try:
+                if cold:
+                    await asyncio.wait_for(lv.ready.wait(), self.config.load_timeout_s)
+            finally:
+                inst.waiting -= 1
         finally:
-            inst.waiting -= 1
+            self.queued -= 1
         if lv.error:
-            raise EngineFailed(lv.error)
+            raise (NodeLost if lv.node_lost else EngineFailed)(lv.error)
         req.cold_start = cold
         req.source_tier = inst.source_tier if cold else "gpu"
         req.node, req.instance = inst.node, inst.id
         if cold:
-            hops = lv.timings.get("fetch_s") or []
-            req.fetch_s = float(sum(h.get("duration_s", 0.0) for h in hops)) if hops else math.nan
-            req.engine_init_s = float(lv.timings.get("engine_start_s", 0.0) + lv.timings.get("ready_s", 0.0))
+            apply_load_timings(req, lv.timings)
             req.cold_start_s = time.monotonic() - t0 - req.queue_s
         return lv
 
@@ -452,232 +515,300 @@ class Gateway:
         if inst.idle:
             inst.idle_since_s = inst.last_used_s
             if inst.id in self._state().instances:
-                self._spawn(self.execute(self.bundle.on_idle(inst, self._view())))
+                actions = self.bundle.on_idle(inst, self._view())
+                if actions:  # most policies have nothing to do: no task per request then
+                    self._spawn(self.execute(actions))
 
     async def handle(self, request: Request, path: str) -> Response:
-        """Authenticate, validate, place (retrying once if the engine fails before its first byte), forward."""
-        tenant = self._tenant(request)
-        body = await self._validate(request, path, tenant)
-        req = RequestInfo(next(self._ids), body["model"], tenant.name, self._prompt_tokens(body),
-                          int(body.get("max_tokens") or body.get("max_completion_tokens") or 16), self.clock.now)
+        """Authenticate, validate, place and forward one completion request; every outcome leaves a row."""
+        req = RequestInfo(next(self._ids), "", "", 0, 0, self.clock.now)
         t_arrival = time.monotonic()
-        await self.execute(self.bundle.on_arrival(req, self._view()))
-        failed: set[str] = set()
-        for attempt in range(2):
+        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        try:
+            tenant = authenticate(request, self.config.tenants)
+            req.tenant = tenant.name
+            raw = await request.body()
+            body = parse_body(raw)
+            if isinstance(body.get("model"), str):
+                req.model = body["model"]
+            validate(body, path, tenant, self.config.models)
+        except ApiError as e:
+            self._finish(req, t_arrival, "rejected", e.code or "rejected")
+            response = e.response()
+        else:
+            req.prompt_tokens = prompt_tokens(body)
+            req.output_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
             try:
-                lv = await self._place(req, failed)
+                await self.execute(self.bundle.on_arrival(req, self._view()))
+                response = await self._serve(req, body, raw, path, t_arrival, deadline)
+            except Exception as e:  # a bug must still answer and leave its row
+                log.exception("request %d failed", req.id)
+                response = self._fail(req, t_arrival, 500, f"internal error: {e!r}", "internal_error")
+        response.headers[REQUEST_ID_HEADER] = str(req.id)
+        return response
+
+    def _fail(self, req: RequestInfo, t_arrival: float, status: int, message: str, code: str) -> Response:
+        self._finish(req, t_arrival, "failed", code)
+        return ApiError(status, message, code).response()
+
+    async def _serve(self, req: RequestInfo, body: dict[str, Any], raw: bytes, path: str, t_arrival: float,
+                     deadline: float) -> Response:
+        """Place and forward; one retry after an engine or load failure, and a new placement each time the
+        chosen instance's node is lost (at most once per node)."""
+        failed: set[str] = set()
+        retries, replacements = 1, len(self.agents)
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    lv = await self._place(req, failed)
             except ApiError as e:
                 self._finish(req, t_arrival, "rejected", e.code or "rejected")
                 return e.response()
-            except (EngineFailed, TimeoutError) as e:
-                if attempt == 0:
+            except NodeLost as e:
+                if replacements > 0:
+                    replacements -= 1
                     continue
-                self._finish(req, t_arrival, "failed", "load_failed")
-                return ApiError(502, str(e) or "engine load timed out", "load_failed").response()
+                return self._fail(req, t_arrival, 502, str(e), "node_down")
+            except (EngineFailed, TimeoutError) as e:
+                if isinstance(e, TimeoutError) and asyncio.get_running_loop().time() >= deadline:
+                    return self._fail(req, t_arrival, 504, "request timed out waiting for an engine", "timeout")
+                if retries > 0:
+                    retries -= 1
+                    continue
+                return self._fail(req, t_arrival, 502, str(e) or "engine load timed out", "load_failed")
             try:
-                return await self._forward(lv, path, body, req, t_arrival)
+                return await self._forward(lv, path, body, raw, req, t_arrival, deadline)
             except EngineFailed as e:
                 failed.add(lv.inst.id)
                 log.warning("engine %s failed before its first byte: %s", lv.inst.id, e)
-                self._retire(lv)
-                if attempt == 1:
-                    self._finish(req, t_arrival, "failed", "engine_failed")
-                    return ApiError(502, f"engine failed: {e}", "engine_failed").response()
-        raise AssertionError("unreachable")
+                if await self._engine_lost(lv, e) and replacements > 0:
+                    replacements -= 1
+                    continue
+                if retries > 0:
+                    retries -= 1
+                    continue
+                return self._fail(req, t_arrival, 502, f"engine failed: {e}", "engine_failed")
+
+    async def _engine_lost(self, lv: Live, err: BaseException) -> bool:
+        """Retire a failed engine; after a connection failure ask its agent, and mark the node down if it is
+        silent too. True if the node is down."""
+        self._retire(lv)
+        node = lv.inst.node
+        agent = self.agents[node]
+        connection = getattr(err, "connection", False) or connection_error(err)
+        if not connection or not agent.url:
+            return False
+        if not await self._agents.healthy(node):
+            self._node_down(node, f"engine {lv.inst.id} unreachable and agent silent")
+        return not self._state().nodes[node].up
 
     def _retire(self, lv: Live) -> None:
         """Forget an instance whose engine failed (and ask its agent to stop it)."""
         inst = lv.inst
         if inst.id in self._state().instances:
-            self._drop(inst)
-            if lv.agent_instance:
+            self._drop(inst, "engine_failed")
+            if lv.agent_instance and self._state().nodes[inst.node].up:
                 self._spawn(self._quiet_unload(inst.node, lv.agent_instance))
 
     async def _quiet_unload(self, node: str, agent_instance: str) -> None:
         with contextlib.suppress(Exception):
-            await self._agent_post(node, "/unload", {"instance": agent_instance}, 30)
+            await self._agents.post(node, "/unload", {"instance": agent_instance}, 30)
 
-    async def _forward(self, lv: Live, path: str, body: dict[str, Any], req: RequestInfo,
-                       t_arrival: float) -> Response:
+    async def _forward(self, lv: Live, path: str, body: dict[str, Any], raw: bytes, req: RequestInfo,
+                       t_arrival: float, deadline: float) -> Response:
+        """Send the request (`raw`, the client's bytes, parsed as `body`) to `lv`'s engine. EngineFailed before
+        the first byte; after it, the outcome is the response's (a stream that breaks ends with an SSE error
+        event)."""
         assert self._http is not None
+        stream = bool(body.get("stream"))
+        synthesize = stream and not lv.streaming
+        usage_chunk = include_usage(body)
+        if synthesize:  # the engine cannot stream: ask for the whole answer and stream it ourselves
+            body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")} | {"stream": False}
+            raw = json.dumps(body).encode()
         self._begin(lv)
+        upstream: httpx.Response | None = None
         try:
-            upstream = await self._http.send(self._http.build_request("POST", lv.url + path, json=body), stream=True)
+            async with asyncio.timeout_at(deadline):
+                # the client's bytes as they came: no second JSON encoding on the hot path
+                request = self._http.build_request("POST", lv.url + path, content=raw, headers=JSON_HEADERS)
+                upstream = await self._http.send(request, stream=True)
+                if upstream.status_code >= 500:
+                    raise EngineFailed(f"HTTP {upstream.status_code}")
+                if stream and not synthesize and upstream.status_code == 200:
+                    chunks = upstream.aiter_raw()
+                    first = await anext(chunks, None)
+                    if first is None:
+                        raise EngineFailed("stream ended before its first byte")
+                    relay = self._relay(lv, upstream, first, chunks, req, t_arrival, deadline)
+                    upstream = None  # the relay owns it now
+                    return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
+                answer_raw = await upstream.aread()
+        except (TimeoutError, httpx.TimeoutException):
+            self._end(lv)
+            return self._fail(req, t_arrival, 504, "the engine did not answer in time", "timeout")
         except httpx.HTTPError as e:
             self._end(lv)
-            raise EngineFailed(str(e)) from None
-        if upstream.status_code >= 500:
-            await upstream.aclose()
+            raise EngineFailed(f"{type(e).__name__}: {e}", connection=connection_error(e)) from None
+        except EngineFailed:
             self._end(lv)
-            raise EngineFailed(f"HTTP {upstream.status_code}")
-        if not body.get("stream"):
-            try:
-                raw = await upstream.aread()
-            except httpx.HTTPError as e:
-                self._end(lv)
-                raise EngineFailed(str(e)) from None
-            finally:
+            raise
+        finally:
+            if upstream is not None:
                 await upstream.aclose()
-            self._end(lv)
-            ok = upstream.status_code == 200
-            if ok:
-                with contextlib.suppress(ValueError, AttributeError):
-                    usage = json.loads(raw).get("usage") or {}
-                    req.in_tokens = int(usage.get("prompt_tokens", 0))
-                    req.out_tokens = int(usage.get("completion_tokens", 0))
-                req.ttft_s = time.monotonic() - t_arrival  # non-stream: the first token arrives with the rest
-            reason = "" if ok else f"engine_{upstream.status_code}"
-            self._finish(req, t_arrival, "completed" if ok else "failed", reason)
-            return Response(raw, status_code=upstream.status_code, media_type="application/json")
-        if upstream.status_code != 200:
-            raw = await upstream.aread()
-            await upstream.aclose()
-            self._end(lv)
-            self._finish(req, t_arrival, "failed", f"engine_{upstream.status_code}")
-            return Response(raw, status_code=upstream.status_code, media_type="application/json")
-        chunks = upstream.aiter_raw()
+        self._end(lv)
+        status = upstream.status_code
+        if status != 200:
+            self._finish(req, t_arrival, "failed", f"engine_{status}")
+            return Response(answer_raw, status_code=status, media_type="application/json")
+        req.ttft_s = time.monotonic() - t_arrival  # non-stream: the first token arrives with the rest
         try:
-            first = await chunks.__anext__()
-        except (httpx.HTTPError, StopAsyncIteration) as e:
-            await upstream.aclose()
-            self._end(lv)
-            raise EngineFailed(f"stream ended before its first byte: {e!r}") from None
-        return StreamingResponse(self._relay(lv, upstream, first, chunks, req, t_arrival),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            answer = json.loads(answer_raw)
+            usage = answer.get("usage") or {}
+            req.in_tokens = int(usage.get("prompt_tokens", 0))
+            req.out_tokens = int(usage.get("completion_tokens", 0))
+        except (ValueError, AttributeError, TypeError):
+            return self._fail(req, t_arrival, 502, "the engine's answer is not OpenAI JSON", "bad_engine_answer")
+        self._finish(req, t_arrival, "completed", "")
+        if synthesize:
+            content = sse.synthesize_stream(answer, path.endswith("chat/completions"), usage_chunk)
+            return Response(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        return Response(answer_raw, status_code=200, media_type="application/json")
 
     async def _relay(self, lv: Live, upstream: httpx.Response, first: bytes, chunks: AsyncIterator[bytes],
-                     req: RequestInfo, t_arrival: float) -> AsyncIterator[bytes]:
-        """Yield SSE bytes as they come; TTFT is the first chunk carrying text."""
-        outcome, reason, buf = "failed", "client_disconnected", b""
+                     req: RequestInfo, t_arrival: float, deadline: float) -> AsyncIterator[bytes]:
+        """Yield the engine's SSE events whole, as they come (TTFT is the first event carrying text). If the
+        engine fails mid-stream, or the request's time is up, end with an SSE error event instead."""
+        outcome, reason, pending = "failed", "client_disconnected", b""
+        req.token_stream = True
+        idle_s = self.config.stream_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        lost: BaseException | None = None
         try:
-            chunk: bytes | None = first
-            while chunk is not None:
-                if b"data: [DONE]" in buf + chunk:
-                    # the client has the whole answer once this chunk is out: a client that hangs up
-                    # right after [DONE] (the openai client does) was served, not disconnected
-                    outcome, reason = "completed", ""
-                buf = self._scan_sse(buf + chunk, req, t_arrival)
-                yield chunk
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    chunk = None
-            outcome, reason = "completed", ""
-        except httpx.HTTPError as e:
-            outcome, reason = "failed", f"engine_stream_error: {type(e).__name__}"
+            try:
+                chunk: bytes | None = first
+                while chunk is not None:
+                    pending += chunk
+                    cut = sse.complete_end(pending)
+                    if cut:
+                        out, pending = pending[:cut], pending[cut:]
+                        if sse.DONE in out:
+                            # the client has the whole answer once this is out: a client that hangs up
+                            # right after [DONE] (the openai client does) was served, not disconnected
+                            outcome, reason = "completed", ""
+                        self._scan(out, req, t_arrival)
+                        yield out
+                    async with asyncio.timeout_at(min(deadline, loop.time() + idle_s)):
+                        chunk = await anext(chunks, None)
+                if pending:  # a last event without its blank line
+                    self._scan(pending, req, t_arrival)
+                    yield pending
+                outcome, reason = "completed", ""
+            except (httpx.HTTPError, TimeoutError) as e:
+                if outcome != "completed":
+                    timed_out = isinstance(e, TimeoutError | httpx.TimeoutException)
+                    reason = "timeout" if timed_out else "engine_stream_error"
+                    outcome, lost = "failed", (None if timed_out else e)
+                    message = ("the engine went silent or the request ran out of time" if timed_out
+                               else f"the engine failed mid-stream: {type(e).__name__}")
+                    yield sse.error_event(message, reason)
         finally:
-            await upstream.aclose()
+            # bookkeeping before the one await: a cancelled stream (client gone) may not get past it
             self._end(lv)
             self._finish(req, t_arrival, outcome, reason)
-
-    def _scan_sse(self, buf: bytes, req: RequestInfo, t_arrival: float) -> bytes:
-        """Read complete `data:` lines for text and usage; return the incomplete rest."""
-        *lines, rest = buf.split(b"\n")
-        for line in lines:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            with contextlib.suppress(ValueError, AttributeError, IndexError, TypeError):
-                msg = json.loads(line[6:])
-                if msg.get("usage"):
-                    req.in_tokens = int(msg["usage"].get("prompt_tokens", 0))
-                    req.out_tokens = int(msg["usage"].get("completion_tokens", 0))
-                choice = (msg.get("choices") or [{}])[0]
-                text = choice.get("text") or (choice.get("delta") or {}).get("content")
-                if text:
-                    if math.isnan(req.ttft_s):
-                        req.ttft_s = time.monotonic() - t_arrival
-                    if not msg.get("usage"):
-                        req.out_tokens += 1  # one chunk per token, until the usage chunk says otherwise
-        return rest
-
-    def _finish(self, req: RequestInfo, t_arrival: float, outcome: str, reason: str) -> None:
-        req.outcome, req.reason = outcome, reason
-        req.e2e_s = time.monotonic() - t_arrival
-        self.requests_by_outcome[outcome] += 1
-        if not math.isnan(req.ttft_s):
-            self.ttft_count += 1
-            self.ttft_sum += req.ttft_s
-            for i, b in enumerate(TTFT_BUCKETS_S):
-                if req.ttft_s <= b:
-                    self.ttft_buckets[i] += 1
-        self._rows.append((req.id, req.tenant, req.model, req.arrival_s, req.queue_s, req.cold_start,
-                           req.source_tier, req.fetch_s, math.nan, req.engine_init_s, req.cold_start_s, math.nan,
-                           req.ttft_s, math.nan, req.e2e_s, req.in_tokens or req.prompt_tokens, req.out_tokens,
-                           req.node, req.instance, outcome, reason, math.nan))
-
-    # ------------------------------------------------------------------ validation
-
-    def _tenant(self, request: Request) -> Tenant:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        key = key.strip()
-        if scheme.lower() == "bearer" and key:
-            for known, tenant in self.config.tenants.items():
-                if hmac.compare_digest(known.encode(), key.encode()):
-                    return tenant
-        raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
-
-    async def _validate(self, request: Request, path: str, tenant: Tenant) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"could not parse the JSON body: {e}", "invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the JSON body must be an object", "invalid_json")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "you must provide a 'model' string", "missing_required_parameter", "model")
-        if not _safe_model_name(model):
-            raise ApiError(400, f"invalid model name {model!r}", "invalid_model_name", "model")
-        need = "messages" if path.endswith("chat/completions") else "prompt"
-        if need not in body:
-            raise ApiError(400, f"you must provide a '{need}' parameter", "missing_required_parameter", need)
-        for k in ("max_tokens", "max_completion_tokens"):
-            v = body.get(k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise ApiError(400, f"'{k}' must be a non-negative integer, got {v!r}", "invalid_value", k)
-        if model not in self.config.models:
-            raise ApiError(404, f"the model '{model}' does not exist", "model_not_found", "model")
-        if model not in tenant.models:
-            raise ApiError(403, f"tenant '{tenant.name}' may not use model '{model}'", "model_not_allowed", "model")
-        return body
+            if lost is not None:
+                self._spawn(self._engine_lost(lv, lost))
+            await upstream.aclose()
 
     @staticmethod
-    def _prompt_tokens(body: dict[str, Any]) -> int:
-        """A rough estimate (4 characters a token) for the policy; the engine's usage replaces it."""
-        text = json.dumps(body.get("messages", body.get("prompt", "")))
-        return max(1, len(text) // 4)
+    def _scan(events: bytes, req: RequestInfo, t_arrival: float) -> None:
+        """Read whole SSE events for text (TTFT, tokens) and usage."""
+        for msg in sse.data_messages(events):
+            usage = msg.get("usage")
+            if isinstance(usage, dict):
+                req.in_tokens = int(usage.get("prompt_tokens", 0) or 0)
+                req.out_tokens = int(usage.get("completion_tokens", 0) or 0)
+            choices = msg.get("choices")
+            choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+            delta = choice.get("delta")
+            text = choice.get("text") or (delta.get("content") if isinstance(delta, dict) else None)
+            if text:
+                if math.isnan(req.ttft_s):
+                    req.ttft_s = time.monotonic() - t_arrival
+                if not usage:
+                    req.out_tokens += 1  # one chunk per token, until the usage chunk says otherwise
+
+    def _finish(self, req: RequestInfo, t_arrival: float, outcome: str, reason: str) -> None:
+        """Close the request's record (once) and count it."""
+        if req.finished:
+            return
+        req.finished = True
+        req.outcome, req.reason = outcome, reason
+        req.e2e_s = time.monotonic() - t_arrival
+        if req.token_stream:
+            req.tpot_s = tpot(req.e2e_s, req.ttft_s, req.out_tokens)
+        self.metrics.request_done(outcome, req.ttft_s, req.tpot_s)
+        self._rows.append(request_row(req))
+        lv = self.live.get(req.instance) if req.cold_start else None
+        if lv is not None and lv.url:
+            self._spawn(self._add_engine_read(lv, req, len(self._rows) - 1))
+
+    async def _add_engine_read(self, lv: Live, req: RequestInfo, row: int, wait_s: float = 10.0) -> None:
+        """Add the engine's own weight read (tier -> host memory, from its GET /stats `load_s`) to a cold row.
+
+        The agent times the tier-to-tier hops; the engine reads the weights from its tier itself, and with
+        progressive loading that read ends only after the first forward pass began, so it is asked for
+        once the request is done. Engines without /stats (Tokasaurus) keep the agent's hops alone.
+        """
+        assert self._http is not None
+        read_s = lv.timings.get("read_s")
+        deadline = time.monotonic() + wait_s
+        while read_s is None:
+            try:
+                r = await self._http.get(lv.url + "/stats", timeout=2.0)
+                stats = r.json() if r.status_code == 200 else {}
+            except (httpx.HTTPError, ValueError):
+                return
+            read_s = stats.get("load_s")
+            if read_s is None:
+                if not stats or time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.2)
+            elif "read_s" not in lv.timings and not stats.get("progressive"):
+                # without progressive loading the engine was ready only after the read: not init time
+                lv.timings["ready_s"] = max(0.0, float(lv.timings.get("ready_s", 0.0)) - float(read_s))
+        lv.timings["read_s"] = float(read_s)
+        apply_load_timings(req, lv.timings)
+        self._rows[row] = request_row(req)
 
     # ------------------------------------------------------------------ outputs
 
     def records(self) -> pd.DataFrame:
-        """One row per finished request, in `core.records.REQUEST_SCHEMA`."""
-        return frame(REQUEST_SCHEMA, rows_to_columns(REQUEST_SCHEMA, self._rows))
+        """One row per finished request, in `core.records.REQUEST_SCHEMA`, costs as of now."""
+        rows, events = list(self._rows), list(self._events)  # a snapshot: requests keep finishing meanwhile
+        if self.state is None:
+            return frame(REQUEST_SCHEMA, rows_to_columns(REQUEST_SCHEMA, rows))
+        return request_frame(rows, events, self.state.cluster, self.clock.now)
+
+    def instance_events(self) -> pd.DataFrame:
+        """Instance lifecycle (loading, ready, stopped with a reason) in `core.records.INSTANCE_SCHEMA`."""
+        return instance_frame(self._events)
+
+    def write_records(self, out_dir: str | Path) -> Path:
+        """Write `records()` to `out_dir/records.parquet` (never a partial file); its path."""
+        return write_request_records(out_dir, self.records())
 
     def metrics_text(self) -> str:
-        """Prometheus exposition: requests by outcome, cold starts by source tier, TTFT histogram."""
-        out = ["# HELP tierlab_requests_total Requests finished, by outcome.", "# TYPE tierlab_requests_total counter"]
-        for o in ("completed", "rejected", "failed"):
-            out.append(f'tierlab_requests_total{{outcome="{o}"}} {self.requests_by_outcome[o]}')
-        out += ["# HELP tierlab_cold_starts_total Instances started, by source tier.",
-                "# TYPE tierlab_cold_starts_total counter"]
-        for t, n in sorted(self.cold_starts_by_tier.items()):
-            out.append(f'tierlab_cold_starts_total{{source_tier="{t}"}} {n}')
-        out += ["# HELP tierlab_ttft_seconds Time to first token seen by the gateway.",
-                "# TYPE tierlab_ttft_seconds histogram"]
-        for b, n in zip(TTFT_BUCKETS_S, self.ttft_buckets, strict=True):
-            out.append(f'tierlab_ttft_seconds_bucket{{le="{b}"}} {n}')
-        out.append(f'tierlab_ttft_seconds_bucket{{le="+Inf"}} {self.ttft_count}')
-        out.append(f"tierlab_ttft_seconds_sum {self.ttft_sum}")
-        out.append(f"tierlab_ttft_seconds_count {self.ttft_count}")
-        insts = self.state.instances.values() if self.state is not None else ()
-        out += ["# TYPE tierlab_instances gauge",
-                f'tierlab_instances{{status="ready"}} {sum(1 for i in insts if i.ready)}',
-                f'tierlab_instances{{status="loading"}} {sum(1 for i in insts if i.loading)}']
-        return "\n".join(out) + "\n"
+        """Prometheus exposition: requests, cold starts, TTFT / TPOT histograms, instances, queue, agents."""
+        insts = list(self.state.instances.values()) if self.state is not None else []
+        agents_up = {n: ns.up for n, ns in self.state.nodes.items()} if self.state is not None else {}
+        return self.metrics.render(instances_ready=sum(1 for i in insts if i.ready),
+                                   instances_loading=sum(1 for i in insts if i.loading),
+                                   queue_depth=self.queued, agents_up=agents_up)
 
 
 def create_app(gateway: Gateway) -> Starlette:
-    """The ASGI app over `gateway`; its lifespan builds the cluster mirror."""
+    """The ASGI app over `gateway`; its lifespan builds the cluster mirror and stops the loops."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -689,15 +820,12 @@ def create_app(gateway: Gateway) -> Starlette:
 
     def completion(path: str) -> Any:
         async def endpoint(request: Request) -> Response:
-            try:
-                return await gateway.handle(request, path)
-            except ApiError as e:
-                return e.response()
+            return await gateway.handle(request, path)
         return endpoint
 
     async def models(request: Request) -> Response:
         try:
-            tenant = gateway._tenant(request)
+            tenant = authenticate(request, gateway.config.tenants)
         except ApiError as e:
             return e.response()
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "tierlab"} for m in tenant.models]
@@ -709,9 +837,17 @@ def create_app(gateway: Gateway) -> Starlette:
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(gateway.metrics_text(), media_type="text/plain; version=0.0.4")
 
+    async def admin_records(request: Request) -> Response:
+        if not token_matches(bearer(request), gateway.config.admin_token):
+            return ApiError(401, "missing or invalid admin token (Authorization: Bearer <admin_token>)",
+                            "invalid_admin_token").response()
+        # a long run has many rows: build the JSON off the event loop (records() copies the row lists first)
+        return JSONResponse(await asyncio.to_thread(lambda: records_json(gateway.records())))
+
     routes = [
         HttpRoute("/healthz", healthz),
         HttpRoute("/metrics", metrics),
+        HttpRoute("/admin/records", admin_records),
         HttpRoute("/v1/models", models),
         HttpRoute("/v1/completions", completion("/v1/completions"), methods=["POST"]),
         HttpRoute("/v1/chat/completions", completion("/v1/chat/completions"), methods=["POST"]),

@@ -8,10 +8,13 @@ goes first, and times a full load into fresh host memory:
 - tierlab: `live.loader.load` (parallel chunked preadv, O_DIRECT where possible, tensors as views);
 - safetensors: `safetensors.torch.load_file`.
 
-Ratios are bytes/s over the baseline's. Usage:
+With `--device cuda` every method ends with the weights on the GPU (the raw read copies its buffer
+with one `.to(device)`; the loader and safetensors are given the device) and the timing includes
+a device synchronize. Ratios are bytes/s over the baseline's. Usage:
 
     python scripts/bench_loader.py                         # ~1 GB `large` checkpoint under /tmp/tierlab_bench
     python scripts/bench_loader.py --preset small --rounds 5 --dir /mnt/nvme/bench
+    python scripts/bench_loader.py --device cuda                 # to GPU memory
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from live.checkpoint import PRESETS, generate_checkpoint
 from live.loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, evict_page_cache, load, resident_fraction
@@ -51,10 +55,10 @@ def raw_read(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
     return buf
 
 
-def safetensors_read(path: Path) -> dict:
+def safetensors_read(path: Path, device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(path)
+    return load_file(path, device=device)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class BenchReport:
     chunk_bytes: int
     fs_type: str
     results: dict[str, MethodResult]
+    device: str = "cpu"
 
     def GBps(self, method: str, stat: str = "best") -> float:
         r = self.results[method]
@@ -99,7 +104,7 @@ class BenchReport:
     def table(self) -> str:
         lines = [f"file: {self.path} ({self.size_bytes / 1e9:.3f} GB, fs {self.fs_type}); cold cache via "
                  f"{self.cache_method}; {self.rounds} rounds; tierlab {self.n_threads} threads x "
-                 f"{self.chunk_bytes >> 20} MiB chunks",
+                 f"{self.chunk_bytes >> 20} MiB chunks; into {self.device}",
                  f"{'method':<14}{'best GB/s':>10}{'median GB/s':>13}{'ratio best':>12}{'ratio median':>14}"
                  f"{'cached before':>15}"]
         for name, r in self.results.items():
@@ -116,7 +121,7 @@ class BenchReport:
     def to_dict(self) -> dict:
         return {"path": str(self.path), "size_bytes": self.size_bytes, "cache_method": self.cache_method,
                 "rounds": self.rounds, "n_threads": self.n_threads, "chunk_bytes": self.chunk_bytes,
-                "fs_type": self.fs_type,
+                "fs_type": self.fs_type, "device": self.device,
                 "methods": {n: {"times_s": r.times_s, "best_GBps": self.GBps(n), "median_GBps": self.GBps(n, "median"),
                                 "ratio_best": self.ratio(n), "ratio_median": self.ratio(n, "median"),
                                 "resident_before": r.resident_before, **r.detail}
@@ -138,8 +143,11 @@ def fs_type(path: Path) -> str:
 
 
 def compare_loaders(checkpoint: str | Path, rounds: int = 3, n_threads: int = DEFAULT_THREADS,
-                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BenchReport:
-    """Time all METHODS on the checkpoint's weights, `rounds` times each, cold cache before every run."""
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, device: str = "cpu") -> BenchReport:
+    """Time all METHODS on the checkpoint's weights, `rounds` times each, cold cache before every run.
+
+    `device`: where the weights must end up ("cpu": host memory, "cuda": GPU memory).
+    """
     path = Path(checkpoint)
     path = path / WEIGHTS_FILE if path.is_dir() else path
     size = path.stat().st_size
@@ -148,14 +156,18 @@ def compare_loaders(checkpoint: str | Path, rounds: int = 3, n_threads: int = DE
     direct: list[bool] = []
 
     def tierlab() -> object:
-        c = load(path, n_threads=n_threads, chunk_bytes=chunk_bytes)
+        c = load(path, n_threads=n_threads, chunk_bytes=chunk_bytes, device=None if device == "cpu" else device)
         ready.append(c.timing.layer_ready_s[0] if c.timing.layer_ready_s else c.timing.tail_ready_s)
         read.append(c.timing.read_s)
         direct.append(c.timing.direct_io)
         return c
 
-    run: dict[str, Callable[[], object]] = {BASELINE: lambda: raw_read(path, chunk_bytes), "tierlab": tierlab,
-                                            "safetensors": lambda: safetensors_read(path)}
+    def raw() -> object:
+        buf = raw_read(path, chunk_bytes)
+        return buf if device == "cpu" else torch.from_numpy(buf).to(device)
+
+    run: dict[str, Callable[[], object]] = {BASELINE: raw, "tierlab": tierlab,
+                                            "safetensors": lambda: safetensors_read(path, device)}
     results = {name: MethodResult(name) for name in METHODS}
     cache_methods = set()
     for r in range(rounds):
@@ -165,12 +177,15 @@ def compare_loaders(checkpoint: str | Path, rounds: int = 3, n_threads: int = DE
             results[name].resident_before.append(resident_fraction(path))
             t = time.perf_counter()
             out = run[name]()
+            if device != "cpu":
+                torch.cuda.synchronize()  # every copy has landed before the clock stops
             results[name].times_s.append(time.perf_counter() - t)
             del out
     results["tierlab"].detail = {"direct_io": all(direct), "first_layer_ready_s": statistics.median(ready),
                                  "read_s": statistics.median(read)}
     return BenchReport(path=path, size_bytes=size, cache_method="+".join(sorted(cache_methods)), rounds=rounds,
-                       n_threads=n_threads, chunk_bytes=chunk_bytes, fs_type=fs_type(path), results=results)
+                       n_threads=n_threads, chunk_bytes=chunk_bytes, fs_type=fs_type(path), results=results,
+                       device=device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--chunk-mib", type=int, default=DEFAULT_CHUNK_BYTES >> 20)
+    ap.add_argument("--device", default="cpu", help="where the weights go: cpu (host memory) or cuda")
     ap.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = ap.parse_args(argv)
     ckpt = args.dir or Path("/tmp/tierlab_bench") / f"{args.preset}-seed{args.seed}"
@@ -189,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         info = generate_checkpoint(ckpt, args.preset, args.seed)
         print(f"generated {info.path} ({info.total_bytes / 1e9:.3f} GB) in {time.perf_counter() - t:.1f} s")
-    report = compare_loaders(ckpt, rounds=args.rounds, n_threads=args.threads, chunk_bytes=args.chunk_mib << 20)
+    report = compare_loaders(ckpt, rounds=args.rounds, n_threads=args.threads, chunk_bytes=args.chunk_mib << 20,
+                             device=args.device)
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=2))

@@ -150,10 +150,11 @@ class SimEngine:
         self.prefill_free_s = max(self.prefill_free_s, first_token_s)
         req.first_token_s = first_token_s
         ev = self.env.timeout(first_token_s - now)
+        # `req.instance is self` fails only if the instance was lost meanwhile (`abort`)
         if req.output_tokens <= 1:
-            ev.callbacks.append(lambda _e: self._finish(req))
+            ev.callbacks.append(lambda _e: self._finish(req) if req.instance is self else None)
         else:
-            ev.callbacks.append(lambda _e: self._join_decode(req))
+            ev.callbacks.append(lambda _e: self._join_decode(req) if req.instance is self else None)
 
     # -- decoding as a fluid ------------------------------------------------------------
     def _advance(self) -> None:
@@ -255,6 +256,8 @@ class SimEngine:
         s.last_used_s = self.env.now
 
         def go(_e: object) -> None:
+            if req.instance is not self:
+                return  # lost meanwhile (`abort`)
             if remaining_tokens <= 0:
                 self._finish(req)
                 return
@@ -268,3 +271,20 @@ class SimEngine:
 
     def close_accounting(self) -> None:
         self._kv_change(0.0)
+
+    def abort(self) -> None:
+        """The instance is lost with its node: forget every sequence, queued, prefilling or decoding.
+
+        The caller takes the requests away first (pointing `req.instance` elsewhere), so that the
+        events still scheduled for them here do nothing.
+        """
+        self._advance()
+        self.queue.clear()
+        self._heap.clear()
+        self._ctx = 0.0
+        self._kv_change(-self.state.kv_used_bytes)
+        self.state.active = 0
+        self.state.waiting = 0
+        self.forward = None
+        self.on_drained = None
+        self._rerate()

@@ -7,18 +7,19 @@ import gc
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from core.cost import egress_cost, gpu_cost, instance_lifetimes, request_cost_shares, storage_cost
+from core.cost import egress_cost, fleet_cost, gpu_cost, instance_lifetimes, request_cost_shares, storage_cost_by_tier
 from core.inference import MeasuredTable
-from core.metrics import memory_waste_frac, summarize
+from core.metrics import availability, memory_waste_frac, summarize
 from core.policies.base import PolicyBundle
-from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA, frame, rows_to_columns
+from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA, empty, frame, rows_to_columns
 from core.specs import ClusterSpec, EngineSpec, ModelSpec, validate_fit
 from core.workload.trace import Workload
+from sim.faults import EVENT_SCHEMA
 from sim.world import World
 
 
@@ -28,6 +29,8 @@ class SimResult:
     moves: pd.DataFrame
     instances: pd.DataFrame
     summary: dict[str, Any]
+    # sim-only: faults, failovers and the store of every cloud transfer (`sim.faults.EVENT_SCHEMA`)
+    events: pd.DataFrame = field(default_factory=lambda: empty(EVENT_SCHEMA))
 
 
 def simulate(
@@ -42,8 +45,10 @@ def simulate(
     drain_timeout_s: float = 3600.0,
     ttft_slo_s: float = 10.0,
     progress: bool = False,
+    seed: int = 0,
 ) -> SimResult:
-    """Simulate `workload` on `cluster` under `policy`; deterministic for the same inputs."""
+    """Simulate `workload` on `cluster` under `policy`; deterministic for the same inputs and `seed`
+    (which draws only the faults: spot preemptions, node failures, store outages)."""
     validate_fit(cluster, models, engine)
     bar = None
     on_progress = None
@@ -60,7 +65,7 @@ def simulate(
     t0 = time.perf_counter()
     with _quiet_gc():
         world, wall_s = _run_world(cluster, models, engine, policy, workload, measured, request_timeout_s,
-                                   drain_timeout_s, on_progress, t0)
+                                   drain_timeout_s, on_progress, t0, seed)
     if bar is not None:
         bar.update(len(workload) - bar.n)
         bar.close()
@@ -88,9 +93,9 @@ def _quiet_gc() -> Iterator[None]:
 def _run_world(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: EngineSpec, policy: PolicyBundle,
                workload: Workload, measured: Sequence[MeasuredTable], request_timeout_s: float,
                drain_timeout_s: float, on_progress: Callable[[float, int], None] | None,
-               t0: float) -> tuple[World, float]:
+               t0: float, seed: int = 0) -> tuple[World, float]:
     world = World(cluster, models, engine, policy, measured=measured, request_timeout_s=request_timeout_s,
-                  drain_timeout_s=drain_timeout_s, on_progress=on_progress)
+                  drain_timeout_s=drain_timeout_s, on_progress=on_progress, seed=seed)
     world.run(workload.arrival_s, workload.model, workload.tenant, workload.prompt_tokens, workload.output_tokens,
               progress_every=20_000)
     return world, time.perf_counter() - t0
@@ -151,17 +156,24 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
     instances = frame(INSTANCE_SCHEMA, rows_to_columns(INSTANCE_SCHEMA, world.instance_rows))
     end_s = world.end_s
     lifetimes = instance_lifetimes(instances, end_s)
+    events = frame(EVENT_SCHEMA, rows_to_columns(EVENT_SCHEMA, world.events))
     requests["cost_usd"] = request_cost_shares(requests, lifetimes, cluster)
     gpu_hours, gpu_usd = gpu_cost(lifetimes, cluster)
-    storage_usd = storage_cost(moves, cluster, models, end_s)
-    egress_usd = egress_cost(world.stats.cloud_bytes, cluster)
+    storage_usd_by_tier = storage_cost_by_tier(moves, cluster, models, end_s)
+    storage_usd = sum(storage_usd_by_tier.values())
     st = world.stats
+    egress_usd = egress_cost(st.cloud_bytes_by_route, cluster)
     waste = memory_waste_frac(st.reserved_byte_s, st.weights_byte_s, st.kv_byte_s)
+    # spot nodes bill until they are reclaimed, failed ones until they fail; neither while gone
+    node_hours, fleet_usd = fleet_cost({n.name: end_s - st.node_down_s.get(n.name, 0.0) for n in cluster.nodes},
+                                       cluster)
+    kinds = events["kind"].value_counts()
     summary = summarize(
         requests,
         gpu_hours=gpu_hours,
         cost_usd=gpu_usd + storage_usd + egress_usd,
-        cost_breakdown={"gpu": gpu_usd, "storage": storage_usd, "egress": egress_usd},
+        cost_breakdown={"gpu": gpu_usd, **{f"storage_{t}": v for t, v in storage_usd_by_tier.items()},
+                        "egress": egress_usd},
         memory_waste_frac=waste,
         sim_s=end_s,
         wall_s=wall_s,
@@ -171,7 +183,27 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
             "loads_by_tier": dict(sorted(st.loads_by_tier.items())),
             "tier_moves": len(moves),
             "cloud_gb": st.cloud_bytes / 1e9,
+            "cloud_gb_by_store": _gb_by_store(st.cloud_bytes_by_route),
             "instances_started": int((instances["event"] == "loading").sum()) if len(instances) else 0,
+            "storage_usd": storage_usd,
+            "spot_nodes": sum(n.spot for n in cluster.nodes),
+            "fleet_node_hours": node_hours,
+            "fleet_cost_usd": fleet_usd,
+            "preemptions": int(kinds.get("preempted", 0)),
+            "node_failures": int(kinds.get("node_failed", 0)),
+            "store_outages": int(kinds.get("store_out", 0)),
+            "requeued": sum(st.requeued_by_cause.values()),
+            "requeued_requests": len(st.requeued_ids),
+            "requeued_by_cause": dict(sorted(st.requeued_by_cause.items())),
+            **availability(requests, no_path_intervals=[*world.stores.gaps, *st.no_node_intervals],
+                           recoveries_s=world.stores.recoveries_s),
         },
     )
-    return SimResult(requests=requests, moves=moves, instances=instances, summary=summary)
+    return SimResult(requests=requests, moves=moves, instances=instances, summary=summary, events=events)
+
+
+def _gb_by_store(bytes_by_route: dict[tuple[str, str], float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (store, _cloud), nbytes in sorted(bytes_by_route.items()):
+        out[store] = out.get(store, 0.0) + nbytes / 1e9
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +40,7 @@ from core.specs import LOCAL_TIERS, ClusterSpec, EngineSpec, ModelSpec
 from core.state import ClusterState, ClusterView, InstanceState
 from sim.engine import SimEngine
 from sim.fabric import Fabric, Flow
+from sim.faults import FaultInjector, StorePath
 from sim.request import Request
 
 
@@ -52,6 +54,7 @@ class LoadRecord:
 
     source_tier: str
     started_s: float
+    store: str = ""  # the object store a cloud fetch used
     fetch_s: float = math.nan
     to_gpu_s: float = math.nan
     engine_init_s: float = math.nan
@@ -68,6 +71,12 @@ class WorldStats:
     weights_byte_s: float = 0.0
     kv_byte_s: float = 0.0
     loads_by_tier: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # (store, cloud of the fetching node) -> bytes, for egress
+    cloud_bytes_by_route: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    requeued_by_cause: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    requeued_ids: set[int] = field(default_factory=set)
+    node_down_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # gone, not billed
+    no_node_intervals: list[tuple[float, float]] = field(default_factory=list)
 
 
 class World:
@@ -84,6 +93,7 @@ class World:
         request_timeout_s: float = 600.0,
         drain_timeout_s: float = 3600.0,
         on_progress: Callable[[float, int], None] | None = None,
+        seed: int = 0,
     ) -> None:
         self.env = simpy.Environment()
         self.cluster = cluster
@@ -114,6 +124,16 @@ class World:
         self._retry_scheduled = False
         self._on_ready: dict[str, list[Callable[[], None]]] = {}
         self.end_s = 0.0
+        # faults: sim-only events, which store serves, per-node epochs (a loss bumps it: late callbacks
+        # of transfers on the lost node see it changed), migrations in flight (destination -> victim)
+        self.events: list[tuple] = []
+        self.stores = StorePath(self.env, cluster.stores, cluster.failover_s, self._event)
+        self.faults = FaultInjector(self.env, cluster, seed, preempt=self.preempt, fail=self.fail, stores=self.stores)
+        self._epoch: dict[str, int] = dict.fromkeys(self.state.nodes, 0)
+        self._down_since: dict[str, float] = {}
+        self._no_node_since: float | None = None
+        self._migrations: dict[str, str] = {}
+        self._open_from = 0  # requests before this index are all resolved
 
     # =========================================================================== running
     def run(self, arrival_s: np.ndarray, model: Sequence[str], tenant: Sequence[str],
@@ -126,6 +146,7 @@ class World:
                                         progress_every))
         if self.policy.tick_s:
             self.env.process(self._ticks(self.policy.tick_s))
+        self.faults.start()
         last = float(arrival_s[-1]) if n else 0.0
         if n == 0:
             self.arrivals_done = True
@@ -179,6 +200,8 @@ class World:
         elif kind is ColdStart:
             if d.node not in self.state.nodes:
                 raise PolicyError(f"policy {self.policy.name!r} chose unknown node in {d}")
+            if not self.state.nodes[d.node].up:
+                raise PolicyError(f"policy {self.policy.name!r} chose node {d.node!r}, which is down, in {d}")
             eng = self._start_instance(req.model, d.node, d.source_tier, reason="request", migrate=d.migrate,
                                        waiting=req)
             if eng is not None:
@@ -242,6 +265,8 @@ class World:
     def _start_instance(self, model_name: str, node: str, source_tier: str, reason: str,
                         migrate: Migration | None = None, waiting: Request | None = None) -> SimEngine | None:
         ns = self.state.nodes[node]
+        if not ns.up:
+            return None  # a down node starts nothing (a hook's stale StartInstance, a migration's destination)
         model = self.state.models[model_name]
         n, per_gpu, kv = ns.footprint(model)
         if source_tier != "cloud" and (source_tier not in ns.tiers or not ns.tiers[source_tier].holds(model_name)):
@@ -259,7 +284,8 @@ class World:
         inst = self.state.add_instance(model_name, node, gpu_ids, per_gpu, kv, source_tier, now)
         eng = SimEngine(self.env, inst, self._inference_model(model, node, n), self._on_finish)
         self.engines[inst.id] = eng
-        inst.ready_at_s = now + estimate_load_s(source_tier, model, ns.spec, self.cluster.store, self.engine, n, kv,
+        store = self.stores.current or self.cluster.store
+        inst.ready_at_s = now + estimate_load_s(source_tier, model, ns.spec, store, self.engine, n, kv,
                                                 self.policy.progressive)
         self.loads[inst.id] = LoadRecord(source_tier=source_tier, started_s=now)
         self.stats.loads_by_tier[source_tier] += 1
@@ -282,19 +308,30 @@ class World:
         start_s = engine_start_s(self.engine)
         last_flow: Flow | None = None
         to_gpu_start = t0
-        for hop in load_hops(source_tier, model, node.spec, self.cluster.store, n):
+        store = self.cluster.store
+        if source_tier == "cloud":
+            # during a failover (or with every store out) the fetch waits for a store: part of its time
+            store = yield from self.stores.wait()
+            if inst.status != "loading":
+                return  # lost with its node while waiting
+            rec.store = store.name
+            self._event("cloud_fetch", node=inst.node, store=store.name, instance=inst.id, duration_s=env.now - t0)
+        for hop in load_hops(source_tier, model, node.spec, store, n):
             done = env.event()
-            th = env.now
+            th = t0 if hop.phase == "fetch" else env.now
             track = progressive and hop.phase == "to_gpu"
             flow = self.fabric.transfer(inst.node, hop.links, hop.nbytes, hop.cap_Bps, hop.latency_s,
                                         done.succeed, track=track)
             if hop.phase == "to_gpu":
                 to_gpu_start, last_flow = th, flow
             yield done
+            if inst.status != "loading":
+                return  # lost with its node: the transfer's end means nothing any more
             if hop.phase == "fetch":
                 rec.fetch_s = env.now - th
                 if source_tier == "cloud":
                     self.stats.cloud_bytes += hop.nbytes
+                    self.stats.cloud_bytes_by_route[(store.name, node.spec.cloud)] += hop.nbytes
                 else:
                     self._release_read(inst.node, source_tier, model.name)
             else:
@@ -353,8 +390,10 @@ class World:
             acts = self.policy.on_idle(inst, self.view)
             if acts:
                 self._execute(acts)
+        elif inst.status == "evacuating" and inst.active == 0:
+            self._remove_instance(inst, "preemption_notice")  # drained before its node goes
 
-    def _remove_instance(self, inst: InstanceState, reason: str) -> None:
+    def _remove_instance(self, inst: InstanceState, reason: str, event: str = "stopped") -> None:
         eng = self.engines.pop(inst.id)
         eng.close_accounting()
         now = self.env.now
@@ -365,7 +404,7 @@ class World:
         for req in eng.take_queue():
             self.pending.append(req)
         self.state.remove_instance(inst)
-        self._instance_row(inst, "stopped", reason)
+        self._instance_row(inst, event, reason)
         self._schedule_retry()
 
     # ========================================================================= migration
@@ -383,8 +422,11 @@ class World:
         victim.status = "migrating"  # no new requests
         src_eng = self.engines[victim.id]
         a, b = mig.a_s_per_token, mig.b_s
+        self._migrations[dest.state.id] = victim.id
 
         def handover() -> None:
+            if victim.id not in self.engines:
+                return  # the victim was lost with its node meanwhile
             victim.status = "draining"
             for req in src_eng.take_queue():
                 self._submit(req, dest)
@@ -418,25 +460,36 @@ class World:
             raise PolicyError(f"policy {self.policy.name!r}: cannot execute {mv}")
         tier = ns.tiers[mv.to_tier]
         model = self.state.models[mv.model]
-        if tier.holds(mv.model) or tier.incoming(mv.model) or tier.free_bytes < model.weights_bytes:
+        if not ns.up or tier.holds(mv.model) or tier.incoming(mv.model) or tier.free_bytes < model.weights_bytes:
             return
         if src is None:
             src = ns.tier_holding(mv.model) or "cloud"
             if src == mv.to_tier:
                 return
+        store = self.cluster.store
+        if src == "cloud":
+            current = self.stores.current
+            if current is None:
+                return  # no store serves right now: a cache copy is optional, skip it
+            store = current
+            self._event("cloud_fetch", node=mv.node, store=store.name, detail=mv.kind)
         tier.reserve(mv.model, model.weights_bytes)
         if src in LOCAL_TIERS:
             self._reading[(mv.node, src, mv.model)] += 1
-        hop = copy_hop(src, mv.to_tier, model, ns.spec, self.cluster.store)
+        hop = copy_hop(src, mv.to_tier, model, ns.spec, store)
         t0 = self.env.now
+        epoch = self._epoch[mv.node]
 
         def done(_flow: Flow) -> None:
+            if self._epoch[mv.node] != epoch:
+                return  # the node was lost meanwhile, and the copy with it
             now = self.env.now
             tier.commit(mv.model, now)
             if src in LOCAL_TIERS:
                 self._release_read(mv.node, src, mv.model)
             if src == "cloud":
                 self.stats.cloud_bytes += hop.nbytes
+                self.stats.cloud_bytes_by_route[(store.name, ns.spec.cloud)] += hop.nbytes
             self.moves.append((t0, now, mv.model, mv.node, src, mv.to_tier, mv.kind, hop.nbytes, now - t0))
 
         self.fabric.transfer(mv.node, hop.links, hop.nbytes, hop.cap_Bps, hop.latency_s, done)
@@ -446,8 +499,8 @@ class World:
         if ns is None or ev.tier not in ns.tiers:
             raise PolicyError(f"policy {self.policy.name!r}: cannot execute {ev}")
         tier = ns.tiers[ev.tier]
-        if not tier.holds(ev.model) or self._reading.get((ev.node, ev.tier, ev.model), 0) > 0:
-            return  # gone already, or a load is reading it right now
+        if not ns.up or not tier.holds(ev.model) or self._reading.get((ev.node, ev.tier, ev.model), 0) > 0:
+            return  # a down node moves nothing; gone already, or a load is reading it right now
         nbytes = tier.remove(ev.model)
         now = self.env.now
         self.moves.append((now, now, ev.model, ev.node, ev.tier, "", ev.kind, nbytes, 0.0))
@@ -457,6 +510,152 @@ class World:
         self._reading[key] -= 1
         if self._reading[key] <= 0:
             del self._reading[key]
+
+    # ============================================================================ faults
+    def preempt(self, node: str) -> None:
+        """A spot interruption of `node`. At the notice the node takes nothing new: loads in progress are
+        dropped, requests waiting on its instances are placed again elsewhere, idle instances stop and
+        busy ones finish what they run; `preemption_notice_s` later the node is gone with whatever still
+        runs there, and an empty replacement is up `replacement_delay_s` after that."""
+        ns = self.state.nodes[node]
+        if not ns.up:
+            return  # down or already under notice: nothing more to take away
+        spec = ns.spec
+        if spec.preemption_notice_s <= 0:
+            self._event("preemption_notice", node=node, duration_s=0.0)
+            self._lose_node(node, "preempted", "preempted", keep=(), back_after_s=spec.replacement_delay_s)
+            return
+        ns.up = False
+        self._fleet_changed()
+        moved = self._evacuate(node)
+        self._event("preemption_notice", node=node, requests=moved, duration_s=spec.preemption_notice_s)
+        epoch = self._epoch[node]
+
+        def terminate(_e: object) -> None:
+            if self._epoch[node] == epoch:
+                self._lose_node(node, "preempted", "preempted", keep=(), back_after_s=spec.replacement_delay_s)
+
+        self.env.timeout(spec.preemption_notice_s).callbacks.append(terminate)
+
+    def fail(self, node: str) -> None:
+        """`node` fails: at once it loses its instances (their requests are placed again elsewhere), its
+        host memory and every transfer in flight; it is back `repair_s` later with its disk tiers."""
+        ns = self.state.nodes[node]
+        if not ns.up:
+            return
+        disks = tuple(t for t in ns.tiers if t != "dram")
+        self._lose_node(node, "node_failed", "failed", keep=disks, back_after_s=ns.spec.repair_s)
+
+    def _evacuate(self, node: str) -> int:
+        """The notice: returns how many requests were taken off the node to be placed again."""
+        moved = 0
+        for inst in list(self.state.nodes[node].instances.values()):
+            if inst.status == "loading":
+                moved += self._lose_instance(inst, "preempted", "preempted")
+                continue
+            for req in self.engines[inst.id].take_queue():
+                self._requeue(req, "preempted")
+                moved += 1
+            if inst.status == "draining":
+                continue  # a migration is moving its sequences out; it goes when they have left
+            if inst.active == 0:
+                self._remove_instance(inst, "preemption_notice")
+            else:
+                inst.status = "evacuating"  # no new requests; removed when its last one finishes
+        self._schedule_retry()
+        return moved
+
+    def _lose_node(self, node: str, cause: str, event: str, keep: tuple[str, ...], back_after_s: float) -> None:
+        """`node` is gone: its instances (instance-table `event`), requests re-queued (counted under `cause`),
+        transfers in flight, and the contents of its tiers except `keep`; back after `back_after_s`."""
+        ns = self.state.nodes[node]
+        now = self.env.now
+        ns.up = False
+        self._fleet_changed()
+        requeued = sum(self._lose_instance(inst, event, cause) for inst in list(ns.instances.values()))
+        self._epoch[node] += 1
+        for key in [k for k in self._reading if k[0] == node]:
+            del self._reading[key]
+        for tier, model, nbytes in ns.lose_contents(keep=keep):
+            self.moves.append((now, now, model, node, tier, "", "lost", nbytes, 0.0))
+        # fresh links: flows still running on the old ones finish into the void (their callbacks see the epoch)
+        ns.loads_in_flight = {}
+        self.fabric.add_node(node, link_capacities(ns.spec), link_streams(ns.spec), ns.loads_in_flight)
+        self._down_since[node] = now
+        self._event(cause, node=node, requests=requeued, duration_s=back_after_s)
+        epoch = self._epoch[node]
+        self.env.timeout(back_after_s).callbacks.append(lambda _e: self._node_back(node, epoch, cause))
+        self._schedule_retry()
+
+    def _node_back(self, node: str, epoch: int, cause: str) -> None:
+        if self._epoch[node] != epoch:
+            return
+        ns = self.state.nodes[node]
+        ns.up = True
+        self.stats.node_down_s[node] += self.env.now - self._down_since.pop(node)
+        self._fleet_changed()
+        self._event("replaced" if cause == "preempted" else "repaired", node=node)
+        self._schedule_retry()
+
+    def _lose_instance(self, inst: InstanceState, event: str, cause: str) -> int:
+        """Remove `inst` at once; every request on it, queued or running, is placed again. Returns their count."""
+        eng = self.engines[inst.id]
+        reqs = self._requests_on(eng)
+        eng.abort()
+        for req in reqs:
+            self._requeue(req, cause)
+        self._on_ready.pop(inst.id, None)
+        self._remove_instance(inst, cause, event=event)
+        n = len(reqs)
+        victim = self.state.instances.get(self._migrations.pop(inst.id, ""))
+        if victim is not None:  # `inst` was a migration's destination
+            if victim.status == "migrating":
+                victim.status = "ready"  # the handover will never come: it serves on
+            elif victim.status == "draining" and victim.id in self.engines:
+                n += self._lose_instance(victim, "stopped", "migration_lost")  # its sequences were leaving to `inst`
+        return n
+
+    def _requests_on(self, eng: SimEngine) -> list[Request]:
+        """Unresolved requests routed to `eng`, oldest first (a scan from the oldest unresolved request)."""
+        reqs = self.requests
+        lo = self._open_from
+        while lo < len(reqs) and reqs[lo] is not None and reqs[lo].outcome:
+            lo += 1
+        self._open_from = lo
+        out = []
+        for req in itertools.islice(reqs, lo, None):
+            if req is None:
+                break  # not arrived yet, nor any after it
+            if req.instance is eng and not req.outcome:
+                out.append(req)
+        return out
+
+    def _requeue(self, req: Request, cause: str) -> None:
+        """Place `req` again from scratch (what it had computed is lost), with a fresh queueing deadline."""
+        req.instance = None
+        req.node = ""
+        req.cold = False
+        req.placed_s = req.admitted_s = req.prefill_start_s = req.first_token_s = req.finish_s = math.nan
+        req.deadline_s = self.env.now + self.request_timeout_s
+        self.stats.requeued_by_cause[cause] += 1
+        self.stats.requeued_ids.add(req.id)
+        self.pending.append(req)
+        self._schedule_retry()
+
+    def _fleet_changed(self) -> None:
+        """Track the intervals with no node up."""
+        any_up = any(ns.up for ns in self.state.nodes.values())
+        now = self.env.now
+        if not any_up and self._no_node_since is None:
+            self._no_node_since = now
+        elif any_up and self._no_node_since is not None:
+            self.stats.no_node_intervals.append((self._no_node_since, now))
+            self._no_node_since = None
+
+    def _event(self, kind: str, *, node: str = "", store: str = "", instance: str = "", requests: int = 0,
+               duration_s: float | None = None, detail: str = "") -> None:
+        self.events.append((self.env.now, kind, node, store, instance, requests,
+                            math.nan if duration_s is None else duration_s, detail))
 
     # ========================================================================== outcomes
     def _resolve(self, req: Request, outcome: str, reason: str) -> None:
@@ -492,4 +691,11 @@ class World:
                 eng.queue.clear()
                 inst.waiting = 0
                 self._remove_instance(inst, "end_of_run")
+        for node, since in sorted(self._down_since.items()):
+            self.stats.node_down_s[node] += self.end_s - since
+        self._down_since.clear()
+        if self._no_node_since is not None:
+            self.stats.no_node_intervals.append((self._no_node_since, self.end_s))
+            self._no_node_since = None
+        self.stores.close(self.end_s)
 

@@ -58,16 +58,25 @@ class RoundRobin(_PlacementBase):
 class TierAware(_PlacementBase):
     """The seed's automatic tier detection: start where the model sits in the fastest tier
     (GPU -> DRAM -> NVMe -> SATA -> cloud); among equals, a node that needs no eviction, then the
-    fullest node that fits (best fit keeps whole nodes free for large tensor-parallel models)."""
+    fullest node that fits (best fit keeps whole nodes free for large tensor-parallel models).
+
+    With `price_aware`, among nodes whose source tier is equally fast the one with the lowest
+    $/GPU-hour (a spot node at its spot price) wins before the other tie-breaks.
+    """
+
+    def __init__(self, price_aware: bool = False) -> None:
+        super().__init__()
+        self.price_aware = price_aware
 
     def cold_start(self, req: RequestView, view: ClusterView) -> ColdStart | None:
         best = None
         best_key = None
         for node in view.nodes.values():
+            price = node.spec.usd_per_gpu_hour if self.price_aware else 0.0
             for allow_evict, penalty in ((False, 0), (True, 1)):
                 if node_can_host(node, req.model, view, allow_evict=allow_evict):
                     src = node.local_source(req.model)
-                    key = (TIER_RANK[src], penalty, node.gpu_free_total, node.name)
+                    key = (TIER_RANK[src], price, penalty, node.gpu_free_total, node.name)
                     if best_key is None or key < best_key:
                         best, best_key = ColdStart(node.name, src), key
                     break

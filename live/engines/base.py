@@ -9,10 +9,12 @@ Two contracts live here:
   loads group by group in a thread; `EventLayerSource` is the building block for any producer
   (the tier loader) that hands groups over as they become resident.
 - `EngineHandle`: what the node agent drives (start, wait_ready, stop, alive, url, port, pid).
-  `CpuEngineProcess` runs `python -m live.engines.cpu_server` in its own process group.
+  `ProcessEngine` runs a command in its own process group (log file, readiness probe, crash
+  detection, group kill); `CpuEngineProcess` runs `python -m live.engines.cpu_server` with it, and
+  `live.engines.tokasaurus.TokasaurusProcess` runs Tokasaurus's `toka`.
 
-This module imports neither torch nor safetensors at import time: the node agent uses
-`CpuEngineProcess` without paying for torch.
+This module imports neither torch nor safetensors at import time: the node agent uses the engine
+processes without paying for torch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, Self, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -224,6 +226,11 @@ class EngineStartError(RuntimeError):
 class EngineHandle(abc.ABC):
     """One engine process as the node agent sees it."""
 
+    kind: ClassVar[str] = ""  # "cpu" | "tokasaurus": which engine serves behind `url`
+    # whether the engine answers `stream: true` with server-sent events; where it does not, the
+    # gateway asks it without streaming and makes the SSE stream for the client itself
+    streaming: ClassVar[bool] = True
+
     @property
     @abc.abstractmethod
     def url(self) -> str:
@@ -265,6 +272,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _group_member_states(pgid: int) -> list[tuple[int, str]]:
+    """(pid, state letter from /proc/<pid>/stat) of every process of group pgid; [] without /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited while we looked
+        # fields after "pid (comm)": state ppid pgrp ...; comm may contain spaces and parentheses
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            members.append((int(stat.parent.name), fields[0]))
+    return members
+
+
 def running_group_members(pgid: int) -> list[int]:
     """Pids of the processes of group pgid that still run (zombies excluded).
 
@@ -272,20 +294,14 @@ def running_group_members(pgid: int) -> list[int]:
     and some containers' init never does; signalling the group would still "find" it. Without
     /proc (not Linux) this falls back to asking the kernel whether the group exists at all.
     """
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         return [pgid] if _kill_group(pgid, 0) else []
-    members = []
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # exited while we looked
-        # fields after "pid (comm)": state ppid pgrp ...; comm may contain spaces and parentheses
-        fields = text[text.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(stat.parent.name))
-    return members
+    return [pid for pid, state in _group_member_states(pgid) if state not in ("Z", "X")]
+
+
+def dead_group_members(pgid: int) -> list[int]:
+    """Pids of the processes of group pgid that exited but were not reaped yet (zombies); [] without /proc."""
+    return [pid for pid, state in _group_member_states(pgid) if state in ("Z", "X")]
 
 
 def _kill_group(pgid: int, sig: int) -> bool:
@@ -297,44 +313,53 @@ def _kill_group(pgid: int, sig: int) -> bool:
     return True
 
 
-class CpuEngineProcess(EngineHandle):
-    """`python -m live.engines.cpu_server` in its own process group (session), logs in a temp file.
+class ProcessEngine(EngineHandle):
+    """An engine run as a command in its own process group (session), its output in a temp log file.
 
-    `stop()` sends SIGTERM to the whole group, then SIGKILL after `stop_grace_s`, and reaps the
-    process, so no orphan outlives it. The server also exits by itself if this process dies
-    (`--exit-with-parent`), which covers a parent killed with SIGKILL.
+    Subclasses say what to run (`command()`, plus `_launch_argv()` / `_env()` / `_cwd()` hooks); this
+    base starts it, probes `GET ready_path` until it answers 200, detects a crash (the process exited,
+    or, with `dead_child_is_crash`, one of its children died and was left unreaped), and `stop()`
+    sends SIGTERM to the whole group, then SIGKILL after `stop_grace_s`, and reaps the process, so no
+    orphan outlives it.
     """
 
-    def __init__(
-        self,
-        model_dir: str | os.PathLike[str],
-        port: int,
-        host: str = "127.0.0.1",
-        progressive: bool = False,
-        *,
-        model_name: str | None = None,
-        dtype: str = "float32",
-        threads: int | None = None,
-        extra_args: list[str] | None = None,
-        python: str = sys.executable,
-        stop_grace_s: float = 5.0,
-        probe_interval_s: float = 0.05,
-    ) -> None:
-        self.model_dir = Path(model_dir)
+    ready_path: ClassVar[str] = "/ping"
+    log_prefix: ClassVar[str] = "engine-"
+    # an engine that runs its work in child processes it never reaps (Tokasaurus: server, manager and
+    # model workers under one launcher) has crashed when one of them is a zombie; the grace skips the
+    # instant between a short-lived helper's exit and its reaping
+    dead_child_is_crash: ClassVar[bool] = False
+    dead_child_grace_s: ClassVar[float] = 2.0
+
+    def __init__(self, port: int, host: str = "127.0.0.1", *, stop_grace_s: float = 5.0,
+                 probe_interval_s: float = 0.05) -> None:
         self._port = port
         self.host = host
-        self.progressive = progressive
-        self.model_name = model_name
-        self.dtype = dtype
-        self.threads = threads
-        self.extra_args = list(extra_args or [])
-        self.python = python
         self.stop_grace_s = stop_grace_s
         self.probe_interval_s = probe_interval_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: tempfile._TemporaryFileWrapper[bytes] | None = None
         self._started_at = 0.0  # perf_counter() at start()
         self.launched_at_unix: float | None = None
+        self._zombies_seen: dict[int, float] = {}  # pid -> perf_counter() when first seen dead
+
+    # -- what to run (subclasses)
+
+    @abc.abstractmethod
+    def command(self) -> list[str]:
+        """The argv that start() runs."""
+
+    def _launch_argv(self) -> list[str]:
+        """The argv actually launched (`command()` plus anything known only at start)."""
+        return self.command()
+
+    def _env(self) -> dict[str, str]:
+        """The engine's environment."""
+        return dict(os.environ)
+
+    def _cwd(self) -> str | None:
+        """The engine's working directory (None: this process's)."""
+        return None
 
     # -- EngineHandle
 
@@ -355,51 +380,53 @@ class CpuEngineProcess(EngineHandle):
         """The process group id (equals pid: the engine leads its own session)."""
         return self.pid
 
-    def command(self) -> list[str]:
-        """The argv that start() runs."""
-        argv = [
-            self.python, "-m", "live.engines.cpu_server",
-            "--model-dir", str(self.model_dir),
-            "--host", self.host,
-            "--port", str(self._port),
-            "--dtype", self.dtype,
-            "--exit-with-parent", str(os.getpid()),
-        ]  # fmt: skip
-        if self.progressive:
-            argv.append("--progressive")
-        if self.model_name:
-            argv += ["--model-name", self.model_name]
-        if self.threads:
-            argv += ["--threads", str(self.threads)]
-        return argv + self.extra_args
-
     def start(self) -> None:
         if self._proc is not None:
             raise RuntimeError("engine already started")
         # a file, not a pipe: nobody drains a pipe while the engine runs, and a full pipe would block it
-        self._log_file = tempfile.NamedTemporaryFile(prefix="cpu-engine-", suffix=".log", delete=False)  # noqa: SIM115
-        env = dict(os.environ)
-        # the engine imports `live` from this checkout even when the package is not installed
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
+        self._log_file = tempfile.NamedTemporaryFile(prefix=self.log_prefix, suffix=".log", delete=False)  # noqa: SIM115
         self.launched_at_unix = time.time()
         self._started_at = time.perf_counter()
-        self._proc = subprocess.Popen(
-            [*self.command(), "--launched-at", repr(self.launched_at_unix)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(REPO_ROOT),
-            start_new_session=True,  # own process group: stop() can kill everything it spawned
-        )
+        try:
+            self._proc = subprocess.Popen(
+                self._launch_argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                cwd=self._cwd(),
+                start_new_session=True,  # own process group: stop() can kill everything it spawned
+            )
+        except OSError as e:  # the executable is missing or not executable: no process, no log to keep
+            self.close()
+            raise EngineStartError(f"cannot run {self._launch_argv()[0]!r}: {e}") from e
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.poll() is None and not self._dead_children()
 
     @property
     def returncode(self) -> int | None:
         return self._proc.poll() if self._proc is not None else None
+
+    def _dead_children(self) -> list[int]:
+        """Children that died unreaped at least `dead_child_grace_s` ago (only with `dead_child_is_crash`)."""
+        if not self.dead_child_is_crash or self._proc is None:
+            return []
+        now = time.perf_counter()
+        dead = dead_group_members(self._proc.pid)
+        self._zombies_seen = {pid: self._zombies_seen.get(pid, now) for pid in dead}
+        return [pid for pid, seen in self._zombies_seen.items() if now - seen >= self.dead_child_grace_s]
+
+    def crash_reason(self) -> str | None:
+        """Why the engine is down ("engine exited with code N", "engine child process P died"), or None."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is not None:
+            return f"engine exited with code {self._proc.returncode}"
+        dead = self._dead_children()
+        if dead:
+            return f"engine child process {dead[0]} died (the engine itself still runs)"
+        return None
 
     @property
     def log_path(self) -> Path | None:
@@ -433,11 +460,10 @@ class CpuEngineProcess(EngineHandle):
             raise RuntimeError("engine not started")
         deadline = time.perf_counter() + timeout_s
         while True:
-            if not self.alive():
-                raise EngineStartError(
-                    f"engine exited with code {self._proc.returncode} before it was ready; log tail:\n{self.log_tail()}"
-                )
-            if self.probe("/ping") == 200:
+            crash = self.crash_reason()
+            if crash is not None:
+                raise EngineStartError(f"{crash} before it was ready; log tail:\n{self.log_tail()}")
+            if self.probe(self.ready_path) == 200:
                 return time.perf_counter() - self._started_at
             if time.perf_counter() >= deadline:
                 raise TimeoutError(f"engine not ready after {timeout_s} s; log tail:\n{self.log_tail()}")
@@ -466,10 +492,11 @@ class CpuEngineProcess(EngineHandle):
         """stop() and delete the log file."""
         self.stop()
         if self._log_file is not None:
+            self._log_file.close()
             with contextlib.suppress(OSError):
                 os.unlink(self._log_file.name)
 
-    def __enter__(self) -> CpuEngineProcess:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -479,5 +506,74 @@ class CpuEngineProcess(EngineHandle):
     def __del__(self) -> None:
         # a forgotten handle must not leave a server behind
         with contextlib.suppress(Exception):
-            if self.alive():
+            if self._proc is not None and self._proc.poll() is None:
                 self.stop()
+
+
+class CpuEngineProcess(ProcessEngine):
+    """`python -m live.engines.cpu_server` in its own process group (session), logs in a temp file.
+
+    `stop()` sends SIGTERM to the whole group, then SIGKILL after `stop_grace_s`, and reaps the
+    process, so no orphan outlives it. The server also exits by itself if this process dies
+    (`--exit-with-parent`), which covers a parent killed with SIGKILL.
+    """
+
+    kind: ClassVar[str] = "cpu"
+    streaming: ClassVar[bool] = True
+    log_prefix: ClassVar[str] = "cpu-engine-"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        port: int,
+        host: str = "127.0.0.1",
+        progressive: bool = False,
+        *,
+        model_name: str | None = None,
+        dtype: str = "float32",
+        threads: int | None = None,
+        extra_args: list[str] | None = None,
+        python: str = sys.executable,
+        stop_grace_s: float = 5.0,
+        probe_interval_s: float = 0.05,
+    ) -> None:
+        super().__init__(port, host, stop_grace_s=stop_grace_s, probe_interval_s=probe_interval_s)
+        self.model_dir = Path(model_dir)
+        self.progressive = progressive
+        self.model_name = model_name
+        self.dtype = dtype
+        self.threads = threads
+        self.extra_args = list(extra_args or [])
+        self.python = python
+
+    def command(self) -> list[str]:
+        """The argv that start() runs."""
+        argv = [
+            self.python, "-m", "live.engines.cpu_server",
+            "--model-dir", str(self.model_dir),
+            "--host", self.host,
+            "--port", str(self._port),
+            "--dtype", self.dtype,
+            "--exit-with-parent", str(os.getpid()),
+        ]  # fmt: skip
+        if self.progressive:
+            argv.append("--progressive")
+        if self.model_name:
+            argv += ["--model-name", self.model_name]
+        if self.threads:
+            argv += ["--threads", str(self.threads)]
+        return argv + self.extra_args
+
+    def _launch_argv(self) -> list[str]:
+        assert self.launched_at_unix is not None  # set by start() just before
+        return [*self.command(), "--launched-at", repr(self.launched_at_unix)]
+
+    def _env(self) -> dict[str, str]:
+        env = super()._env()
+        # the engine imports `live` from this checkout even when the package is not installed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _cwd(self) -> str | None:
+        return str(REPO_ROOT)

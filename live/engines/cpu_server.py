@@ -43,6 +43,8 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
+from live.lifecycle import exit_with_parent  # noqa: E402
+
 log = logging.getLogger("live.engines.cpu_server")
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -92,6 +94,13 @@ def _opt_int(body: dict[str, Any], name: str, minimum: int | None = None) -> int
     return int(value)
 
 
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be a boolean", name, "invalid_type")
+    return value
+
+
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
@@ -115,6 +124,7 @@ class SamplingParams:
     stop: list[str]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (trace replays need the lengths)
 
 
 def parse_sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> SamplingParams:
@@ -157,6 +167,7 @@ def parse_sampling(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> S
         stop=stop,
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
+        ignore_eos=_flag(body, "ignore_eos"),
     )
 
 
@@ -412,7 +423,8 @@ class Engine:
         started = time.perf_counter()
         params = job.params
         generation = self.model.generate(
-            job.prompt_ids, job.max_tokens, temperature=params.temperature, top_p=params.top_p, seed=params.seed
+            job.prompt_ids, job.max_tokens, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+            eos_token_ids=() if params.ignore_eos else None,
         )
         text = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
         first_token_perf = None
@@ -708,14 +720,6 @@ def create_app(engine: Engine) -> Starlette:
 # --------------------------------------------------------------------------- process entry point
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Exit as soon as the launching process is gone (it may have died without calling stop())."""
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    log.warning("parent %d is gone; exiting", parent_pid)
-    os._exit(0)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m live.engines.cpu_server", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", required=True, type=Path, help="HF Llama checkpoint directory")
@@ -742,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cpu_server: {args.model_dir / name} does not exist", file=sys.stderr)
             return 2
     if args.exit_with_parent:
-        threading.Thread(target=_exit_with_parent, args=(args.exit_with_parent,), daemon=True).start()
+        exit_with_parent(args.exit_with_parent)  # the launcher may die without calling stop()
 
     import uvicorn
 

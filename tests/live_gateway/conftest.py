@@ -1,14 +1,16 @@
-"""Fixtures: a tiny checkpoint in a file:// store, two real agent processes and a gateway (uvicorn in a thread)."""
+"""Fixtures: a tiny checkpoint in a file:// store, real agent processes, null engines, and gateways (uvicorn in a
+thread) over them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +23,13 @@ import uvicorn  # noqa: E402
 
 from live.checkpoint import generate_checkpoint  # noqa: E402
 from live.engines.base import free_port  # noqa: E402
+from live.engines.null_server import NullEngineProcess  # noqa: E402
 from live.gateway import AgentRef, Gateway, GatewayConfig, Tenant, create_app  # noqa: E402
 from live.registry import Registry  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_TOKEN = "agent-token"
+ADMIN_TOKEN = "admin-secret"
 MODEL = "tiny"
 OTHER = "other"  # in the catalog (tenant bob), never published: never loaded by these tests
 KEYS = {"sk-alice": Tenant("alice", (MODEL,)), "sk-bob": Tenant("bob", (OTHER,))}
@@ -42,7 +46,18 @@ class GatewayServer:
     thread: threading.Thread
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None) -> None:
+@dataclass
+class Cluster:
+    """Agent processes (by node) over one store, and the gateway driving them."""
+
+    tmp: Path
+    store_url: str
+    agents: dict[str, subprocess.Popen[bytes]]
+    urls: dict[str, str]
+    gs: GatewayServer
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -56,55 +71,103 @@ def _wait(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None) -> N
     raise RuntimeError(f"{url} not healthy in {START_TIMEOUT_S} s")
 
 
-def _start_agent(tmp: Path, node: str, store_url: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_agent(tmp: Path, node: str, store_url: str, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A real `python -m live.agent` with dram and sata tiers under `tmp` (same dirs on a restart)."""
+    port = port or free_port()
     argv = [sys.executable, "-m", "live.agent", "--node", node, "--port", str(port), "--token", AGENT_TOKEN,
             "--store", store_url, "--log-level", "warning"]
     for name in ("dram", "sata"):
         argv += ["--tier", f"{name}={tmp / f'{node}-{name}'}:{1 << 30}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     log = tmp / f"{node}.log"
-    with open(log, "wb") as f:
+    with open(log, "ab") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    _wait(url, proc, log)
+    wait_healthy(url, proc, log)
     return proc, url
+
+
+def stop_agent(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: the agent stops its engines on the way out."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def serving(gateway: Gateway) -> Iterator[GatewayServer]:
+    """Serve `gateway` with uvicorn in a thread on a free loopback port until the block ends."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url)
+        yield GatewayServer(gateway, url, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def publish_tiny(tmp: Path) -> str:
+    """Publish the `tiny` checkpoint to a file:// store under `tmp`; the store URL."""
+    ckpt = generate_checkpoint(tmp / "ckpt" / MODEL, "tiny", 0).path
+    store_url = f"file://{tmp / 'cloud'}"
+    Registry([store_url]).publish(MODEL, ckpt)
+    return store_url
+
+
+@contextlib.contextmanager
+def cluster(tmp: Path, nodes: tuple[str, ...], **config: object) -> Iterator[Cluster]:
+    """Agents for `nodes` over a fresh store, and a gateway over them; everything stopped at the end."""
+    store_url = publish_tiny(tmp)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    urls: dict[str, str] = {}
+    try:
+        for node in nodes:
+            procs[node], urls[node] = start_agent(tmp, node, store_url)
+        agents = [AgentRef(node, urls[node], AGENT_TOKEN) for node in nodes]
+        gateway = Gateway(GatewayConfig(agents=agents, tenants=KEYS, admin_token=ADMIN_TOKEN, **config))  # type: ignore[arg-type]
+        with serving(gateway) as gs:
+            yield Cluster(tmp, store_url, procs, urls, gs)
+    finally:
+        for proc in procs.values():
+            stop_agent(proc)
 
 
 @pytest.fixture(scope="module")
 def gateway_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
     """Publish `tiny`, start agents n0 and n1, then the gateway over them; all stopped at teardown."""
-    tmp = tmp_path_factory.mktemp("gw")
-    ckpt = generate_checkpoint(tmp / "ckpt" / MODEL, "tiny", 0).path
-    store_url = f"file://{tmp / 'cloud'}"
-    Registry([store_url]).publish(MODEL, ckpt)
-    procs: list[subprocess.Popen[bytes]] = []
-    server: uvicorn.Server | None = None
-    thread: threading.Thread | None = None
+    with cluster(tmp_path_factory.mktemp("gw"), ("n0", "n1"), queue_timeout_s=2.0) as c:
+        yield c.gs
+
+
+@pytest.fixture(scope="module")
+def null_engines() -> Iterator[Callable[..., NullEngineProcess]]:
+    """Start null engine processes (`start(*extra_args)`); all stopped at teardown."""
+    started: list[NullEngineProcess] = []
+
+    def start(*extra_args: str, model_name: str = MODEL) -> NullEngineProcess:
+        engine = NullEngineProcess(free_port(), model_name=model_name, extra_args=list(extra_args))
+        started.append(engine)
+        engine.start()
+        engine.wait_ready(START_TIMEOUT_S)
+        return engine
+
     try:
-        agents = []
-        for node in ("n0", "n1"):
-            proc, url = _start_agent(tmp, node, store_url)
-            procs.append(proc)
-            agents.append(AgentRef(node, url, AGENT_TOKEN))
-        gateway = Gateway(GatewayConfig(agents=agents, tenants=KEYS, queue_timeout_s=2.0))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning",
-                                               lifespan="on"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        url = f"http://127.0.0.1:{port}"
-        _wait(url, None, None)
-        yield GatewayServer(gateway, url, server, thread)
+        yield start
     finally:
-        if server is not None and thread is not None:
-            server.should_exit = True
-            thread.join(timeout=15)
-        for proc in procs:  # SIGTERM: each agent stops its engines on the way out
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for engine in started:
+            engine.close()
+
+
+def static_config(nodes: tuple[str, ...] = ("s0",), **config: object) -> GatewayConfig:
+    """A gateway config over nodes without agents (instances come from `adopt_instance`)."""
+    return GatewayConfig(agents=[AgentRef(n, "", "") for n in nodes], tenants=KEYS, admin_token=ADMIN_TOKEN,
+                         **config)  # type: ignore[arg-type]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pandas as pd
 import pytest
@@ -18,7 +20,8 @@ from core.policies.base import PolicyBundle
 from core.policies.caching import NoCaching
 from core.records import REQUEST_SCHEMA
 from live.gateway import Gateway, GatewayConfig, create_app
-from tests.live_gateway.conftest import KEYS, MODEL, OTHER, GatewayServer
+from tests.live_gateway import prom
+from tests.live_gateway.conftest import ADMIN_TOKEN, KEYS, MODEL, OTHER, GatewayServer
 
 
 def _client(gs: GatewayServer, key: str = "sk-alice") -> openai.OpenAI:
@@ -54,6 +57,14 @@ def test_cold_then_warm_then_stream(gateway_server: GatewayServer) -> None:
     df = _records(gs.gateway, 4)
     assert list(df.columns) == list(REQUEST_SCHEMA)
     assert len(df) == 4
+    # phases: CPU engines have no GPU copy; a stream with two tokens or more has a TPOT, a whole answer none
+    assert df["to_gpu_s"].isna().all() and df["prefill_s"].isna().all()
+    assert df["tpot_s"].iloc[:2].isna().all()
+    streams = df.iloc[2:]
+    measurable = streams["output_tokens"] >= 2
+    assert (streams["tpot_s"][measurable] > 0).all() and streams["tpot_s"][~measurable].isna().all()
+    expected_tpot = (streams["e2e_s"] - streams["ttft_s"]) / (streams["output_tokens"] - 1)
+    assert np.allclose(streams["tpot_s"][measurable], expected_tpot[measurable])
     assert list(df["outcome"]) == ["completed"] * 4
     assert list(df["source_tier"]) == ["cloud", "gpu", "gpu", "gpu"]
     assert list(df["cold_start"]) == [True, False, False, False]
@@ -63,6 +74,20 @@ def test_cold_then_warm_then_stream(gateway_server: GatewayServer) -> None:
     assert (df["output_tokens"] >= 1).all()
     assert df["instance"].nunique() == 1 and df["node"].iloc[0] in ("n0", "n1")
     assert (df["tenant"] == "alice").all()
+
+    # cost: the instance's GPU-equivalents x node $/h x its lifetime so far, split by tokens (all 4 rows are its)
+    gw = gs.gateway
+    inst = gw.state.instances[cold["instance"]]
+    share = inst.gpu_bytes / gw.config.nominal_gpu.mem_bytes
+    before = gw.clock.now
+    costs = gw.records()["cost_usd"]
+    after = gw.clock.now
+    per_s = gw.config.price_per_hour(inst.node) * share / 3600
+    assert (costs > 0).all()
+    low, high = per_s * (before - inst.started_s), per_s * (after - inst.started_s)
+    assert low * (1 - 1e-9) <= costs.sum() <= high * (1 + 1e-9)
+    tokens = df["prompt_tokens"] + df["output_tokens"]
+    assert np.allclose(costs / costs.sum(), tokens / tokens.sum())
 
     # the mirror saw the cloud fetch land in the node's slowest tier
     node = gs.gateway.state.nodes[cold["node"]]
@@ -168,3 +193,105 @@ def test_reject_and_queue_timeout(gateway_server: GatewayServer, decision: Decis
     df = gw.records()
     assert list(df["outcome"]) == ["rejected"] and list(df["reason"]) == [code]
     assert 'tierlab_requests_total{outcome="rejected"} 1' in gw.metrics_text()
+
+
+def test_rejects_are_recorded_with_their_request_id(gateway_server: GatewayServer) -> None:
+    gw, url = gateway_server.gateway, gateway_server.url
+    alice = {"Authorization": "Bearer sk-alice"}
+    cases = [  # (headers, body, status, reason, tenant, model)
+        ({}, {"model": MODEL, "prompt": "x"}, 401, "invalid_api_key", "", ""),
+        ({"Authorization": "Bearer sk-nope"}, {"model": MODEL, "prompt": "x"}, 401, "invalid_api_key", "", ""),
+        (alice, b"{oops", 400, "invalid_json", "alice", ""),
+        (alice, {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "invalid_value", "alice", MODEL),
+        (alice, {"model": "../etc", "prompt": "x"}, 400, "invalid_model_name", "alice", "../etc"),
+        (alice, {"model": "nope", "prompt": "x"}, 404, "model_not_found", "alice", "nope"),
+        ({"Authorization": "Bearer sk-bob"}, {"model": MODEL, "prompt": "x"}, 403, "model_not_allowed", "bob", MODEL),
+    ]
+    ids = []
+    for headers, body, status, reason, _, _ in cases:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = httpx.post(url + "/v1/completions", headers=headers, **kw)
+        assert r.status_code == status and r.json()["error"]["code"] == reason
+        ids.append(int(r.headers["x-tierlab-request-id"]))
+    assert len(set(ids)) == len(ids)
+    df = gw.records().set_index("request_id")
+    for rid, (_, _, _, reason, tenant, model) in zip(ids, cases, strict=True):
+        row = df.loc[rid]
+        assert (row["outcome"], row["reason"], row["tenant"], row["model"]) == ("rejected", reason, tenant, model)
+        assert row["cost_usd"] == 0 and row["node"] == "" and not row["cold_start"]
+
+
+def test_completion_header_joins_the_record(gateway_server: GatewayServer) -> None:
+    raw = _client(gateway_server).completions.with_raw_response.create(model=MODEL, prompt="join", max_tokens=2)
+    rid = int(raw.headers["x-tierlab-request-id"])
+    out = raw.parse()
+    row = _records(gateway_server.gateway, rid).set_index("request_id").loc[rid]
+    assert row["outcome"] == "completed" and row["output_tokens"] == out.usage.completion_tokens
+    with httpx.stream("POST", gateway_server.url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-alice"},
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "s"}], "max_tokens": 2,
+                            "stream": True}) as r:
+        rid = int(r.headers["x-tierlab-request-id"])
+        body = r.read()
+    assert body.rstrip().endswith(b"data: [DONE]")
+    deadline = time.monotonic() + 5
+    while rid not in set(gateway_server.gateway.records()["request_id"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert gateway_server.gateway.records().set_index("request_id").loc[rid, "outcome"] == "completed"
+
+
+def test_admin_records_needs_the_admin_token(gateway_server: GatewayServer) -> None:
+    url = gateway_server.url + "/admin/records"
+    for headers in ({}, {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer admin-secre"}):
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token"
+    r = httpx.get(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 200
+    data = r.json()
+    df = gateway_server.gateway.records()
+    assert data["columns"] == list(REQUEST_SCHEMA)
+    assert len(data["rows"]) >= 1 and all(len(row) == len(REQUEST_SCHEMA) for row in data["rows"])
+    got = pd.DataFrame(data["rows"], columns=data["columns"])
+    same = df.iloc[: len(got)]
+    assert list(got["request_id"]) == list(same["request_id"])
+    assert list(got["outcome"]) == list(same["outcome"]) and list(got["reason"]) == list(same["reason"])
+    # NaN travels as null (JSON has no NaN); numbers as numbers
+    assert got["to_gpu_s"].isna().all()
+    assert np.allclose(got["e2e_s"].astype(float), same["e2e_s"])
+
+
+def test_metrics_parse_as_prometheus_text(gateway_server: GatewayServer) -> None:
+    text = httpx.get(gateway_server.url + "/metrics").text
+    fams = prom.parse(text)
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        pass
+    else:
+        assert {f.name for f in text_string_to_metric_families(text)} >= {"tierlab_queue_depth", "tierlab_agents"}
+    assert {"tierlab_ttft_seconds", "tierlab_tpot_seconds"} <= {n for n, f in fams.items() if f.kind == "histogram"}
+    assert fams["tierlab_requests_total"].kind == "counter"
+    for gauge in ("tierlab_queue_depth", "tierlab_loads_in_flight", "tierlab_agents", "tierlab_agent_up",
+                  "tierlab_instances"):
+        assert fams[gauge].kind == "gauge"
+    df = gateway_server.gateway.records()
+    for outcome in ("completed", "rejected", "failed"):
+        assert prom.value(fams, "tierlab_requests_total", outcome=outcome) == (df["outcome"] == outcome).sum()
+    assert prom.value(fams, "tierlab_agents", state="up") == 2 and prom.value(fams, "tierlab_agents", state="down") == 0
+    assert prom.value(fams, "tierlab_agent_up", node="n0") == 1
+    assert prom.value(fams, "tierlab_queue_depth") == 0 and prom.value(fams, "tierlab_loads_in_flight") == 0
+    assert prom.value(fams, "tierlab_tpot_seconds_count") == df["tpot_s"].notna().sum() >= 1
+
+
+def test_write_records(gateway_server: GatewayServer, tmp_path: Path) -> None:
+    gw = gateway_server.gateway
+    path = gw.write_records(tmp_path / "run")
+    assert path == tmp_path / "run" / "records.parquet"
+    back = pd.read_parquet(path)
+    now = gw.records()
+    assert list(back.columns) == list(REQUEST_SCHEMA) and len(back) <= len(now)
+    assert list(back["request_id"]) == list(now["request_id"].iloc[: len(back)])
+    assert [p.name for p in path.parent.iterdir()] == ["records.parquet"]  # no temp file left behind
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError, match=str(blocker)):
+        gw.write_records(blocker)

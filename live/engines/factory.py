@@ -1,0 +1,37 @@
+"""One place that turns an engine kind ("cpu" | "tokasaurus") and a model dir into an engine process."""
+
+from __future__ import annotations
+
+import os
+
+from live.engines.base import CpuEngineProcess, ProcessEngine
+from live.engines.tokasaurus import TokasaurusProcess
+
+ENGINE_KINDS = ("cpu", "tokasaurus")
+
+
+def make_engine(
+    kind: str,
+    model_dir: str | os.PathLike[str],
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    model_name: str | None = None,
+    dtype: str = "float32",
+    threads: int | None = None,
+    progressive: bool = False,
+    toka_executable: str = "toka",
+    n_gpus: int = 1,
+) -> ProcessEngine:
+    """An engine process of `kind` serving `model_dir` on host:port (not started).
+
+    `model_name`, `dtype`, `threads` and `progressive` are the CPU engine's; Tokasaurus serves in its
+    own dtype (bf16: its attention kernels have no fp32 path), echoes the request's model name, and
+    takes its GPU count (`n_gpus`) and executable (`toka_executable`).
+    """
+    if kind == "cpu":
+        return CpuEngineProcess(model_dir, port, host=host, progressive=progressive, model_name=model_name,
+                                dtype=dtype, threads=threads)
+    if kind == "tokasaurus":
+        return TokasaurusProcess(model_dir, port, host=host, n_gpus=n_gpus, executable=toka_executable)
+    raise ValueError(f"unknown engine kind {kind!r}; choose one of {ENGINE_KINDS}")

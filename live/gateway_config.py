@@ -1,0 +1,101 @@
+"""The gateway's configuration: the nodes it drives (agents), tenants, models and the request path's knobs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from core.policies.base import PolicyBundle
+from core.specs import EngineSpec, GpuSpec, ModelSpec
+from live.gateway_api import Tenant
+
+NOMINAL_GPU = GpuSpec("cpu-nominal", mem_bytes=80e9, hbm_Bps=100e9, flops=1e12, h2d_Bps=10e9)
+NOMINAL_TIER_BW_BPS = 1e9
+# A live node stands for a one-GPU node: AWS g6.xlarge on demand (../shared/data/reference, id aws_g6_xl)
+DEFAULT_NODE_PRICE_PER_HOUR = 0.8048
+
+
+def default_bundle() -> PolicyBundle:
+    """TierAware placement x NoCaching x KeepAlive(300 s)."""
+    from core.policies.autoscaling import KeepAlive
+    from core.policies.caching import NoCaching
+    from core.policies.placement import TierAware
+
+    return PolicyBundle(TierAware(), NoCaching(), KeepAlive(keep_alive_s=300), name="tier_aware")
+
+
+def nominal_model(name: str) -> ModelSpec:
+    """A 1B-parameter stand-in: core only needs its size for GPU accounting (~3 GB of a nominal 72 GB)."""
+    return ModelSpec(name=name, params_b=1.0, n_layers=16, hidden_size=2048, n_kv_heads=8, head_dim=64)
+
+
+@dataclass(frozen=True)
+class AgentRef:
+    """One node the gateway drives through its agent; `url=""` is a node without an agent, whose instances
+    are only those handed over with `Gateway.adopt_instance` (never health-checked, never cold-started on)."""
+
+    name: str
+    url: str
+    token: str
+
+
+@dataclass
+class GatewayConfig:
+    """Agents, tenants (API key -> Tenant), models and the knobs of the request path.
+
+    `node_price_per_hour` ($ per node-hour, one number for every node or one per node name) prices each
+    request's `cost_usd` (see `live.gateway_records`). `admin_token` opens GET /admin/records ("" keeps it shut).
+    `health_interval_s = 0` turns the agent health loop off.
+    """
+
+    agents: list[AgentRef]
+    tenants: dict[str, Tenant]
+    models: dict[str, ModelSpec] = field(default_factory=dict)  # default: a nominal spec per tenant model
+    nominal_gpu: GpuSpec = NOMINAL_GPU
+    engine: EngineSpec = field(default_factory=lambda: EngineSpec(name="cpu", max_num_seqs=8))
+    queue_timeout_s: float = 10.0
+    queue_poll_s: float = 0.1
+    load_timeout_s: float = 180.0
+    request_timeout_s: float = 300.0  # no request outlives this, whatever its engine does
+    connect_timeout_s: float = 5.0
+    stream_idle_timeout_s: float = 60.0  # longest silence between two chunks of a stream
+    health_interval_s: float = 1.0
+    health_failures: int = 3  # missed health checks in a row before a node is marked down
+    health_timeout_s: float = 1.0
+    admin_token: str = ""
+    node_price_per_hour: float | Mapping[str, float] = DEFAULT_NODE_PRICE_PER_HOUR
+    tick: bool = True  # run the bundle's on_tick (keep-alive stops) every `bundle.tick_s`
+
+    def __post_init__(self) -> None:
+        if not self.agents:
+            raise ValueError("GatewayConfig.agents needs at least one agent")
+        names = [a.name for a in self.agents]
+        if len(set(names)) != len(names):
+            raise ValueError(f"GatewayConfig.agents: node names repeat in {names}")
+        for name in ("queue_timeout_s", "queue_poll_s", "load_timeout_s", "request_timeout_s", "connect_timeout_s",
+                     "stream_idle_timeout_s", "health_timeout_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"GatewayConfig.{name} must be a positive number of seconds, got {v!r}")
+        if not (math.isfinite(self.health_interval_s) and self.health_interval_s >= 0):
+            raise ValueError(f"GatewayConfig.health_interval_s must be >= 0, got {self.health_interval_s!r}")
+        if not isinstance(self.health_failures, int) or self.health_failures < 1:
+            raise ValueError(f"GatewayConfig.health_failures must be an integer >= 1, got {self.health_failures!r}")
+        prices = self.node_price_per_hour
+        per_node = dict(prices) if isinstance(prices, Mapping) else dict.fromkeys(names, prices)
+        unknown = set(per_node) - set(names)
+        if unknown:
+            raise ValueError(f"GatewayConfig.node_price_per_hour names unknown nodes {sorted(unknown)}")
+        for node, p in per_node.items():
+            if not (isinstance(p, int | float) and math.isfinite(p) and p >= 0):
+                raise ValueError(f"GatewayConfig.node_price_per_hour[{node!r}] must be >= 0, got {p!r}")
+        for tenant in self.tenants.values():
+            for m in tenant.models:
+                self.models.setdefault(m, nominal_model(m))
+
+    def price_per_hour(self, node: str) -> float:
+        prices = self.node_price_per_hour
+        if isinstance(prices, Mapping):
+            return float(prices.get(node, DEFAULT_NODE_PRICE_PER_HOUR))
+        return float(prices)

@@ -1,0 +1,135 @@
+"""What the gateway records: one row per request in `core.records.REQUEST_SCHEMA`, instance lifecycle events in
+`INSTANCE_SCHEMA`, each request's cost, and the JSON form served by GET /admin/records.
+
+Cost (`cost_usd`) follows the simulator's rule (`core.cost.request_cost_shares`): an instance costs
+`node $/h x GPU-equivalents it holds x its lifetime in hours` (from the start of its load to its stop, or to
+now while it runs), split among the requests it completed in proportion to their tokens (prompt + output).
+GPU-equivalents are the bytes the instance reserves over one GPU's memory (on CPU nodes: of the nominal GPU),
+so engines sharing a node share its price. Requests that were rejected or failed cost 0, and an instance's
+idle time is paid by the requests it served, as in the simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core.cost import instance_lifetimes, request_cost_shares
+from core.records import INSTANCE_SCHEMA, REQUEST_SCHEMA, frame, rows_to_columns, write_table
+from core.specs import ClusterSpec
+from core.state import InstanceState
+
+
+@dataclass
+class RequestInfo:
+    """What a policy may read of a request (`core.policies.base.RequestView`), plus what the gateway records."""
+
+    id: int
+    model: str
+    tenant: str
+    prompt_tokens: int
+    output_tokens: int
+    arrival_s: float
+    queue_s: float = 0.0
+    cold_start: bool = False
+    source_tier: str = ""
+    fetch_s: float = math.nan
+    to_gpu_s: float = math.nan
+    engine_init_s: float = math.nan
+    cold_start_s: float = math.nan
+    prefill_s: float = math.nan
+    ttft_s: float = math.nan
+    tpot_s: float = math.nan
+    e2e_s: float = math.nan
+    out_tokens: int = 0
+    in_tokens: int = 0
+    node: str = ""
+    instance: str = ""
+    outcome: str = "failed"
+    reason: str = ""
+    token_stream: bool = False  # tokens were relayed as the engine produced them (TPOT is measurable)
+    finished: bool = False
+
+
+def tpot(e2e_s: float, ttft_s: float, out_tokens: int) -> float:
+    """Mean time per output token after the first, (e2e - ttft) / (tokens - 1); NaN when not measurable."""
+    if out_tokens < 2 or math.isnan(ttft_s) or math.isnan(e2e_s):
+        return math.nan
+    return max(0.0, e2e_s - ttft_s) / (out_tokens - 1)
+
+
+def apply_load_timings(req: RequestInfo, timings: Mapping[str, Any]) -> None:
+    """Copy an agent's /load timings onto a cold request: fetch (the hops plus the engine's read), to GPU, init."""
+    hops = timings.get("fetch_s") or []
+    read = timings.get("read_s")  # the engine's own read of its tier into host memory, when known
+    parts = [float(h.get("duration_s", 0.0)) for h in hops] + ([float(read)] if read is not None else [])
+    req.fetch_s = float(sum(parts)) if parts else math.nan
+    to_gpu = timings.get("to_gpu_s")
+    req.to_gpu_s = float(to_gpu) if isinstance(to_gpu, int | float) else math.nan  # NaN on CPU engines
+    # ready_s counts from the engine's start() (EngineHandle.wait_ready), so it already holds engine_start_s
+    ready = timings.get("ready_s", timings.get("engine_start_s"))
+    req.engine_init_s = float(ready) if isinstance(ready, int | float) else math.nan
+
+
+def request_row(req: RequestInfo) -> tuple[Any, ...]:
+    """`req` as a REQUEST_SCHEMA row; cost_usd is NaN here and filled in by `request_frame`."""
+    return (req.id, req.tenant, req.model, req.arrival_s, req.queue_s, req.cold_start, req.source_tier,
+            req.fetch_s, req.to_gpu_s, req.engine_init_s, req.cold_start_s, req.prefill_s, req.ttft_s, req.tpot_s,
+            req.e2e_s, req.in_tokens or req.prompt_tokens, req.out_tokens, req.node, req.instance, req.outcome,
+            req.reason, math.nan)
+
+
+def instance_event(time_s: float, inst: InstanceState, event: str, reason: str = "") -> tuple[Any, ...]:
+    """An INSTANCE_SCHEMA row: `inst` entering `event` (loading, ready, stopped) at `time_s`."""
+    return (time_s, inst.id, inst.model.name, inst.node, event, inst.source_tier, len(inst.gpu_ids),
+            inst.gpu_bytes, inst.model.weights_bytes, reason)
+
+
+def instance_frame(events: Sequence[tuple[Any, ...]]) -> pd.DataFrame:
+    return frame(INSTANCE_SCHEMA, rows_to_columns(INSTANCE_SCHEMA, events))
+
+
+def request_frame(rows: Sequence[tuple[Any, ...]], events: Sequence[tuple[Any, ...]], cluster: ClusterSpec,
+                  now_s: float) -> pd.DataFrame:
+    """The request table with each completed request's cost share (see the module docstring)."""
+    df = frame(REQUEST_SCHEMA, rows_to_columns(REQUEST_SCHEMA, rows))
+    if df.empty:
+        return df
+    lifetimes = instance_lifetimes(instance_frame(events), now_s)
+    if not lifetimes.empty:
+        gpu_mem = {n.name: n.gpu.mem_bytes for n in cluster.nodes}
+        # GPU-equivalents, not whole GPUs: several CPU engines share one nominal GPU and its node's price
+        lifetimes["gpus"] = lifetimes["gpu_bytes"] / lifetimes["node"].map(gpu_mem).astype(float)
+    df["cost_usd"] = request_cost_shares(df, lifetimes, cluster)
+    return df
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN
+    return value
+
+
+def records_json(df: pd.DataFrame) -> dict[str, Any]:
+    """`{"columns": [...], "rows": [[...], ...]}` in the frame's column order; NaN and NA become null."""
+    return {"columns": list(df.columns),
+            "rows": [[_jsonable(v) for v in row] for row in df.itertuples(index=False, name=None)]}
+
+
+def write_request_records(out_dir: str | Path, df: pd.DataFrame) -> Path:
+    """`out_dir/records.parquet` (written through a temp name: never a partial file); the path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"records directory {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return write_table(out / "records.parquet", df)

@@ -1,0 +1,80 @@
+"""Server-sent events as the gateway handles them: splitting relayed bytes at event boundaries, reading the
+`data:` payloads, the error event sent when an engine dies mid-stream, and an OpenAI stream synthesized from
+a non-streaming answer (for engines that cannot stream, e.g. Tokasaurus).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+DONE = b"data: [DONE]"
+
+
+def complete_end(buf: bytes) -> int:
+    """Length of the longest prefix of `buf` made of whole events (each ends with a blank line); 0 if none."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def data_messages(events: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON objects of the `data:` lines in `events` ([DONE] and unparsable lines are skipped)."""
+    for line in events.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload or payload == b"[DONE]":
+            continue
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            continue
+        if isinstance(msg, dict):
+            yield msg
+
+
+def event(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def error_event(message: str, code: str, err_type: str = "server_error") -> bytes:
+    """An OpenAI-shaped error as one SSE event (the openai client raises APIError on it)."""
+    return event({"error": {"message": message, "type": err_type, "param": None, "code": code}})
+
+
+def _chunk(answer: dict[str, Any], chat: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": answer.get("id", ""), "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": answer.get("created", 0), "model": answer.get("model", ""),
+            "system_fingerprint": answer.get("system_fingerprint"), "choices": choices}
+
+
+def synthesize_stream(answer: dict[str, Any], chat: bool, include_usage: bool) -> bytes:
+    """The SSE stream an OpenAI server would have sent for the non-streaming `answer`.
+
+    chat: per choice a role delta, a content delta (if any text) and a finish_reason chunk; completions: a
+    text chunk and a finish_reason chunk; then a usage chunk (`choices: []`) if asked for, then `[DONE]`.
+    """
+    out: list[bytes] = []
+    for i, choice in enumerate(answer.get("choices") or []):
+        index = choice.get("index", i)
+        if chat:
+            message = choice.get("message") or {}
+            role = {"role": message.get("role", "assistant"), "content": ""}
+            out.append(event(_chunk(answer, chat, [{"index": index, "delta": role, "logprobs": None,
+                                                    "finish_reason": None}])))
+            if message.get("content"):
+                out.append(event(_chunk(answer, chat, [{"index": index, "delta": {"content": message["content"]},
+                                                        "logprobs": None, "finish_reason": None}])))
+            last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason")}
+        else:
+            out.append(event(_chunk(answer, chat, [{"index": index, "text": choice.get("text") or "",
+                                                    "logprobs": None, "finish_reason": None}])))
+            last = {"index": index, "text": "", "logprobs": None, "finish_reason": choice.get("finish_reason")}
+        out.append(event(_chunk(answer, chat, [last])))
+    if include_usage and answer.get("usage") is not None:
+        out.append(event({**_chunk(answer, chat, []), "usage": answer["usage"]}))
+    out.append(DONE + b"\n\n")
+    return b"".join(out)

@@ -1,0 +1,190 @@
+"""`python -m live.serve` end to end: a gateway process, 2 agent processes and CPU engine processes on loopback,
+driven by the real `openai` client, then `python -m live.replay` against it, then Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+for _dep in ("torch", "safetensors", "tokenizers", "uvicorn", "openai"):
+    pytest.importorskip(_dep)
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from core.records import REQUEST_SCHEMA  # noqa: E402
+from experiments.simulate import run as simulate_run  # noqa: E402
+from tests.conftest import config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+KEEP_ALIVE_S = 3.0
+START_TIMEOUT_S = 180.0
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    out_dir: Path
+    info: dict
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.info["url"]
+
+    @property
+    def key(self) -> str:
+        return next(iter(self.info["tenants"].values()))["api_key"]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.info["openai_base_url"], api_key=self.key, max_retries=0, timeout=120)
+
+    def records(self) -> pd.DataFrame:
+        r = httpx.get(self.url + "/admin/records", headers={"Authorization": f"Bearer {self.info['admin_token']}"})
+        r.raise_for_status()
+        data = r.json()
+        return pd.DataFrame(data["rows"], columns=data["columns"])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _processes_mentioning(*needles: str) -> list[int]:
+    """Pids whose command line mentions any needle (engines carry their tier path in --model-dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(n in cmd for n in needles):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("serve")
+    out_dir = tmp / "run"
+    argv = [sys.executable, "-m", "live.serve", "port=0", "nodes=2", f"hydra.run.dir={out_dir}",
+            f"checkpoint_cache={tmp / 'ckpts'}", "~catalog.small-a", "progress=false", "policy=seed_tiered",
+            f"policy.autoscaling.keep_alive_s={KEEP_ALIVE_S}", "policy.autoscaling.tick_s=0.5"]
+    log = tmp / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        info_path = out_dir / "serve.json"
+        while not info_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"live.serve did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
+            time.sleep(0.1)
+        info = json.loads(info_path.read_text())
+        yield Served(proc, out_dir, info, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+
+def _ready_instances(s: Served) -> int:
+    text = httpx.get(s.url + "/metrics").text
+    line = next(ln for ln in text.splitlines() if ln.startswith('tierlab_instances{status="ready"}'))
+    return int(float(line.split()[-1]))
+
+
+def test_cold_from_cloud_warm_then_from_local_tier(served: Served) -> None:
+    s = served
+    assert (s.out_dir / "serve.json").stat().st_mode & 0o077 == 0  # it holds API keys
+    client = s.client()
+    assert sorted(m.id for m in client.models.list()) == ["tiny-a", "tiny-b"]
+
+    first = client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert first.usage is not None and first.usage.completion_tokens >= 1
+    chunks = list(client.completions.create(model="tiny-a", prompt="warm", max_tokens=4, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+    # idle past the keep-alive: the policy stops the instance; its weights stay in a local tier
+    deadline = time.monotonic() + 30
+    while _ready_instances(s) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ready_instances(s) == 0, "the keep-alive policy did not stop the idle instance"
+    third = list(client.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "again"}],
+                                                max_tokens=3, stream=True))
+    assert third[-1].choices[0].finish_reason in ("length", "stop")
+    other = client.completions.create(model="tiny-b", prompt="x", max_tokens=2)
+    assert other.choices[0].text is not None
+
+    # the engine's own read of its tier is added to a cold row once the engine reports it (GET /stats)
+    deadline = time.monotonic() + 15
+    df = s.records()
+    while df.loc[df["cold_start"], "fetch_s"].isna().any() and time.monotonic() < deadline:
+        time.sleep(0.2)
+        df = s.records()
+    assert list(df.columns) == list(REQUEST_SCHEMA)
+    df = df.sort_values("request_id").reset_index(drop=True)
+    assert list(df["outcome"]) == ["completed"] * 4
+    assert list(df["model"]) == ["tiny-a", "tiny-a", "tiny-a", "tiny-b"]
+    assert list(df["cold_start"]) == [True, False, True, True]
+    assert df.loc[0, "source_tier"] == "cloud" and df.loc[1, "source_tier"] == "gpu"
+    assert df.loc[2, "source_tier"] in ("nvme", "sata"), df.loc[2].to_dict()
+    assert df.loc[3, "source_tier"] == "cloud"
+    cold = df[df["cold_start"]]
+    assert (cold["fetch_s"] > 0).all() and (cold["engine_init_s"] > 0).all() and (cold["cold_start_s"] > 0).all()
+    assert (df["ttft_s"] > 0).all() and (df["e2e_s"] >= df["ttft_s"]).all()
+    # a warm request skips the load: it is far faster than the cold one before it
+    assert df.loc[1, "ttft_s"] < df.loc[0, "ttft_s"]
+
+
+def test_replay_writes_records_and_the_simulators_summary_keys(served: Served, tmp_path: Path) -> None:
+    out = tmp_path / "replay"
+    argv = [sys.executable, "-m", "live.replay", f"serve_json={served.out_dir / 'serve.json'}",
+            f"hydra.run.dir={out}", "workload=poisson", "workload.options.rate_per_s=2.0",
+            "workload.window=[0,4]", "workload.max_requests=6", "replay.max_output_tokens=3", "progress=false"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "replayed" in done.stdout.splitlines()[-1]
+    df = pd.read_parquet(out / "records.parquet")
+    assert list(df.columns) == list(REQUEST_SCHEMA) and len(df) >= 1
+    assert (df["outcome"] == "completed").all(), df[["outcome", "reason"]]
+    assert set(df["model"]) <= {"tiny-a", "tiny-b"}
+    assert (df["output_tokens"] == 3).all()  # ignore_eos: the trace's (clipped) lengths are generated
+    assert (df["node"].isin(["n0", "n1"])).all()  # the gateway's rows were joined in
+    summary = json.loads((out / "summary.json").read_text())
+    sim = simulate_run(config("cluster=small", "models=small", "workload=poisson", "workload.max_requests=20",
+                              "output.plots=false"), None).summary
+    assert set(sim) - {"total_wall_s"} <= set(summary)
+    assert summary["requests"] == len(df) and summary["completed"] == len(df)
+
+
+def test_ctrl_c_stops_everything_and_writes_the_records(served: Served) -> None:
+    s = served
+    needles = (str(s.out_dir), s.info["dram_root"])  # agents and engines name their tier dirs in their argv
+    assert _processes_mentioning(str(s.out_dir)), "no engine was running from the run's tiers"
+    s.proc.send_signal(signal.SIGINT)
+    s.proc.wait(timeout=90)
+    log = s.log.read_text()
+    assert s.proc.returncode == 0, log[-3000:]
+    assert "served" in log.splitlines()[-1]
+    for a in s.info["agents"]:
+        assert not Path(f"/proc/{a['pid']}").exists() or "Z" in Path(f"/proc/{a['pid']}/stat").read_text()
+    assert _processes_mentioning(*needles) == []
+    assert not Path(s.info["dram_root"]).exists()
+    df = pd.read_parquet(s.out_dir / "records.parquet")
+    assert len(df) >= 4 and list(df.columns) == list(REQUEST_SCHEMA)
+    summary = json.loads((s.out_dir / "summary.json").read_text())
+    assert summary["requests"] == len(df) and summary["policy"] == "seed_tiered"
