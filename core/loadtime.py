@@ -92,8 +92,8 @@ def pipelined_hops(source_tier: str, model: ModelSpec, node: NodeSpec, n_gpus: i
 
     The stream hop carries every byte, so a layer's arrival on the GPU is where progressive
     loading expects it; the fill makes the total at most one chunk's read time longer than
-    an exact two-stage pipeline. From DRAM there is nothing to fill. (The simulator ends its
-    read claim on the source tier with the fetch phase, here after the first chunk.)
+    an exact two-stage pipeline. From DRAM there is nothing to fill. (The simulator keeps its read
+    claim on the source tier until the last hop reading it, here the stream, ends.)
     """
     tier = node.tiers[source_tier]
     read = loader_read_Bps(node.loader, tier)

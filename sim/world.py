@@ -316,7 +316,12 @@ class World:
                 return  # lost with its node while waiting
             rec.store = store.name
             self._event("cloud_fetch", node=inst.node, store=store.name, instance=inst.id, duration_s=env.now - t0)
-        for hop in load_hops(source_tier, model, node.spec, store, n):
+        hops = load_hops(source_tier, model, node.spec, store, n)
+        # a local source copy is marked as read (not evictable) until the last hop that reads it ends; from
+        # DRAM without a fetch hop that is the end of the load
+        reading = source_tier in LOCAL_TIERS
+        read_until = max((i for i, h in enumerate(hops) if f"{source_tier}_r" in h.links), default=len(hops) - 1)
+        for i, hop in enumerate(hops):
             done = env.event()
             th = t0 if hop.phase == "fetch" else env.now
             track = progressive and hop.phase == "to_gpu"
@@ -327,13 +332,14 @@ class World:
             yield done
             if inst.status != "loading":
                 return  # lost with its node: the transfer's end means nothing any more
+            if reading and i == read_until:
+                self._release_read(inst.node, source_tier, model.name)
+                reading = False
             if hop.phase == "fetch":
                 rec.fetch_s = env.now - th
                 if source_tier == "cloud":
                     self.stats.cloud_bytes += hop.nbytes
                     self.stats.cloud_bytes_by_route[(store.name, node.spec.cloud)] += hop.nbytes
-                else:
-                    self._release_read(inst.node, source_tier, model.name)
             else:
                 rec.to_gpu_s = env.now - th
         t_w = env.now

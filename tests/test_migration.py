@@ -60,3 +60,11 @@ def test_migration_beats_a_cloud_cold_start_for_the_new_model():
     ttft_with = with_mig.first_token_s - with_mig.arrival_s
     ttft_without = without.first_token_s - without.arrival_s
     assert ttft_with < ttft_without
+
+
+def test_loads_from_dram_release_their_read_mark():
+    # B (and A) load from node 0's DRAM with no fetch hop: once their weights are in, the DRAM copies
+    # must be evictable again (a read mark left behind would pin them until the node is lost)
+    w = _run(_world(migration=False))
+    assert any(rec.source_tier == "dram" for rec in w.loads.values())
+    assert dict(w._reading) == {}
