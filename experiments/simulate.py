@@ -7,23 +7,15 @@ summary.json and plots into hydra's output directory, and ends with a one-line s
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
-from core.errors import ConfigError, TraceFormatError
 from core.records import write_table, write_tables
+from experiments.entry import hydra_command
 from experiments.plots import cold_start_cdf, cost_breakdown
 from experiments.setup import build
 from sim.run import SimResult, simulate
-
-# absolute, so the console script finds it wherever it is launched from
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def run(cfg: dict[str, Any], out_dir: Path | None, *, progress: bool = False) -> SimResult:
@@ -66,23 +58,15 @@ def one_line(summary: dict[str, Any]) -> str:
             f"mean cold start {cs_txt}; ${summary['cost_usd']:.2f})")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    try:
-        result = run(plain, out_dir, progress=bool(plain.get("progress", True)))
-    except (ConfigError, TraceFormatError) as exc:
-        print(f"tierlab: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def _command(cfg: dict[str, Any], out_dir: Path) -> str:
+    result = run(cfg, out_dir, progress=bool(cfg.get("progress", True)))
     print(f"outputs in {out_dir}")
-    print(one_line(result.summary))
+    return one_line(result.summary)
 
 
 def main() -> None:
     """Console-script entry point (`tierlab-simulate`)."""
-    _main()
+    hydra_command("config", _command)
 
 
 if __name__ == "__main__":

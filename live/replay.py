@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,15 +27,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core.errors import ConfigError, TraceFormatError
+from core.errors import ConfigError
 from core.records import REQUEST_SCHEMA, frame
 from core.workload.models import assign_models
 from core.workload.trace import Workload
+from experiments.entry import hydra_command
 from experiments.setup import load_workload
-from live.engines.base import REPO_ROOT
 from live.outputs import live_summary, one_line, write_outputs
 
-CONF_DIR = str(REPO_ROOT / "conf")
 REQUEST_ID_HEADER = "x-tierlab-request-id"
 # gateway columns that only the gateway knows (the client keeps its own arrival, TTFT, e2e and outcome)
 GATEWAY_COLUMNS = ("queue_s", "cold_start", "source_tier", "fetch_s", "to_gpu_s", "engine_init_s", "cold_start_s",
@@ -291,33 +289,18 @@ def run(cfg: Mapping[str, Any], out_dir: Path | None) -> tuple[pd.DataFrame, dic
     return records, summary
 
 
-def _hydra_main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="live/replay")
-    def main(cfg: DictConfig) -> None:
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(plain, dict)
-        try:
-            _, summary = run(plain, out_dir)
-        except (ConfigError, TraceFormatError) as e:
-            print(f"tierlab replay: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except httpx.HTTPError as e:
-            print(f"tierlab replay: error: cannot reach the gateway: {e}", file=sys.stderr)
-            sys.exit(1)
-        print(f"outputs in {out_dir}")
-        print(one_line(summary, "replayed"))
-
-    main()
+def _command(cfg: dict[str, Any], out_dir: Path) -> str:
+    try:
+        _, summary = run(cfg, out_dir)
+    except httpx.HTTPError as e:
+        raise ConfigError(f"url: cannot reach the gateway: {e}") from None
+    print(f"outputs in {out_dir}")
+    return one_line(summary, "replayed")
 
 
 def main() -> None:
     """Console-script entry point (`tierlab-replay`)."""
-    _hydra_main()
+    hydra_command("live/replay", _command, prog="tierlab replay")
 
 
 if __name__ == "__main__":

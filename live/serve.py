@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from core.errors import ConfigError
 from core.specs import LOCAL_TIERS
+from experiments.entry import hydra_command
 from experiments.setup import build_policy
 from live.agent import parse_bytes
 from live.checkpoint import PRESETS, generate_checkpoint
@@ -51,7 +52,6 @@ from live.outputs import live_summary, one_line, write_outputs
 from live.registry import Registry, check_model_name
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(REPO_ROOT / "conf")
 AGENT_START_TIMEOUT_S = 60.0
 
 
@@ -364,31 +364,15 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _hydra_main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="live/serve")
-    def main(cfg: DictConfig) -> None:
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(plain, dict)
-        logging.basicConfig(level=str(plain.get("log_level", "warning")).upper())
-        try:
-            summary = run(plain, out_dir)
-        except ConfigError as e:
-            print(f"tierlab live: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        if summary:
-            print(one_line(summary, "served"))
-
-    main()
+def _command(cfg: dict[str, Any], out_dir: Path) -> str | None:
+    logging.basicConfig(level=str(cfg.get("log_level", "warning")).upper())
+    summary = run(cfg, out_dir)
+    return one_line(summary, "served") if summary else None
 
 
 def main() -> None:
     """Console-script entry point (`tierlab-serve`)."""
-    _hydra_main()
+    hydra_command("live/serve", _command, prog="tierlab live")
 
 
 if __name__ == "__main__":
