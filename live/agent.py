@@ -7,6 +7,7 @@ the model registry (`live.registry.Registry`, stores in priority order).
     GET  /healthz                          {"ok": true, "node"}
     GET  /status                           {"node", "tiers": {name: {path, capacity_bytes, used_bytes, models}},
                                             "instances": [...], "errors": [...]}
+    GET  /moves                            {"node", "moves": [every tier movement, MOVE_SCHEMA columns, unix times]}
     POST /tiers/copy  {model, to_tier}     a movement record {model, node, from_tier, to_tier, kind, bytes, ...}
     POST /tiers/evict {model, tier}        {model, tier, freed_bytes}
     POST /load        {model, source_tier?} {instance: {...}, timings: {source_tier, fetch_s, engine_start_s, ready_s}}
@@ -455,6 +456,10 @@ def create_app(agent: NodeAgent) -> Starlette:
     async def status(request: Request) -> dict[str, Any]:
         return await run_in_threadpool(agent.status)
 
+    async def moves(request: Request) -> dict[str, Any]:
+        with agent._lock:
+            return {"node": agent.config.node, "moves": list(agent.moves)}
+
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         code = getattr(exc, "status_code", 500)
         return _error(AgentError(code, str(getattr(exc, "detail", exc)), "http_error"))
@@ -469,6 +474,7 @@ def create_app(agent: NodeAgent) -> Starlette:
     routes = [
         Route("/healthz", healthz),
         Route("/status", guarded(status)),
+        Route("/moves", guarded(moves)),
         Route("/tiers/copy", op(agent.copy, ("model", "to_tier")), methods=["POST"]),
         Route("/tiers/evict", op(agent.evict, ("model", "tier")), methods=["POST"]),
         Route("/load", op(agent.load, ("model",), ("source_tier",)), methods=["POST"]),

@@ -111,6 +111,7 @@ class WallClock:
 
     def __init__(self) -> None:
         self._t0 = time.monotonic()
+        self.t0_unix = time.time()  # to put other processes' unix timestamps on this clock
 
     @property
     def now(self) -> float:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from core.metrics import availability, summarize
-from core.records import REQUEST_SCHEMA, write_table
+from core.records import MOVE_SCHEMA, REQUEST_SCHEMA, frame, write_table
 
 # summary keys the simulator measures that a live run cannot: present, null (fleet and storage accounting,
 # injected faults, tier moves); the per-request ones are all measured
@@ -45,11 +46,27 @@ def live_summary(records: pd.DataFrame, *, wall_s: float, ttft_slo_s: float,
                      extra={**dict.fromkeys(SIM_ONLY_KEYS), **measured, **(extra or {})})
 
 
-def write_outputs(out_dir: str | os.PathLike[str], records: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Path]:
-    """records.parquet and summary.json in `out_dir`, each written through a temp name."""
+def moves_frame(moves: Sequence[Mapping[str, Any]], t0_unix: float) -> pd.DataFrame:
+    """Agents' movement records (unix times) as a MOVE_SCHEMA table on the gateway's clock (seconds since t0)."""
+    cols: dict[str, list[Any]] = {c: [] for c in MOVE_SCHEMA}
+    for m in sorted(moves, key=lambda m: float(m["time_s"])):
+        for c in MOVE_SCHEMA:
+            v = m[c]
+            cols[c].append(float(v) - t0_unix if c in ("time_s", "end_s") else v)
+    return frame(MOVE_SCHEMA, cols)
+
+
+def write_outputs(out_dir: str | os.PathLike[str], records: pd.DataFrame, summary: dict[str, Any],
+                  moves: pd.DataFrame | None = None, instances: pd.DataFrame | None = None) -> dict[str, Path]:
+    """records.parquet (+ tier_moves.parquet, instances.parquet when given) and summary.json in `out_dir`,
+    each written through a temp name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"records": write_table(out / "records.parquet", records), "summary": out / "summary.json"}
+    if moves is not None:
+        paths["moves"] = write_table(out / "tier_moves.parquet", moves)
+    if instances is not None:
+        paths["instances"] = write_table(out / "instances.parquet", instances)
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
     tmp.replace(paths["summary"])

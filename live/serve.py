@@ -9,7 +9,8 @@ What it does, in order:
 3. runs the gateway in this process (uvicorn) with the policy bundle built from `conf/policy` exactly
    as the simulator builds it, prints the URL and an API key, and writes `serve.json` (URL, keys,
    admin token, pids; mode 0600) into the output directory;
-4. on Ctrl-C (or SIGTERM): stops the gateway, writes records.parquet and summary.json, stops the
+4. on Ctrl-C (or SIGTERM): stops the gateway, writes records.parquet, tier_moves.parquet (the agents'
+   movements), instances.parquet (instance lifecycle) and summary.json, stops the
    agents (each stops its engines), and checks that no engine or agent process is left.
 
 Config: `conf/live/serve.yaml` (hydra; any key can be overridden, e.g. `policy=sllm nodes=3 port=0`).
@@ -48,7 +49,7 @@ from live.checkpoint import PRESETS, generate_checkpoint
 from live.engines.base import REPO_ROOT
 from live.gateway import AgentRef, Gateway, GatewayConfig, Tenant, create_app
 from live.lifecycle import stop_process, wait_gone
-from live.outputs import live_summary, one_line, write_outputs
+from live.outputs import live_summary, moves_frame, one_line, write_outputs
 from live.registry import Registry, check_model_name
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,16 @@ def _engine_pids(agent: AgentProcess, token: str) -> list[int]:
     return []
 
 
+def agent_moves(agents: Sequence[AgentProcess], token: str) -> list[dict[str, Any]]:
+    """Every tier movement the running agents made (GET /moves), unix times."""
+    out: list[dict[str, Any]] = []
+    for a in agents:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            r = httpx.get(a.url + "/moves", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            out += r.json()["moves"]
+    return out
+
+
 def stop_agents(agents: Sequence[AgentProcess], token: str, grace_s: float = 20.0) -> list[int]:
     """SIGTERM each agent (it stops its engines), then make sure no engine is left; the pids still running."""
     engine_pids = [p for a in agents if a.proc.poll() is None for p in _engine_pids(a, token)]
@@ -317,6 +328,7 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     sock = _listen_socket(host, int(cfg.get("port", 8080)))
     url = f"http://{host}:{sock.getsockname()[1]}"
     agents: list[AgentProcess] = []
+    moves: list[dict[str, Any]] = []
     gateway: Gateway | None = None
     t0 = time.monotonic()
     try:
@@ -347,6 +359,7 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         try:
             sock.close()
             print("stopping agents and engines ...", flush=True)
+            moves = agent_moves(agents, agent_token)
             left = stop_agents(agents, agent_token)
             if left:
                 print(f"tierlab live: warning: engine pids {left} survived the stop", file=sys.stderr)
@@ -359,8 +372,9 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     if records is None:
         return {}
     summary = live_summary(records, wall_s=time.monotonic() - t0, ttft_slo_s=float(cfg.get("ttft_slo_s", 10.0)),
-                           extra={"policy": bundle.name, "nodes": len(agents), "models": len(models)})
-    write_outputs(out_dir, records, summary)
+                           extra={"policy": bundle.name, "nodes": len(agents), "models": len(models),
+                                  "tier_moves": len(moves)})
+    write_outputs(out_dir, records, summary, moves_frame(moves, gateway.clock.t0_unix), gateway.instance_events())
     return summary
 
 

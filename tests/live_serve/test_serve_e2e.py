@@ -21,7 +21,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from core.records import REQUEST_SCHEMA  # noqa: E402
+from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA  # noqa: E402
 from experiments.simulate import run as simulate_run  # noqa: E402
 from tests.conftest import config  # noqa: E402
 
@@ -188,3 +188,12 @@ def test_ctrl_c_stops_everything_and_writes_the_records(served: Served) -> None:
     assert len(df) >= 4 and list(df.columns) == list(REQUEST_SCHEMA)
     summary = json.loads((s.out_dir / "summary.json").read_text())
     assert summary["requests"] == len(df) and summary["policy"] == "seed_tiered"
+    moves = pd.read_parquet(s.out_dir / "tier_moves.parquet")
+    assert list(moves.columns) == list(MOVE_SCHEMA) and summary["tier_moves"] == len(moves)
+    # both models came down from the cloud into a local tier, on the gateway's clock (before the run ended)
+    fetched = moves[moves["from_tier"] == "cloud"]
+    assert set(fetched["model"]) == {"tiny-a", "tiny-b"} and (fetched["bytes"] > 0).all()
+    assert (fetched["time_s"] >= 0).all() and (fetched["end_s"] <= summary["wall_s"] + 60).all()
+    instances = pd.read_parquet(s.out_dir / "instances.parquet")
+    assert list(instances.columns) == list(INSTANCE_SCHEMA)
+    assert {"loading", "ready", "stopped"} <= set(instances["event"])
