@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from core.metrics import union_length_s
 from core.specs import LOCAL_TIERS, ClusterSpec, ModelSpec
 from core.units import GB, HOUR_S, MONTH_S
 
@@ -27,14 +28,35 @@ def instance_lifetimes(instances: pd.DataFrame, end_s: float) -> pd.DataFrame:
     return out.reset_index()
 
 
-def gpu_cost(lifetimes: pd.DataFrame, cluster: ClusterSpec) -> tuple[float, float]:
-    """(GPU-hours, USD) of the GPUs held by instances over their lifetimes."""
+def gpu_cost(lifetimes: pd.DataFrame, cluster: ClusterSpec,
+             gpu_ids: Mapping[str, Sequence[int]] | None = None) -> tuple[float, float]:
+    """(GPU-hours, USD) of the GPUs held by instances over their lifetimes.
+
+    With `gpu_ids` (instance -> the GPU indices it holds on its node) a GPU is billed once for the
+    union of the times any instance held it: small instances packed onto one GPU do not each pay for
+    the whole GPU. Without, every instance pays for `gpus` whole GPUs (an upper bound).
+    """
     if lifetimes.empty:
         return 0.0, 0.0
     price = {n.name: n.usd_per_gpu_hour for n in cluster.nodes}
-    hours = lifetimes["gpus"] * (lifetimes["stop_s"] - lifetimes["start_s"]) / HOUR_S
-    usd = hours * lifetimes["node"].map(price).astype(float)
-    return float(hours.sum()), float(usd.sum())
+    if gpu_ids is None:
+        hours = lifetimes["gpus"] * (lifetimes["stop_s"] - lifetimes["start_s"]) / HOUR_S
+        usd = hours * lifetimes["node"].map(price).astype(float)
+        return float(hours.sum()), float(usd.sum())
+    by_node = gpu_hours_by_node(lifetimes, gpu_ids)
+    return sum(by_node.values()), sum(h * price[node] for node, h in by_node.items())
+
+
+def gpu_hours_by_node(lifetimes: pd.DataFrame, gpu_ids: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """GPU-hours per node: for each GPU, the union of the times any instance held it."""
+    held: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for row in lifetimes.itertuples(index=False):
+        for gpu in gpu_ids.get(row.instance, range(int(row.gpus))):
+            held.setdefault((row.node, int(gpu)), []).append((float(row.start_s), float(row.stop_s)))
+    out: dict[str, float] = {}
+    for (node, _gpu), spans in sorted(held.items()):
+        out[node] = out.get(node, 0.0) + union_length_s(spans) / HOUR_S
+    return out
 
 
 def storage_cost_by_tier(moves: pd.DataFrame, cluster: ClusterSpec, models: Sequence[ModelSpec],
@@ -86,8 +108,10 @@ def fleet_cost(up_s_by_node: Mapping[str, float], cluster: ClusterSpec) -> tuple
     return hours, usd
 
 
-def request_cost_shares(requests: pd.DataFrame, lifetimes: pd.DataFrame, cluster: ClusterSpec) -> np.ndarray:
-    """Each request's share of its instance's GPU cost, split by tokens served."""
+def request_cost_shares(requests: pd.DataFrame, lifetimes: pd.DataFrame, cluster: ClusterSpec,
+                        scale: float = 1.0) -> np.ndarray:
+    """Each request's share of its instance's GPU cost (whole GPUs x lifetime x `scale`), split by tokens
+    served. `scale` < 1 spreads the saving of instances sharing GPUs (`gpu_cost` with ids / without)."""
     out = np.zeros(len(requests))
     if requests.empty or lifetimes.empty:
         return out
@@ -101,5 +125,5 @@ def request_cost_shares(requests: pd.DataFrame, lifetimes: pd.DataFrame, cluster
     totals = tokens.groupby(requests["instance"]).transform("sum")
     usd = requests["instance"].map(inst_usd).astype(float).fillna(0.0)
     share = np.where(totals > 0, tokens / totals.where(totals > 0, 1.0), 0.0)
-    out[:] = usd.to_numpy() * share
+    out[:] = usd.to_numpy() * share * scale
     return out

@@ -16,7 +16,8 @@ from core.records import MOVE_SCHEMA, REQUEST_SCHEMA, frame, write_table
 
 # summary keys the simulator measures that a live run cannot: present, null (fleet and storage accounting,
 # injected faults, tier moves); the per-request ones are all measured
-SIM_ONLY_KEYS = ("cloud_gb", "cloud_gb_by_store", "fleet_cost_usd", "fleet_node_hours", "node_failures",
+SIM_ONLY_KEYS = ("cloud_gb", "cloud_gb_by_store", "fleet_cost_usd", "fleet_node_hours", "gpu_hours_by_node",
+                 "node_failures",
                  "preemptions", "requeued", "requeued_by_cause", "requeued_requests", "spot_nodes", "storage_usd",
                  "store_outages", "tier_moves", "policy", "workload", "models", "seed")
 

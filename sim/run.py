@@ -12,7 +12,15 @@ from typing import Any
 
 import pandas as pd
 
-from core.cost import egress_cost, fleet_cost, gpu_cost, instance_lifetimes, request_cost_shares, storage_cost_by_tier
+from core.cost import (
+    egress_cost,
+    fleet_cost,
+    gpu_cost,
+    gpu_hours_by_node,
+    instance_lifetimes,
+    request_cost_shares,
+    storage_cost_by_tier,
+)
 from core.inference import MeasuredTable
 from core.metrics import availability, memory_waste_frac, summarize
 from core.policies.base import PolicyBundle
@@ -157,8 +165,10 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
     end_s = world.end_s
     lifetimes = instance_lifetimes(instances, end_s)
     events = frame(EVENT_SCHEMA, rows_to_columns(EVENT_SCHEMA, world.events))
-    requests["cost_usd"] = request_cost_shares(requests, lifetimes, cluster)
-    gpu_hours, gpu_usd = gpu_cost(lifetimes, cluster)
+    gpu_hours, gpu_usd = gpu_cost(lifetimes, cluster, world.gpu_ids)
+    whole_gpus_usd = gpu_cost(lifetimes, cluster)[1]
+    requests["cost_usd"] = request_cost_shares(requests, lifetimes, cluster,
+                                               gpu_usd / whole_gpus_usd if whole_gpus_usd > 0 else 1.0)
     storage_usd_by_tier = storage_cost_by_tier(moves, cluster, models, end_s)
     storage_usd = sum(storage_usd_by_tier.values())
     st = world.stats
@@ -188,6 +198,7 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
             "storage_usd": storage_usd,
             "spot_nodes": sum(n.spot for n in cluster.nodes),
             "fleet_node_hours": node_hours,
+            "gpu_hours_by_node": gpu_hours_by_node(lifetimes, world.gpu_ids),
             "fleet_cost_usd": fleet_usd,
             "preemptions": int(kinds.get("preempted", 0)),
             "node_failures": int(kinds.get("node_failed", 0)),

@@ -120,6 +120,7 @@ class World:
         self.instance_rows: list[tuple] = []
         self.stats = WorldStats()
         self._reading: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.gpu_ids: dict[str, tuple[int, ...]] = {}  # instance -> the GPUs it held (billing shared GPUs once)
         self._inference: dict[tuple[str, str, int], InferenceModel] = {}
         self._retry_scheduled = False
         self._on_ready: dict[str, list[Callable[[], None]]] = {}
@@ -282,6 +283,7 @@ class World:
             return None
         now = self.env.now
         inst = self.state.add_instance(model_name, node, gpu_ids, per_gpu, kv, source_tier, now)
+        self.gpu_ids[inst.id] = tuple(gpu_ids)
         eng = SimEngine(self.env, inst, self._inference_model(model, node, n), self._on_finish)
         self.engines[inst.id] = eng
         store = self.stores.current or self.cluster.store
