@@ -25,7 +25,7 @@ NODE_FAULT_FIELDS: tuple[str, ...] = (
     "preemption_rate_per_hour", "preemption_notice_s", "replacement_delay_s", "failure_rate_per_hour", "repair_s")
 #: Keys a cluster config mapping may hold.
 CLUSTER_KEYS: frozenset[str] = frozenset({"node_groups", "store", "stores", "failover_s", "spot_share",
-                                          *NODE_FAULT_FIELDS})
+                                          "tier_overrides", *NODE_FAULT_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -304,7 +304,9 @@ def cluster_from_dict(data: Mapping[str, Any], where: str = "cluster") -> Cluste
     A node group expands into `count` identical nodes named `<name>-<i>`. Cluster-level
     `spot_share` and fault keys (`NODE_FAULT_FIELDS`) are defaults every group may override;
     the first round(count x spot_share) nodes of a group are spot. `stores: [...]` (primary
-    first) replaces `store: {...}` for failover across stores.
+    first) replaces `store: {...}` for failover across stores. `tier_overrides: {tier: {field:
+    value} | null}` changes (or adds) that tier's fields in every group, or removes the tier
+    (null): the `tiers` config group sweeps tier configurations over any cluster preset this way.
     """
     unknown = set(data) - CLUSTER_KEYS
     if unknown:
@@ -313,6 +315,7 @@ def cluster_from_dict(data: Mapping[str, Any], where: str = "cluster") -> Cluste
     for key in NODE_FAULT_FIELDS:
         if key in data:
             _non_negative(f"{where}.{key}", data[key])
+    tier_overrides = _tier_overrides(data.get("tier_overrides"), f"{where}.tier_overrides")
     groups = data.get("node_groups")
     if not groups:
         raise ConfigError(f"{where}.node_groups: at least one node group is required")
@@ -330,8 +333,10 @@ def cluster_from_dict(data: Mapping[str, Any], where: str = "cluster") -> Cluste
         if not isinstance(count, int) or count < 1:
             raise ConfigError(f"{gw}.count must be a positive integer, got {count!r}")
         gpu = gpu_from_dict(group.pop("gpu", None) or {}, f"{gw}.gpu")
-        tiers_cfg = group.pop("tiers", None) or {}
-        tiers = {name: tier_from_dict(name, t, f"{gw}.tiers.{name}") for name, t in tiers_cfg.items()}
+        tiers: dict[str, TierSpec] = {}
+        for name, t in _with_tier_overrides(group.pop("tiers", None) or {}, tier_overrides).items():
+            tw = f"{gw}.tiers.{name}" + (f" (with {where}.tier_overrides.{name})" if name in tier_overrides else "")
+            tiers[name] = tier_from_dict(name, t, tw)
         loader = loader_from_dict(group.pop("loader", None) or {}, f"{gw}.loader")
         base = group.pop("name", f"node{gi}")
         for i in range(count):
@@ -349,6 +354,36 @@ def cluster_from_dict(data: Mapping[str, Any], where: str = "cluster") -> Cluste
     failover_s = data.get("failover_s", 0.0)
     _non_negative(f"{where}.failover_s", failover_s)
     return ClusterSpec(nodes=tuple(nodes), store=stores[0], backup_stores=stores[1:], failover_s=float(failover_s))
+
+
+def _tier_overrides(data: Any, where: str) -> dict[str, Mapping[str, Any] | None]:
+    """The cluster's `tier_overrides`, checked: local tier names, each a mapping of fields or null (remove)."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of tier name -> fields (or null to remove the tier)")
+    for name, fields_ in data.items():
+        if name not in LOCAL_TIERS:
+            raise ConfigError(f"{where}.{name}: unknown tier; local tiers are {list(LOCAL_TIERS)}")
+        if fields_ is not None and not isinstance(fields_, Mapping):
+            raise ConfigError(f"{where}.{name}: expected a mapping of tier fields or null, got {fields_!r}")
+    return dict(data)
+
+
+def _with_tier_overrides(tiers: Mapping[str, Any], overrides: Mapping[str, Mapping[str, Any] | None]
+                         ) -> dict[str, Any]:
+    """A group's tier mappings with the cluster-wide overrides applied (null removes a tier)."""
+    out = dict(tiers)
+    for name, fields_ in overrides.items():
+        if fields_ is None:
+            out.pop(name, None)
+        else:
+            # a tier the group lacks is added; tier_from_dict then names any missing field
+            base = out.get(name) or {}
+            if not isinstance(base, Mapping):
+                continue  # tier_from_dict reports the group's malformed tier
+            out[name] = {**base, **fields_}
+    return out
 
 
 def _spot_share(share: Any, where: str) -> float:

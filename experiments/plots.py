@@ -1,7 +1,9 @@
-"""Plots of one run: cold-start CDF by source tier, cost breakdown."""
+"""Plots of one run (cold-start CDF by source tier, cost breakdown), of a gathered sweep and of the
+claims audit (experiments.claims)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,120 @@ def cost_breakdown(summary: dict[str, Any], path: Path, title: str = "") -> Path
     ax.set_title(title or f"Cost breakdown (total ${summary.get('cost_usd', 0):.2f})")
     for i, n in enumerate(names):
         ax.annotate(f"${parts[n]:.2f}", (i, parts[n]), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+SWEEP_MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*")
+#: Axis labels for the sweep table's usual columns (others are labelled with the column name).
+SWEEP_LABELS: dict[str, str] = {
+    "cost_usd": "cost of the run (USD)", "cold_start_s.mean": "mean cold start (s)",
+    "cold_start_s.p99": "p99 cold start (s)", "ttft_s.p99": "p99 TTFT (s)", "ttft_s.p50": "median TTFT (s)",
+    "slo_attainment": "TTFT SLO attainment", "availability": "availability",
+}
+
+
+def sweep_scatter(df: pd.DataFrame, path: Path, *, x: str = "cost_usd", y: str = "cold_start_s.mean",
+                  hue: str = "policy", facet: str = "tiers", marker: str = "cluster.spot_share",
+                  title: str = "") -> Path:
+    """One point per job of a gathered sweep (experiments.gather): `y` against `x`, coloured by `hue`,
+    one panel per value of `facet`, marker shape by `marker`. A grouping column the table lacks is
+    simply not used (one panel, one colour or one marker)."""
+    for col in (x, y):
+        if col not in df.columns:
+            raise ValueError(f"sweep plot: no column {col!r} in the sweep table; columns: {sorted(map(str, df))}")
+    # values in sweep order (the table is sorted by job number), so panels follow the command line
+    groups = {k: (list(pd.unique(df[c])) if c in df.columns else [None]) for k, c in
+              (("hue", hue), ("facet", facet), ("marker", marker))}
+    if len(groups["marker"]) > len(SWEEP_MARKERS):
+        raise ValueError(f"sweep plot: {marker!r} has {len(groups['marker'])} values, at most "
+                         f"{len(SWEEP_MARKERS)} marker shapes")
+    colors = plt.get_cmap("tab10")
+    n = len(groups["facet"])
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1.8, 3.8), sharex=True, sharey=True, squeeze=False)
+    for ax, fval in zip(axes[0], groups["facet"], strict=True):
+        part = df if fval is None else df[df[facet] == fval]
+        for hi, hval in enumerate(groups["hue"]):
+            for mi, mval in enumerate(groups["marker"]):
+                sel = part
+                if hval is not None:
+                    sel = sel[sel[hue] == hval]
+                if mval is not None:
+                    sel = sel[sel[marker] == mval]
+                ax.scatter(sel[x], sel[y], color=colors(hi % 10), marker=SWEEP_MARKERS[mi], s=46,
+                           edgecolors="black", linewidths=0.4)
+        ax.set_title(f"{facet} = {fval}" if fval is not None else (title or "sweep"), fontsize=10)
+        ax.set_xlabel(SWEEP_LABELS.get(x, x))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(SWEEP_LABELS.get(y, y))
+    handles = [plt.Line2D([], [], linestyle="", marker="o", color=colors(i % 10), label=f"{hue} = {v}")
+               for i, v in enumerate(groups["hue"]) if v is not None]
+    handles += [plt.Line2D([], [], linestyle="", marker=SWEEP_MARKERS[i], color="gray", label=f"{marker} = {v}")
+                for i, v in enumerate(groups["marker"]) if v is not None]
+    if handles:
+        fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    if title and groups["facet"] != [None]:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / (4.2 * n + 1.8), 1) if handles else None)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def claim_lines(path: Path, x: Sequence[float], series: Mapping[str, Sequence[float | None]], *, xlabel: str,
+                ylabel: str, title: str, hlines: Mapping[str, float] | None = None,
+                band: tuple[float, float] | None = None, vline: tuple[str, float] | None = None,
+                logx: bool = False, logy: bool = False) -> Path:
+    """A claims-audit sweep: one line per series over `x` (None = no point), the claim's thresholds as
+    dashed `hlines` (label -> y), its range as a shaded `band`, and the scenario's setting as `vline`."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, ys in series.items():
+        pts = [(a, b) for a, b in zip(x, ys, strict=True) if b is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", markersize=3.5, label=label)
+    colors = plt.get_cmap("tab10")
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, linestyle="--", linewidth=1.0, color=colors(i % 10), alpha=0.8, label=label)
+    if band is not None:
+        ax.axhspan(*band, color="green", alpha=0.12, label=f"claimed range {band[0]:g}-{band[1]:g}")
+    if vline is not None:
+        ax.axvline(vline[1], color="gray", linestyle=":", label=vline[0])
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def claim_bars(path: Path, groups: Sequence[str], series: Mapping[str, Sequence[float | None]], *, ylabel: str,
+               title: str, hlines: Mapping[str, float] | None = None,
+               bands: Mapping[str, tuple[float, float]] | None = None, logy: bool = False) -> Path:
+    """A claims-audit comparison: grouped bars (one group per scenario, one bar per series; None = no
+    bar), the claim's thresholds as dashed `hlines` and its ranges as shaded `bands` (label -> (lo, hi))."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2.5), 4.2))
+    width = 0.8 / max(1, len(series))
+    for i, (label, ys) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [0.0 if y is None else y for y in ys], width=width, label=label)
+    colors = plt.get_cmap("Set2")
+    for i, (label, (lo, hi)) in enumerate((bands or {}).items()):
+        ax.axhspan(lo, hi, color=colors(i % 8), alpha=0.3, label=label)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, color="black", linestyle="--", linewidth=1.0, label=label)
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log" if logy else "linear")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
