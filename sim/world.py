@@ -360,8 +360,8 @@ class World:
             if batch and last_flow is not None:
                 layer_bytes = model.layer_bytes
                 layer_ready = [last_flow.time_at_bytes((i + 1) * layer_bytes) for i in range(model.n_layers)]
-                prompt = sum(r.prompt_tokens for r in batch)
-                per_layer = eng.inf.prefill_s(prompt) / model.n_layers
+                # the batch's sequences attend only to themselves: their prefills add up, not their lengths
+                per_layer = sum(eng.inf.prefill_s(r.prompt_tokens) for r in batch) / model.n_layers
                 override_s = progressive_first_token_s(layer_ready, per_layer, max(compute_ready, to_gpu_start))
                 override_n = len(batch)
         else:

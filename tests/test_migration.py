@@ -68,3 +68,24 @@ def test_loads_from_dram_release_their_read_mark():
     w = _run(_world(migration=False))
     assert any(rec.source_tier == "dram" for rec in w.loads.values())
     assert dict(w._reading) == {}
+
+
+def test_progressive_first_pass_of_a_queued_batch_costs_the_sum_of_its_prefills():
+    # 64 long prompts queue on one loading instance; the first pass prefills them together: its time is
+    # the sum of their prefills (each attends to itself), not the prefill of one prompt 64x as long
+    cfg = config("cluster=small")["cluster"]
+    cluster = cluster_from_dict(cfg)
+    a = architecture("llama-3.1-8b", "A")
+    from core.policies.placement import TierAware
+
+    world = World(cluster, [a], EngineSpec(), PolicyBundle(TierAware(), LocalityLru(), KeepAlive(), progressive=True))
+    n, prompt = 64, 2000
+    world.run(np.zeros(n), ["A"] * n, ["t"] * n, np.full(n, prompt), np.ones(n, dtype=int))
+    reqs = world.requests
+    assert all(r.outcome == "completed" for r in reqs)
+    eng = reqs[0].instance
+    batch_prefill_s = n * eng.inf.prefill_s(prompt)
+    first = min(r.first_token_s for r in reqs)
+    resident = world.loads[eng.state.id].weights_resident_s
+    assert first <= resident + batch_prefill_s + 1.0
+    assert eng.inf.prefill_s(n * prompt) > 2 * batch_prefill_s  # the wrong formula would be far slower
