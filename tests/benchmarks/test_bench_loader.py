@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
     return generate_checkpoint(tmp_path_factory.mktemp("bench") / "small", "small", seed=0).path
 
 
-def test_loader_vs_raw_read_cold_cache(benchmark, checkpoint):
+def test_loader_vs_raw_read_cold_cache(benchmark, checkpoint, report_metric):
     path = checkpoint / "model.safetensors"
 
     def cold():  # setup must return None to keep `args`
@@ -42,5 +42,6 @@ def test_loader_vs_raw_read_cold_cache(benchmark, checkpoint):
     benchmark.extra_info.update({"size_bytes": report.size_bytes, "cache_method": report.cache_method,
                                  **{f"{m}_GBps": report.GBps(m) for m in report.results},
                                  **{f"{m}_ratio": report.ratio(m) for m in report.results}})
+    report_metric("loader.tierlab_over_raw_read", ratio, "higher")
     print(f"\n{report.table()}\ntierlab / raw = {ratio:.2f} (target >= {TARGET_RATIO}, asserted >= {MIN_RATIO})")
     assert ratio >= MIN_RATIO
