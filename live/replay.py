@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -290,6 +291,7 @@ def run(cfg: Mapping[str, Any], out_dir: Path | None) -> tuple[pd.DataFrame, dic
 
 
 def _command(cfg: dict[str, Any], out_dir: Path) -> str:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # hydra logs at INFO: one line per request otherwise
     try:
         _, summary = run(cfg, out_dir)
     except httpx.HTTPError as e:

@@ -379,7 +379,8 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 def _command(cfg: dict[str, Any], out_dir: Path) -> str | None:
-    logging.basicConfig(level=str(cfg.get("log_level", "warning")).upper())
+    # hydra configured the root logger at INFO; the gateway's own HTTP client would log every health check
+    logging.getLogger().setLevel(str(cfg.get("log_level", "warning")).upper())
     summary = run(cfg, out_dir)
     return one_line(summary, "served") if summary else None
 
