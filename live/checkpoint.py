@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from live.fsutil import fsync_dir as _fsync_dir
+from live.llama_config import LlamaConfig, tensor_shapes
 from live.manifest import WEIGHTS_FILE
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -43,59 +44,19 @@ DTYPES: dict[str, tuple[str, int]] = {"bfloat16": ("BF16", 2), "float16": ("F16"
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
-@dataclass(frozen=True)
-class LlamaParams:
-    """Architecture of a Llama decoder (the LlamaConfig fields that decide tensor shapes)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "num_key_value_heads", "vocab_size", "max_position_embeddings"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaParams.{field} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"LlamaParams.hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"LlamaParams.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"LlamaParams: head_dim={self.head_dim} must be even (rotary embeddings)")
-        if self.vocab_size < N_SPECIAL + _BYTE_TOKENS:
-            raise ValueError(f"LlamaParams.vocab_size={self.vocab_size} must be >= {N_SPECIAL + _BYTE_TOKENS} "
-                             "(special tokens + 256 byte tokens)")
-        if not (self.init_std > 0 and self.rms_norm_eps > 0 and self.rope_theta > 0):
-            raise ValueError("LlamaParams: init_std, rms_norm_eps and rope_theta must be > 0")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def n_params(self) -> int:
-        return sum(int(np.prod(shape)) for _, shape in tensor_shapes(self))
+# the generator's historical name for the one Llama config dataclass
+LlamaParams = LlamaConfig
 
 
 # sizes are for bfloat16; float32 doubles them
-PRESETS: dict[str, LlamaParams] = {
-    "tiny": LlamaParams(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+PRESETS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=4096),  # ~10 MB
-    "small": LlamaParams(hidden_size=512, intermediate_size=1408, num_hidden_layers=14, num_attention_heads=8,
+    "small": LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=14, num_attention_heads=8,
                          num_key_value_heads=4, vocab_size=8192),  # ~100 MB
-    "medium": LlamaParams(hidden_size=1024, intermediate_size=2816, num_hidden_layers=14, num_attention_heads=8,
+    "medium": LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=14, num_attention_heads=8,
                           num_key_value_heads=4, vocab_size=16384),  # ~400 MB
-    "large": LlamaParams(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+    "large": LlamaConfig(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
                          num_key_value_heads=4, vocab_size=32000),  # ~1 GB
 }
 
@@ -108,72 +69,10 @@ class CheckpointInfo:
     n_layers: int
     total_bytes: int
     files: tuple[str, ...]
-    params: LlamaParams
+    params: LlamaConfig
     dtype: str
     seed: int
     n_params: int
-
-
-def tensor_shapes(p: LlamaParams) -> list[tuple[str, tuple[int, ...]]]:
-    """HF tensor names and shapes in the order they are written: embeddings, layers 0..N-1, norm, lm_head."""
-    h, i, hd = p.hidden_size, p.intermediate_size, p.head_dim
-    q_out, kv_out = p.num_attention_heads * hd, p.num_key_value_heads * hd
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (p.vocab_size, h))]
-    for layer in range(p.num_hidden_layers):
-        pre = f"model.layers.{layer}."
-        # forward order inside a layer, so a consumer reading the file front to back meets what it needs first
-        out += [
-            (pre + "input_layernorm.weight", (h,)),
-            (pre + "self_attn.q_proj.weight", (q_out, h)),
-            (pre + "self_attn.k_proj.weight", (kv_out, h)),
-            (pre + "self_attn.v_proj.weight", (kv_out, h)),
-            (pre + "self_attn.o_proj.weight", (h, q_out)),
-            (pre + "post_attention_layernorm.weight", (h,)),
-            (pre + "mlp.gate_proj.weight", (i, h)),
-            (pre + "mlp.up_proj.weight", (i, h)),
-            (pre + "mlp.down_proj.weight", (h, i)),
-        ]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (p.vocab_size, h))]
-    return out
-
-
-def hf_config(p: LlamaParams, dtype: str) -> dict:
-    """config.json contents, as transformers' LlamaConfig writes them."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": p.hidden_size,
-        "intermediate_size": p.intermediate_size,
-        "num_hidden_layers": p.num_hidden_layers,
-        "num_attention_heads": p.num_attention_heads,
-        "num_key_value_heads": p.num_key_value_heads,
-        "head_dim": p.head_dim,
-        "vocab_size": p.vocab_size,
-        "max_position_embeddings": p.max_position_embeddings,
-        "rms_norm_eps": p.rms_norm_eps,
-        "rope_theta": p.rope_theta,
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "initializer_range": p.init_std,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        "torch_dtype": dtype,
-        "tie_word_embeddings": False,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-    }
-
-
-def params_from_config(config: dict) -> LlamaParams:
-    """The LlamaParams a config.json describes (the inverse of `hf_config`)."""
-    fields = LlamaParams.__dataclass_fields__
-    kwargs = {k: config[k] for k in fields if k in config}
-    if "initializer_range" in config:
-        kwargs["init_std"] = config["initializer_range"]
-    return LlamaParams(**kwargs)
 
 
 # ---------------------------------------------------------------- weights
@@ -355,12 +254,15 @@ def build_tokenizer(vocab_size: int):
 
 # ---------------------------------------------------------------- checkpoint
 
-def resolve_params(preset_or_params: str | LlamaParams) -> tuple[str, LlamaParams]:
-    """(preset name or "custom", params) for a preset name or explicit params."""
-    if isinstance(preset_or_params, LlamaParams):
+def resolve_params(preset_or_params: str | LlamaConfig) -> tuple[str, LlamaConfig]:
+    """(preset name or "custom", params) for a preset name or explicit params the tokenizer can serve."""
+    if isinstance(preset_or_params, LlamaConfig):
+        if preset_or_params.vocab_size < N_SPECIAL + _BYTE_TOKENS:  # the byte-level BPE needs every byte
+            raise ValueError(f"vocab_size={preset_or_params.vocab_size} must be >= {N_SPECIAL + _BYTE_TOKENS} "
+                             "(special tokens + 256 byte tokens)")
         return "custom", preset_or_params
     if preset_or_params not in PRESETS:
-        raise ValueError(f"unknown preset {preset_or_params!r}; choose one of {sorted(PRESETS)} or pass LlamaParams")
+        raise ValueError(f"unknown preset {preset_or_params!r}; choose one of {sorted(PRESETS)} or pass a LlamaConfig")
     return preset_or_params, PRESETS[preset_or_params]
 
 
@@ -391,7 +293,7 @@ def _remove_stale_tmp_dirs(out_dir: Path) -> None:
 
 
 
-def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | LlamaParams = "tiny", seed: int = 0, *,
+def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | LlamaConfig = "tiny", seed: int = 0, *,
                         dtype: str = "bfloat16", overwrite: bool = False) -> CheckpointInfo:
     """Write a seeded random Llama checkpoint in HF layout to `out_dir`, atomically.
 
@@ -402,6 +304,8 @@ def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | Llam
     out_dir = Path(out_dir).absolute()
     preset, params = resolve_params(preset_or_params)
     dtype = _normalise_dtype(dtype)
+    # the dtype written and the tokenizer's special ids belong in config.json too
+    params = replace(params, torch_dtype=dtype, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,))
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if out_dir.exists() and not overwrite:
@@ -412,10 +316,11 @@ def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | Llam
     try:
         shapes = tensor_shapes(params)
         rng = np.random.default_rng(seed)
-        arrays = (_tensor_bytes(name, shape, dtype, rng, params.init_std) for name, shape in shapes)
+        arrays = (_tensor_bytes(name, shape, dtype, rng, params.initializer_range)
+                  for name, shape in shapes)
         metadata = {"format": "pt", "generator": "tierlab.live.checkpoint", "preset": preset, "seed": str(seed)}
         write_safetensors_in_order(tmp / WEIGHTS_FILE, shapes, dtype, arrays, metadata)
-        config = hf_config(params, dtype)
+        config = params.to_hf_config()
         small_files = {
             "config.json": json.dumps(config, indent=2) + "\n",
             "generation_config.json": json.dumps(

@@ -70,6 +70,7 @@ class LoadTiming:
     chunk_bytes: int
     direct_io: bool  # every read used O_DIRECT
     device: str
+    max_read_Bps: float | None = None  # the read-rate cap the load ran under (None: none)
 
     @property
     def read_bw_Bps(self) -> float:
@@ -214,10 +215,13 @@ class ProgressiveLoad:
 
     def __init__(self, path: Path, *, on_layer: OnLayer | None, device: str | torch.device | None,
                  manifest: Manifest | None, n_threads: int, chunk_bytes: int, direct_io: bool | None,
-                 buffer: np.ndarray | None = None) -> None:
+                 buffer: np.ndarray | None = None, max_read_Bps: float | None = None) -> None:
         self._t0 = time.perf_counter()
         if n_threads < 1 or chunk_bytes < 1:
             raise ValueError(f"n_threads ({n_threads}) and chunk_bytes ({chunk_bytes}) must be >= 1")
+        if max_read_Bps is not None and not max_read_Bps > 0:
+            raise ValueError(f"max_read_Bps must be > 0 (or None for no cap), got {max_read_Bps}")
+        self._max_read_Bps = max_read_Bps
         self.path = path
         self.layout = read_layout(path)
         self.n_layers = self.layout.n_layers
@@ -337,6 +341,13 @@ class ProgressiveLoad:
                 self._next_chunk += 1
             try:
                 self._read_chunk(k)
+                if self._max_read_Bps is not None:
+                    # an emulated slower tier: chunk k may not complete before its last byte is due
+                    # (a wait, not a sleep, so that another reader's failure ends it at once)
+                    due_s = min((k + 1) * self._chunk_bytes, self._size) / self._max_read_Bps
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._error is not None,
+                                            timeout=max(0.0, self._t0 + due_s - time.perf_counter()))
             except BaseException as e:
                 self._fail(e)
                 return
@@ -479,7 +490,7 @@ class ProgressiveLoad:
             total_s=time.perf_counter() - self._t0, read_s=self._read_end_s or 0.0, to_device_s=self._to_device_s,
             verify_s=self._verify_s, bytes_read=self._size, layer_ready_s=tuple(ready[:-1]), tail_ready_s=ready[-1],
             n_threads=self._n_threads, chunk_bytes=self._chunk_bytes, direct_io=self._all_direct,
-            device=str(self._device))
+            device=str(self._device), max_read_Bps=self._max_read_Bps)
         order = {t.name: t.start_byte for t in self.layout.tensors()}
         tensors = dict(sorted(self._tensors.items(), key=lambda kv: order[kv[0]]))
         return LoadedCheckpoint(path=self.path, layout=self.layout, tensors=tensors, config=config, timing=timing,
@@ -489,29 +500,33 @@ class ProgressiveLoad:
 def start_load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, device: str | torch.device | None = None,
                manifest: Manifest | None = None, n_threads: int = DEFAULT_THREADS,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, direct_io: bool | None = None,
-               buffer: np.ndarray | None = None) -> ProgressiveLoad:
+               buffer: np.ndarray | None = None, max_read_Bps: float | None = None) -> ProgressiveLoad:
     """Start loading a checkpoint dir's `model.safetensors` (or a .safetensors file) in the background.
 
     `device`: None or "cpu" keeps the tensors in host memory; any other torch device gets each group
     copied there before its event fires. `direct_io`: None uses O_DIRECT unless the file is mostly in
     the page cache already, True always tries it; both fall back silently where the filesystem
     refuses it; False never uses it. `buffer`: host memory to load into (from `alloc_buffer`, reused
-    across loads to skip page faults and pinning); the returned tensors view it.
+    across loads to skip page faults and pinning); the returned tensors view it. `max_read_Bps`: off
+    (None) by default; a number caps the read so that byte b is not in memory before b / max_read_Bps
+    seconds, emulating a slower tier (SATA, a cloud store) on a fast disk, at chunk granularity.
 
     Errors found before reading (missing file, bad header, size differing from the manifest) raise
     here; later ones from `result()` and the waits.
     """
     return ProgressiveLoad(_weights_path(path), on_layer=on_layer, device=device, manifest=manifest,
-                           n_threads=n_threads, chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer)
+                           n_threads=n_threads, chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer,
+                           max_read_Bps=max_read_Bps)
 
 
 def load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, device: str | torch.device | None = None,
          manifest: Manifest | None = None, n_threads: int = DEFAULT_THREADS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-         direct_io: bool | None = None, buffer: np.ndarray | None = None) -> LoadedCheckpoint:
+         direct_io: bool | None = None, buffer: np.ndarray | None = None,
+         max_read_Bps: float | None = None) -> LoadedCheckpoint:
     """Load a checkpoint's weights, blocking; `on_layer(i, tensors)` is called per group in order as it arrives.
 
     With a manifest, the weights' sha256 (computed while reading) and the other listed files are
     checked; a mismatch raises ChecksumError naming the file and nothing is returned.
     """
     return start_load(path, on_layer=on_layer, device=device, manifest=manifest, n_threads=n_threads,
-                      chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer).result()
+                      chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer, max_read_Bps=max_read_Bps).result()

@@ -8,9 +8,13 @@ GET /stats (start-up phase timings and the last request's first-token time).
 
 The server listens before torch is even imported; the model loads in a thread. Inference runs in
 one worker thread, one request at a time (later requests queue), so the event loop stays free to
-answer probes and stream tokens. With --progressive the weights arrive group by group through a
-`BackgroundSafetensorsLayerSource`, the server is ready as soon as the model object exists, and the
-first forward pass computes each layer as soon as it is resident.
+answer probes and stream tokens. Both modes read the weights with tierlab's loader (`live.loader`:
+parallel chunked reads, O_DIRECT where allowed) and the same settings. Without --progressive the
+server is ready once every layer is resident (load-then-run); with --progressive it is ready as soon
+as the model object exists, the loading thread converts each layer group to the compute dtype as it
+lands, and the first forward pass computes layer i as soon as layer i is there.
+--max-read-MBps caps the loader's read rate (an emulated slower tier); --layer-delay-s instead reads
+group by group with a sleep before each (a fake slow tier for tests).
 """
 
 from __future__ import annotations
@@ -285,6 +289,7 @@ class Engine:
         launched_at_unix: float | None = None,
         default_chat_max_tokens: int = 256,
         layer_delay_s: float = 0.0,
+        max_read_Bps: float | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.model_name = model_name
@@ -293,6 +298,7 @@ class Engine:
         self.threads = threads
         self.default_chat_max_tokens = default_chat_max_tokens
         self.layer_delay_s = layer_delay_s
+        self.max_read_Bps = max_read_Bps
         self.created_unix = int(time.time())
         # every *_at_s is measured from t0: the parent's launch time when it passed one, else module start
         self.t0_unix = launched_at_unix if launched_at_unix is not None else _MODULE_START_UNIX
@@ -310,7 +316,8 @@ class Engine:
             "imports_done_at_s": None,
             "weights_resident_at_s": None,
             "ready_at_s": None,
-            "load_s": None,
+            "load_s": None,  # load start -> every group resident in the model, in the compute dtype
+            "read_s": None,  # load start -> the source (the loader) had read every group
             "first_token_at_s": None,  # the first request's first token: the cold start's TTFT
         }
         self.requests_done = 0
@@ -341,28 +348,20 @@ class Engine:
             import torch
             from tokenizers import Tokenizer
 
-            from live.engines.base import BackgroundSafetensorsLayerSource
             from live.engines.llama import DTYPES, LlamaModel
 
             if self.threads:
                 torch.set_num_threads(self.threads)
             self.timings["imports_done_at_s"] = self.since_t0_s()
-            self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-            dtype = DTYPES[self.dtype_name]
             start = time.perf_counter()
-            if self.progressive:
-                if self.layer_delay_s > 0:  # an artificial slow tier, for experiments
-                    source = BackgroundSafetensorsLayerSource(self.model_dir, self.layer_delay_s).start()
-                else:  # tierlab's parallel, layer-ordered loader
-                    from live.engines.loader_source import LoaderLayerSource
-
-                    source = LoaderLayerSource(self.model_dir)
-                self.model = LlamaModel.from_dir(self.model_dir, dtype, layer_source=source)
-                threading.Thread(target=self._watch_progressive, args=(source, start), daemon=True).start()
-            else:
-                self.model = LlamaModel.from_dir(self.model_dir, dtype)
-                self.timings["load_s"] = time.perf_counter() - start
-                self.timings["weights_resident_at_s"] = self.since_t0_s()
+            # both modes read through the same source with the same settings: they differ only in
+            # whether the first forward pass may begin before the last group is resident
+            source = self._layer_source()
+            self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))  # while the read runs
+            self.model = LlamaModel.from_dir(self.model_dir, DTYPES[self.dtype_name], layer_source=source)
+            if not self.progressive:
+                self.model.materialize()
+                self._weights_resident(source, start)
             self.bos_token_id = self.model.config.bos_token_id
             self.state = "ready"
             self.timings["ready_at_s"] = self.since_t0_s()
@@ -373,17 +372,40 @@ class Engine:
                 self.timings["ready_at_s"],
                 self.progressive,
             )
+            if self.progressive:
+                # take (and convert to the compute dtype) each group as soon as it is resident, in this
+                # thread: the first forward pass then finds layer i ready instead of converting it itself,
+                # so conversion overlaps compute rather than adding to it
+                self.model.materialize()
+                self._weights_resident(source, start)
         except BaseException as exc:  # any load failure is fatal for the process
             self._fail("loading the model failed", exc)
 
-    def _watch_progressive(self, source: Any, start_perf: float) -> None:
+    def _layer_source(self) -> Any:
+        """The weights' source: tierlab's parallel, layer-ordered loader, or the artificial slow tier."""
+        from live.manifest import WEIGHTS_FILE
+
+        # the loader reads one model.safetensors; a sharded checkpoint is read shard by shard instead
+        if self.layer_delay_s > 0 or not (self.model_dir / WEIGHTS_FILE).is_file():
+            from live.engines.base import BackgroundSafetensorsLayerSource
+
+            if self.max_read_Bps is not None:
+                log.warning("--max-read-MBps applies to the loader only; ignored for %s", self.model_dir)
+            # layer_delay_s: an experiment knob, a sleep per group standing in for a slow tier
+            return BackgroundSafetensorsLayerSource(self.model_dir, self.layer_delay_s).start()
+        from live.engines.loader_source import LoaderLayerSource
+
+        return LoaderLayerSource(self.model_dir, max_read_Bps=self.max_read_Bps)
+
+    def _weights_resident(self, source: Any, start_perf: float) -> None:
+        """Record when the model held every group; a late source error (a failed checksum) is fatal."""
         source.done.wait()
         if source.error is not None:
-            self._fail("progressive loading failed", source.error)
-            return
-        # the last group's release time, not this thread's wake-up: a forward pass may beat the wake-up
-        resident_perf = max(source.released_at.values())
+            raise source.error
+        # the last group's time, not this call's: the forward pass may have taken the last group itself
+        resident_perf = max(self.model.group_resident_at.values())
         self.timings["load_s"] = resident_perf - start_perf
+        self.timings["read_s"] = source.load_s
         self.timings["weights_resident_at_s"] = self.perf_to_at_s(resident_perf)
 
     # -- requests
@@ -728,7 +750,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-name", help="name served in the API (default: the directory's name)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--progressive", action="store_true", help="serve while the layers load")
-    parser.add_argument("--layer-delay-s", type=float, default=0.0, help="sleep per layer group (progressive)")
+    parser.add_argument("--layer-delay-s", type=float, default=0.0, help="sleep per layer group (a fake slow tier)")
+    parser.add_argument("--max-read-MBps", type=float, help="cap the weights read at this many MB/s "
+                        "(emulates a slower tier; off by default)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--default-chat-max-tokens", type=int, default=256)
     parser.add_argument("--launched-at", type=float, help="the launcher's time.time() at spawn (t0 of the stats)")
@@ -740,6 +764,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_read_MBps is not None and not args.max_read_MBps > 0:
+        print(f"cpu_server: --max-read-MBps must be > 0, got {args.max_read_MBps}", file=sys.stderr)
+        return 2
     # fail fast, before importing torch, on a directory that cannot be a checkpoint
     for name in ("config.json", "tokenizer.json"):
         if not (args.model_dir / name).is_file():
@@ -747,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.exit_with_parent:
         exit_with_parent(args.exit_with_parent)  # the launcher may die without calling stop()
+    # torch's OpenMP threads spin at every barrier by default; sharing the cores with the loader's
+    # threads, the server and other processes, a spinning thread takes the core its partner needs and
+    # each op of a batch-1 forward pass stalls for a scheduler slice. Set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # OpenMP workers then sleep when out of work
 
     import uvicorn
 
@@ -759,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         launched_at_unix=args.launched_at,
         default_chat_max_tokens=args.default_chat_max_tokens,
         layer_delay_s=args.layer_delay_s,
+        max_read_Bps=None if args.max_read_MBps is None else args.max_read_MBps * 1e6,
     )
     config = uvicorn.Config(
         create_app(engine),

@@ -3,85 +3,32 @@
 Batch size 1: RMSNorm, rotary embeddings (rope_theta, optional "linear"/"llama3" rope scaling),
 grouped-query attention with a preallocated KV cache, SwiGLU MLP, tied or separate lm_head.
 Weights come from a `LayerSource`, one group at a time (0 = embeddings, 1..N = decoder layers,
-N+1 = final norm + lm_head), fetched lazily: with a progressive source the first forward pass
-computes layer i as soon as layer i is resident, while later layers are still loading.
+N+1 = final norm + lm_head), taken lazily: with a progressive source the first forward pass
+computes layer i as soon as layer i is resident, while later layers are still loading. A loading
+thread may call `materialize()` meanwhile, so that each group is converted to the compute dtype as
+it lands rather than when the forward pass reaches it. The config is `live.llama_config.LlamaConfig`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from live.engines.base import LayerSource, SafetensorsLayerSource
+from live.llama_config import LlamaConfig, layer_tensor_shapes, tensor_shapes
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    """The fields of a Hugging Face Llama config.json that the forward pass needs."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    max_position_embeddings: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    torch_dtype: str = "float32"
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    head_dim: int = 0  # 0: hidden_size // num_attention_heads
-    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
-
-    def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> LlamaConfig:
-        eos = raw.get("eos_token_id")
-        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
-        return cls(
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
-            num_attention_heads=int(raw["num_attention_heads"]),
-            num_key_value_heads=int(raw.get("num_key_value_heads") or raw["num_attention_heads"]),
-            vocab_size=int(raw["vocab_size"]),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            torch_dtype=str(raw.get("torch_dtype") or "float32"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            head_dim=int(raw.get("head_dim") or 0),
-            rope_scaling=raw.get("rope_scaling"),
-        )
-
-    @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike[str]) -> LlamaConfig:
-        return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -122,14 +69,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's weights, in the model's dtype (nn.Linear layout: [out, in])."""
+    """One decoder layer's weights, in the model's dtype (nn.Linear layout: [out, in]).
 
-    input_norm: torch.Tensor
+    Field names are the last part of the HF names (`llama_config.LAYER_TENSORS`).
+    """
+
+    input_layernorm: torch.Tensor
     q_proj: torch.Tensor
     k_proj: torch.Tensor
     v_proj: torch.Tensor
     o_proj: torch.Tensor
-    post_norm: torch.Tensor
+    post_attention_layernorm: torch.Tensor
     gate_proj: torch.Tensor
     up_proj: torch.Tensor
     down_proj: torch.Tensor
@@ -187,6 +137,9 @@ class LlamaModel:
         self._lm_head: torch.Tensor | None = None
         self._lock = threading.Lock()
         self._inv_freq = rope_inv_freq(config)
+        self._shapes = dict(tensor_shapes(config))
+        # a tied checkpoint may still store lm_head (then it is used, and has the embedding's shape)
+        self._shapes.setdefault("lm_head.weight", self._shapes["model.embed_tokens.weight"])
         # perf_counter() when each group became usable here, and when the first forward pass finished it:
         # the evidence that compute overlapped loading
         self.group_resident_at: dict[int, float] = {}
@@ -223,10 +176,11 @@ class LlamaModel:
         for group in range(self.n_groups):
             self._ensure(group)
 
-    def _take(self, tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _take(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         if name not in tensors:
             raise KeyError(f"checkpoint lacks tensor {name!r}")
         tensor = tensors[name]
+        shape = self._shapes[name]
         if tuple(tensor.shape) != shape:
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
         return tensor.to(self.dtype).contiguous()
@@ -239,26 +193,17 @@ class LlamaModel:
                 return
             c = self.config
             tensors = self.source.wait(group)
-            n_q, n_kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
             if group == 0:
-                self._embed = self._take(tensors, "model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+                self._embed = self._take(tensors, "model.embed_tokens.weight")
             elif group <= c.num_hidden_layers:
-                p = f"model.layers.{group - 1}."
-                self._layers[group - 1] = LayerWeights(
-                    input_norm=self._take(tensors, p + "input_layernorm.weight", (c.hidden_size,)),
-                    q_proj=self._take(tensors, p + "self_attn.q_proj.weight", (n_q, c.hidden_size)),
-                    k_proj=self._take(tensors, p + "self_attn.k_proj.weight", (n_kv, c.hidden_size)),
-                    v_proj=self._take(tensors, p + "self_attn.v_proj.weight", (n_kv, c.hidden_size)),
-                    o_proj=self._take(tensors, p + "self_attn.o_proj.weight", (c.hidden_size, n_q)),
-                    post_norm=self._take(tensors, p + "post_attention_layernorm.weight", (c.hidden_size,)),
-                    gate_proj=self._take(tensors, p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size)),
-                    up_proj=self._take(tensors, p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
-                    down_proj=self._take(tensors, p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)),
-                )
+                self._layers[group - 1] = LayerWeights(**{
+                    name.removesuffix(".weight").rsplit(".", 1)[-1]: self._take(tensors, name)
+                    for name, _ in layer_tensor_shapes(c, group - 1)
+                })  # fmt: skip
             else:
-                self._norm = self._take(tensors, "model.norm.weight", (c.hidden_size,))
+                self._norm = self._take(tensors, "model.norm.weight")
                 if "lm_head.weight" in tensors:
-                    self._lm_head = self._take(tensors, "lm_head.weight", (c.vocab_size, c.hidden_size))
+                    self._lm_head = self._take(tensors, "lm_head.weight")
                 elif c.tie_word_embeddings:
                     self._ensure_tied()
                 else:
@@ -323,7 +268,7 @@ class LlamaModel:
             self._ensure(i + 1)
             w = self._layers[i]
             assert w is not None
-            h = rms_norm(x, w.input_norm, c.rms_norm_eps)
+            h = rms_norm(x, w.input_layernorm, c.rms_norm_eps)
             q = F.linear(h, w.q_proj).view(n_new, n_heads, hd).transpose(0, 1)
             k = F.linear(h, w.k_proj).view(n_new, n_kv, hd).transpose(0, 1)
             v = F.linear(h, w.v_proj).view(n_new, n_kv, hd).transpose(0, 1)
@@ -336,7 +281,7 @@ class LlamaModel:
                 v = v.repeat_interleave(n_heads // n_kv, dim=0)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             x = x + F.linear(attn.transpose(0, 1).reshape(n_new, n_heads * hd), w.o_proj)
-            h = rms_norm(x, w.post_norm, c.rms_norm_eps)
+            h = rms_norm(x, w.post_attention_layernorm, c.rms_norm_eps)
             x = x + F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
             self._mark_computed(i + 1)
 

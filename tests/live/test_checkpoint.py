@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from live.checkpoint import PRESETS, LlamaParams, generate_checkpoint, main  # noqa: E402
+from live.llama_config import LlamaConfig  # noqa: E402
 from live.manifest import (  # noqa: E402
     MANIFEST_FILE,
     Manifest,
@@ -239,14 +241,31 @@ def test_invalid_arguments_leave_nothing(tmp_path: Path, args, kwargs):
 @pytest.mark.parametrize("bad", [
     {"hidden_size": 100, "num_attention_heads": 3},  # not divisible
     {"num_attention_heads": 4, "num_key_value_heads": 3},  # GQA groups uneven
-    {"vocab_size": 100},  # smaller than the byte alphabet
     {"num_hidden_layers": 0},
+    {"vocab_size": True},  # a bool is not a size
+    {"rope_theta": -1.0},
 ])
 def test_invalid_params_rejected(bad: dict):
     base = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "vocab_size": 300}
     with pytest.raises(ValueError, match=next(iter(bad))):
         LlamaParams(**(base | bad))
+
+
+def test_vocab_smaller_than_the_byte_alphabet_is_refused_by_the_generator(tmp_path: Path):
+    """The engine runs any vocab; the generator's byte-level tokenizer needs 2 specials + 256 bytes."""
+    small_vocab = LlamaParams(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=100)
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        generate_checkpoint(tmp_path / "out", small_vocab)
+    assert siblings(tmp_path / "out") == []
+
+
+def test_written_config_is_the_params_with_dtype_and_special_ids(tiny: Path):
+    """config.json round-trips through the one config class: the generator's params plus what it decided."""
+    written = LlamaConfig.from_dir(tiny)
+    assert written == replace(PRESETS["tiny"], torch_dtype="bfloat16", bos_token_id=0, eos_token_ids=(1,))
+    assert written.to_hf_config() == json.loads((tiny / "config.json").read_text())
 
 
 def test_existing_dir_refused_then_overwritten(tmp_path: Path):

@@ -263,6 +263,22 @@ def test_bad_arguments(ckpt: Path):
         load(ckpt, n_threads=0)
     with pytest.raises(ValueError):
         load(ckpt, chunk_bytes=0)
+    with pytest.raises(ValueError, match="max_read_Bps"):
+        start_load(ckpt, max_read_Bps=0)
+
+
+def test_read_cap_emulates_a_slower_tier_and_stays_progressive(ckpt: Path, reference: dict):
+    """max_read_Bps: the ~2.6 MB file at 6.5 MB/s takes >= 0.4 s, and layers still arrive one by one."""
+    size = (ckpt / "model.safetensors").stat().st_size
+    cap_Bps = size / 0.4
+    c = load(ckpt, chunk_bytes=64 << 10, n_threads=4, max_read_Bps=cap_Bps)
+    assert_same(c.tensors, reference)
+    t = c.timing
+    assert t.max_read_Bps == cap_Bps and t.read_s >= 0.4 * 0.99
+    # group 0 (embeddings + layer 0) is ~23% of the bytes: usable long before the tail
+    assert t.layer_ready_s[0] < 0.6 * t.tail_ready_s
+    assert all(b - a > 0.02 for a, b in zip(t.layer_ready_s, t.layer_ready_s[1:], strict=False))
+    assert load(ckpt, chunk_bytes=64 << 10).timing.max_read_Bps is None  # off by default
 
 
 def test_evict_page_cache_then_cold_load(ckpt: Path, reference: dict):

@@ -229,6 +229,30 @@ def test_progressive_forward_overlaps_loading_and_matches(tiny_llama: Path, mode
     assert finished - start >= source.n_groups * delay_s
 
 
+def test_groups_taken_by_a_loading_thread_while_the_first_forward_runs(tiny_llama: Path, model: LlamaModel) -> None:
+    """The progressive engine converts groups in its loading thread as they land; the forward pass shares them."""
+    eager = SafetensorsLayerSource(tiny_llama)
+    source = EventLayerSource(eager.n_layers)
+    progressive = LlamaModel.from_dir(tiny_llama, layer_source=source)
+    taker = threading.Thread(target=progressive.materialize)
+    taker.start()
+
+    def release() -> None:
+        for group in range(source.n_groups):
+            time.sleep(0.02)
+            source.put(group, eager.wait(group))
+
+    producer = threading.Thread(target=release)
+    producer.start()
+    logits = progressive.forward(PROMPT)
+    producer.join()
+    taker.join(5)
+    assert not taker.is_alive() and progressive.resident
+    assert torch.equal(logits, model.forward(PROMPT))
+    for group in range(source.n_groups):  # taken once, before the forward pass computed it
+        assert source.released_at[group] <= progressive.group_resident_at[group] <= progressive.group_computed_at[group]
+
+
 def test_progressive_load_failure_raises_instead_of_hanging(tiny_llama: Path) -> None:
     eager = SafetensorsLayerSource(tiny_llama)
     source = EventLayerSource(eager.n_layers)

@@ -1,7 +1,8 @@
-"""The engine fed by tierlab's loader: same logits as a plain load, layers released in order."""
+"""The engine fed by tierlab's loader: same logits as a plain load, layers released in order, shards."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -35,3 +36,31 @@ def test_loader_source_reports_a_corrupt_checkpoint(tmp_path: Path) -> None:
     source = LoaderLayerSource(ckpt.path, manifest=manifest)
     assert source.done.wait(30)
     assert source.error is not None and "model.safetensors" in str(source.error)
+
+
+def test_engine_reads_both_modes_through_the_loader_and_shards_without_it(tmp_path: Path) -> None:
+    """One model.safetensors: tierlab's loader in both modes; a sharded checkpoint: shard by shard."""
+    from safetensors.torch import load_file, save_file
+
+    from live.engines.base import BackgroundSafetensorsLayerSource
+    from live.engines.cpu_server import Engine
+
+    ckpt = generate_checkpoint(tmp_path / "ck", "tiny", seed=5).path
+    ids = torch.tensor([1, 5, 9])
+    plain = LlamaModel.from_dir(ckpt).forward(ids)
+    for progressive in (False, True):
+        source = Engine(ckpt, "m", progressive=progressive)._layer_source()
+        assert isinstance(source, LoaderLayerSource)
+        torch.testing.assert_close(LlamaModel.from_dir(ckpt, layer_source=source).forward(ids), plain, rtol=0, atol=0)
+    tensors = load_file(ckpt / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for k, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = f"model-0000{k + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(ckpt / shard))
+        weight_map |= dict.fromkeys(part, shard)
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    source = Engine(ckpt, "m")._layer_source()
+    assert isinstance(source, BackgroundSafetensorsLayerSource)
+    torch.testing.assert_close(LlamaModel.from_dir(ckpt, layer_source=source).forward(ids), plain, rtol=0, atol=0)

@@ -1,0 +1,196 @@
+"""The fields of a Hugging Face Llama `config.json`: one dataclass for the checkpoint generator and the CPU engine.
+
+    config = LlamaConfig.from_dir("ckpt")               # or LlamaConfig.from_hf_config(json.load(f))
+    json.dumps(config.to_hf_config())                    # as transformers' LlamaConfig writes it
+    for name, shape in tensor_shapes(config): ...        # HF tensor names in forward (= file) order
+
+Pure and torch-free: the generator and the node agent use it without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+
+# one decoder layer's tensors (suffixes of "model.layers.{i}."), in the order the forward pass uses them
+LAYER_TENSORS = (
+    "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
+
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_POSITIVE_INTS = (*_REQUIRED, "num_key_value_heads", "max_position_embeddings")
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "initializer_range")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama decoder's architecture and the config.json keys an engine needs (HF names and defaults).
+
+    `head_dim` 0 means hidden_size // num_attention_heads and is resolved at construction (so a
+    `dataclasses.replace` that changes hidden_size or the heads should pass head_dim=0 again).
+    `eos_token_ids` holds config.json's `eos_token_id`, which may be one id or a list.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+    head_dim: int = 0
+    torch_dtype: str = "float32"
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        if not _is_int(self.head_dim) or self.head_dim < 0:
+            raise ValueError(f"LlamaConfig.head_dim must be an int >= 0 (0: derived), got {self.head_dim!r}")
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"LlamaConfig.hidden_size={self.hidden_size} is not a multiple of "
+                                 f"num_attention_heads={self.num_attention_heads} (and no head_dim is given)")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaConfig.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even (rotary embeddings)")
+        for name in _POSITIVE_FLOATS:
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"LlamaConfig.{name} must be a number > 0, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool) or not isinstance(self.torch_dtype, str):
+            raise ValueError(f"LlamaConfig: tie_word_embeddings must be a bool and torch_dtype a string, got "
+                             f"{self.tie_word_embeddings!r} and {self.torch_dtype!r}")
+        ids = (() if self.bos_token_id is None else (self.bos_token_id,)) + tuple(self.eos_token_ids)
+        if not isinstance(self.eos_token_ids, tuple) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise ValueError(f"LlamaConfig.bos_token_id and eos_token_ids must be token ids (ints >= 0), "
+                             f"got {self.bos_token_id!r} and {self.eos_token_ids!r}")
+
+    @property
+    def n_params(self) -> int:
+        """Parameters in the checkpoint's tensors (an untied lm_head counted once)."""
+        return sum(math.prod(shape) for _, shape in tensor_shapes(self))
+
+    @classmethod
+    def from_hf_config(cls, raw: Mapping[str, Any], where: str = CONFIG_FILE) -> LlamaConfig:
+        """The config a config.json's contents describe; missing optional keys take HF's defaults.
+
+        A missing required key or a bad value raises ValueError naming `where` and the key.
+        """
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where}: must be a JSON object, got {type(raw).__name__}")
+        missing = [k for k in _REQUIRED if k not in raw]
+        if missing:
+            raise ValueError(f"{where}: missing required key(s) {', '.join(missing)}")
+        eos = raw.get("eos_token_id")
+        optional = {
+            "max_position_embeddings": raw.get("max_position_embeddings"),
+            "rms_norm_eps": raw.get("rms_norm_eps"),
+            "rope_theta": raw.get("rope_theta"),
+            "rope_scaling": raw.get("rope_scaling"),
+            "head_dim": raw.get("head_dim"),
+            "torch_dtype": raw.get("torch_dtype") or raw.get("dtype"),  # newer transformers write "dtype"
+            "tie_word_embeddings": raw.get("tie_word_embeddings"),
+            "bos_token_id": raw.get("bos_token_id"),
+            "eos_token_ids": None if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
+            "initializer_range": raw.get("initializer_range"),
+        }
+        # JSON may spell a float as an int (rope_theta: 500000); keep the dataclass's types
+        optional |= {k: float(optional[k]) for k in _POSITIVE_FLOATS if _is_int(optional[k])}
+        try:
+            return cls(
+                **{k: raw[k] for k in _REQUIRED},
+                # HF: num_key_value_heads absent or null means plain multi-head attention
+                num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                **{k: v for k, v in optional.items() if v is not None},
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike[str]) -> LlamaConfig:
+        """The config of a checkpoint directory's config.json; errors name the file."""
+        path = Path(model_dir) / CONFIG_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        return cls.from_hf_config(raw, str(path))
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """config.json contents, keys and fixed values as transformers' LlamaConfig writes them."""
+        eos: int | list[int] | None = (
+            None if not self.eos_token_ids else self.eos_token_ids[0] if len(self.eos_token_ids) == 1
+            else list(self.eos_token_ids)
+        )  # fmt: skip
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "hidden_act": "silu",
+            "initializer_range": self.initializer_range,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "pretraining_tp": 1,
+            "use_cache": True,
+            "torch_dtype": self.torch_dtype,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+        }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def layer_tensor_shapes(c: LlamaConfig, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+    """HF names and shapes ([out, in], as nn.Linear stores them) of decoder layer `layer`, forward order."""
+    h, i = c.hidden_size, c.intermediate_size
+    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = ((h,), (q_out, h), (kv_out, h), (kv_out, h), (h, q_out), (h,), (i, h), (i, h), (h, i))
+    return [(f"model.layers.{layer}.{t}.weight", s) for t, s in zip(LAYER_TENSORS, shapes, strict=True)]
+
+
+def tensor_shapes(c: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the checkpoint in forward order: embeddings, layers 0..N-1, final norm, lm_head.
+
+    lm_head is left out when the config ties it to the embeddings (HF checkpoints then do not store it).
+    """
+    out = [("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))]
+    for layer in range(c.num_hidden_layers):
+        out += layer_tensor_shapes(c, layer)
+    out.append(("model.norm.weight", (c.hidden_size,)))
+    if not c.tie_word_embeddings:
+        out.append(("lm_head.weight", (c.vocab_size, c.hidden_size)))
+    return out
