@@ -188,11 +188,13 @@ class LlamaModel:
     def _ensure(self, group: int) -> None:
         if group in self.group_resident_at:
             return
+        # wait for the source outside the lock: a thread blocked on a later group (the loader converting
+        # groups in order) must not keep the forward pass from taking a group that is already resident
+        tensors = self.source.wait(group)
         with self._lock:
             if group in self.group_resident_at:
                 return
             c = self.config
-            tensors = self.source.wait(group)
             if group == 0:
                 self._embed = self._take(tensors, "model.embed_tokens.weight")
             elif group <= c.num_hidden_layers:
