@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from core.workload.models import assign_models
 from core.workload.trace import Workload
 from experiments.entry import hydra_command
 from experiments.setup import load_workload
+from live.gateway_records import tpot
 from live.outputs import live_summary, one_line, write_outputs
 
 REQUEST_ID_HEADER = "x-tierlab-request-id"
@@ -94,7 +95,6 @@ class ClientRow:
     out_tokens: int = 0
     outcome: str = "failed"
     reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_target(cfg: Mapping[str, Any]) -> Target:
@@ -251,8 +251,8 @@ def merge_records(rows: Sequence[ClientRow], gateway: pd.DataFrame | None) -> pd
             values["queue_s"] = client_wait_s + float(g["queue_s"])
             if not row.reason:
                 values["reason"] = g["reason"] or ""
-        if row.stream and row.out_tokens > 1 and not math.isnan(row.ttft_s) and (g is None or math.isnan(g["tpot_s"])):
-            values["tpot_s"] = (row.e2e_s - row.ttft_s) / (row.out_tokens - 1)
+        if row.stream and (g is None or math.isnan(g["tpot_s"])):
+            values["tpot_s"] = tpot(row.e2e_s, row.ttft_s, row.out_tokens)
         for c in REQUEST_SCHEMA:
             cols[c].append(values[c])
     return frame(REQUEST_SCHEMA, cols)

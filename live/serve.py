@@ -46,7 +46,7 @@ from experiments.entry import hydra_command
 from experiments.setup import build_policy
 from live.agent import parse_bytes
 from live.checkpoint import PRESETS, generate_checkpoint
-from live.engines.base import REPO_ROOT
+from live.engines.base import REPO_ROOT, free_port
 from live.gateway import AgentRef, Gateway, GatewayConfig, Tenant, create_app
 from live.lifecycle import stop_process, wait_gone
 from live.outputs import live_summary, moves_frame, one_line, write_outputs
@@ -171,12 +171,6 @@ def _healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s:
     raise RuntimeError(f"agent at {url} not healthy after {timeout_s:.0f} s; log {log_path}")
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def start_agents(cfg: Mapping[str, Any], workdir: Path, dram_root: Path, stores: Sequence[str], token: str,
                  progressive: bool, log_dir: Path) -> list[AgentProcess]:
     """One `python -m live.agent` per node, each in its own session and watching this process."""
@@ -201,7 +195,7 @@ def start_agents(cfg: Mapping[str, Any], workdir: Path, dram_root: Path, stores:
     agents: list[AgentProcess] = []
     try:
         for i in tqdm(range(n), desc="agents", unit="node", disable=not cfg.get("progress", True)):
-            node, port = f"n{i}", _free_port(host)
+            node, port = f"n{i}", free_port(host)
             dirs = {t: (dram_root if t == "dram" else workdir) / node / t for t in tiers}
             argv = [sys.executable, "-m", "live.agent", "--node", node, "--host", host, "--port", str(port),
                     "--log-level", str(cfg.get("log_level", "warning")), "--exit-with-parent", str(os.getpid()),
