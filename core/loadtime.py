@@ -6,6 +6,7 @@ The simulator runs each hop as a flow over shared links; `estimate_load_s` is th
 closed-form time on idle links that policies use to rank options.
 
 The node's `LoaderSpec` shapes the hops: its read efficiency and read cap bound the fetch,
+its page-cache rate bounds a loader that reads through the OS page cache (DRAM included),
 its host-to-GPU efficiency and GPU parallelism bound the copy, and a pipelined loader
 streams the checkpoint through host memory in chunks (one hop over the source tier's read
 link and PCIe at once) instead of staging it whole. The default loader changes nothing.
@@ -57,8 +58,11 @@ def loader_read_Bps(loader: LoaderSpec, tier: TierSpec) -> float:
 
     The loader's own cap (its I/O threads) bounds reads from storage devices only: a
     checkpoint already in host DRAM is copied to the GPUs by DMA, not read through files.
+    A loader that reads through the page cache is also bounded by its CPU work on the pages
+    (`page_cache_Bps`), from any tier: from a device that work overlaps the device read
+    (kernel readahead), so the slower of the two sets the rate.
     """
-    bw = tier.read_bw_Bps * loader.read_efficiency
+    bw = min(tier.read_bw_Bps * loader.read_efficiency, loader.page_cache_Bps)
     return bw if tier.name == "dram" else min(bw, loader.max_read_Bps)
 
 
@@ -80,10 +84,17 @@ def fetch_hop(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectS
                tier.latency_s)
 
 
-def to_gpu_hop(model: ModelSpec, node: NodeSpec, n_gpus: int) -> Hop:
+def to_gpu_hop(model: ModelSpec, node: NodeSpec, n_gpus: int, from_dram: bool = False) -> Hop:
     """Host memory to the instance's GPUs (tensor-parallel shards move in parallel unless the loader
-    copies one GPU at a time)."""
-    return Hop("to_gpu", "host", "gpu", ("pcie",), model.weights_bytes, loader_to_gpu_Bps(node, n_gpus), 0.0)
+    copies one GPU at a time).
+
+    Straight from the DRAM tier there is no fetch hop, so a page-cache loader's CPU work on the
+    pages (`page_cache_Bps`) bounds this copy instead; after a fetch it was already paid there.
+    """
+    cap = loader_to_gpu_Bps(node, n_gpus)
+    if from_dram:
+        cap = min(cap, node.loader.page_cache_Bps)
+    return Hop("to_gpu", "host", "gpu", ("pcie",), model.weights_bytes, cap, 0.0)
 
 
 def pipelined_hops(source_tier: str, model: ModelSpec, node: NodeSpec, n_gpus: int) -> list[Hop]:
@@ -120,7 +131,7 @@ def load_hops(source_tier: str, model: ModelSpec, node: NodeSpec, store: ObjectS
         first = fetch_hop(source_tier, model, node, store)
         if first is not None:
             hops.append(first)
-        hops.append(to_gpu_hop(model, node, n_gpus))
+        hops.append(to_gpu_hop(model, node, n_gpus, from_dram=first is None))
     if loader.fixed_overhead_s > 0:
         hops[0] = replace(hops[0], latency_s=hops[0].latency_s + loader.fixed_overhead_s)
     return hops

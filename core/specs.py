@@ -119,6 +119,9 @@ class LoaderSpec:
     chunk_bytes: float = 0.0  # pipeline unit: the first chunk is read before any copy starts
     read_efficiency: float = 1.0  # share of the source tier's read bandwidth the loader reaches
     max_read_Bps: float = math.inf  # the loader's own read throughput from a storage device (I/O threads)
+    # loaders that read through the OS page cache (mmap, pageable copies, one tensor at a time) are
+    # CPU-bound even when every page is in memory: this caps their reads from any local tier, DRAM included
+    page_cache_Bps: float = math.inf
     to_gpu_efficiency: float = 1.0  # share of host-to-GPU bandwidth (1 = pinned-memory DMA)
     parallel_gpus: bool = True  # shards go to the instance's GPUs at once (False: one GPU at a time)
     fixed_overhead_s: float = 0.0  # per load, before the first byte moves
@@ -259,7 +262,7 @@ def tier_from_dict(name: str, data: Mapping[str, Any], where: str) -> TierSpec:
 
 
 def loader_from_dict(data: Mapping[str, Any], where: str) -> LoaderSpec:
-    """A loader from its config mapping; efficiencies must lie in (0, 1], `max_read_Bps` may be inf."""
+    """A loader from its config mapping; efficiencies must lie in (0, 1], the rate caps may be inf."""
     ld = _build(LoaderSpec, data, where)
     for f in ("pipelined", "parallel_gpus"):
         if not isinstance(getattr(ld, f), bool):
@@ -268,9 +271,10 @@ def loader_from_dict(data: Mapping[str, Any], where: str) -> LoaderSpec:
         _positive(f"{where}.{f}", getattr(ld, f))
         if getattr(ld, f) > 1:
             raise ConfigError(f"{where}.{f} must be <= 1, got {getattr(ld, f)!r}")
-    cap = ld.max_read_Bps
-    if not isinstance(cap, int | float) or isinstance(cap, bool) or math.isnan(cap) or cap <= 0:
-        raise ConfigError(f"{where}.max_read_Bps must be a positive number (or inf), got {cap!r}")
+    for f in ("max_read_Bps", "page_cache_Bps"):
+        cap = getattr(ld, f)
+        if not isinstance(cap, int | float) or isinstance(cap, bool) or math.isnan(cap) or cap <= 0:
+            raise ConfigError(f"{where}.{f} must be a positive number (or inf), got {cap!r}")
     for f in ("chunk_bytes", "fixed_overhead_s"):
         _non_negative(f"{where}.{f}", getattr(ld, f))
     return ld

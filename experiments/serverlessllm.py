@@ -2,7 +2,8 @@
 
 `python -m experiments.serverlessllm [--doc PATH]` rebuilds the two published hardware
 setups as specs, calibrates ONE parameter per loader (its read throughput, fitted on that
-loader's NVMe rows), predicts every row through `core.loadtime.transfer_s` and, for each
+loader's NVMe rows), takes safetensors' page-cache rate from tierlab's own GPU measurement
+(docs/results, not fitted), predicts every row through `core.loadtime.transfer_s` and, for each
 row, through one isolated load in the simulator, then writes the comparison to
 docs/serverlessllm.md and prints one summary line.
 """
@@ -10,6 +11,7 @@ docs/serverlessllm.md and prints one summary line.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import uuid
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from core.catalog import architecture
+from core.errors import ConfigError
 from core.loadtime import transfer_s
 from core.policies.autoscaling import KeepAlive
 from core.policies.base import PolicyBundle
@@ -33,6 +36,9 @@ from sim.world import World
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO_ROOT / "docs" / "serverlessllm.md"
 TARGET_ERROR = 0.10  # the issue's bar: every loading figure within 10% after the calibration
+# safetensors loads from a warm page cache onto one GPU, timed by scripts/bench_page_cache.py
+PAGE_CACHE_MEASUREMENT = REPO_ROOT / "docs" / "results" / "safetensors_warm_cache_h200_2026-11-27.json"
+PAGE_CACHE_KEY = "safetensors_cuda_warm"
 MiB = 2**20
 
 SOURCES: dict[str, str] = {
@@ -63,6 +69,14 @@ SOURCES: dict[str, str] = {
                          "35.2 GB/s (HGX H100, PCIe Gen5, nvbandwidth).",
     "dram_assumption": "host DRAM read 50 GB/s: tierlab's stated assumption (conf/cluster/*.yaml), not a "
                        "measurement of either host.",
+    "repo-cached": "github.com/ServerlessLLM/ServerlessLLM benchmarks/test_loading.py (a cached run makes one "
+                   "unmeasured warm-up load, then times 5 loads of the same copy) and benchmark_utils.py (after "
+                   "each load: del model, gc.collect(), torch.cuda.empty_cache()); raw loads "
+                   "results/h100_2025/cached/Qwen_Qwen3-32B_safetensors_5_cached.json (12.38-12.59 s).",
+    "measured-page-cache": "tierlab's own measurement, docs/results/safetensors_warm_cache_h200_2026-11-27.json, "
+                           "made by scripts/bench_page_cache.py on one NVIDIA H200 (a different host and CPU from "
+                           "the repo-h100 machine): a 1.0 GB generated Llama checkpoint read once into the page "
+                           "cache, then 4 timed safetensors.torch.load_file(device=\"cuda\") loads.",
 }
 
 
@@ -102,12 +116,40 @@ H100 = Setup(
 )
 SETUPS: dict[str, Setup] = {s.key: s for s in (A5000, H100)}
 
+
+def read_page_cache_measurement(path: Path = PAGE_CACHE_MEASUREMENT,
+                                key: str = PAGE_CACHE_KEY) -> tuple[float, list[float]]:
+    """(checkpoint bytes, seconds of each timed load) from a scripts/bench_page_cache.py result."""
+    try:
+        data = json.loads(path.read_text())
+        size = float(data["size_bytes"])
+        times = [float(t) for t in data[key]["times_s"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: cannot read the page-cache measurement ({key}.times_s, size_bytes): {e!r}") from e
+    if len(times) < 2 or size <= 0 or min(times) <= 0:
+        raise ConfigError(f"{path}: {key}.times_s needs a warm-up load and at least one more, all > 0, "
+                          "and size_bytes > 0")
+    return size, times
+
+
+def measured_page_cache_Bps(path: Path = PAGE_CACHE_MEASUREMENT, key: str = PAGE_CACHE_KEY) -> float:
+    """safetensors' rate from a warm page cache to a GPU: checkpoint bytes / mean time of the timed loads.
+
+    The first load is dropped: it pays one-time costs, like the unmeasured warm-up load of
+    ServerlessLLM's cached benchmark (source repo-cached), whose figure is the mean of the loads after it.
+    """
+    size, times = read_page_cache_measurement(path, key)
+    return size / (sum(times[1:]) / len(times[1:]))
+
+
 # What each loader is known to do, before any fitting. Only CALIBRATED_PARAM is then fitted.
 PRIORS: dict[str, LoaderSpec] = {
     # chunked multi-tier pipeline (disk -> pinned DRAM -> GPU), every GPU fed at once, pinned-memory DMA
     "serverlessllm": LoaderSpec(name="serverlessllm", pipelined=True, chunk_bytes=16 * MiB),
-    # transformers from_pretrained over safetensors: mmap reads, then one tensor at a time to its GPU
-    "safetensors": LoaderSpec(name="safetensors", pipelined=False, parallel_gpus=False),
+    # transformers from_pretrained over safetensors: mmap reads, then one tensor at a time to its GPU;
+    # its CPU work on the mapped pages is measured (never fitted)
+    "safetensors": LoaderSpec(name="safetensors", pipelined=False, parallel_gpus=False,
+                              page_cache_Bps=measured_page_cache_Bps()),
 }
 # the loader's own read throughput from a storage device: 4 synchronous O_DIRECT reader threads for
 # ServerlessLLM, one thread faulting mmap pages for safetensors; neither has a published number
@@ -174,14 +216,7 @@ CROSS_CHECK: list[Row] = [
     ]),
 ]
 # target rows this model does not bring within 10%, and why (tests check this list is exact)
-EXPLAINED_MISSES: dict[str, str] = {
-    "safetensors/h100/qwen3-32b/dram": (
-        "From the page cache, transformers + safetensors is bound by CPU work (mapping the file's pages, copying "
-        "each tensor through pageable memory, one tensor at a time): 65.6 GB in 12.5 s is 5.3 GB/s. tierlab's DRAM "
-        "tier has no CPU-copy cost and the loader's read cap applies to storage devices only, so only the PCIe "
-        "copy (35.2 GB/s, one GPU at a time) remains. Fitting it would need a second parameter for this loader "
-        "(a host-to-GPU efficiency near 0.15), which the one-parameter calibration does not allow."),
-}
+EXPLAINED_MISSES: dict[str, str] = {}
 
 
 def node_for(row: Row, loader: LoaderSpec, setups: dict[str, Setup] = SETUPS) -> NodeSpec:
@@ -315,7 +350,7 @@ def render_doc(loaders: dict[str, LoaderSpec], results: Sequence[Result], cross:
         "the same row in the simulator (`sim.world.World`), which must agree with it.",
         "",
         f"**{len(results) - len(misses)} of {len(results)} rows within ±10%** after one calibrated parameter per "
-        f"loader; largest error {100 * worst.error:+.1f}% ({worst.row.key}).",
+        f"loader (and one measured one for safetensors); largest error {100 * worst.error:+.1f}% ({worst.row.key}).",
         "",
         "## Setups",
         "",
@@ -335,18 +370,22 @@ def render_doc(loaders: dict[str, LoaderSpec], results: Sequence[Result], cross:
         "## Loaders and the calibration",
         "",
         "A loader is a `core.specs.LoaderSpec`; the two differ only in its fields. Everything but the one",
-        "calibrated field is set from what the loader does (sources repo-store, repo-bench), not fitted:",
+        "calibrated field is set from what the loader does (sources repo-store, repo-bench) or measured",
+        "(source measured-page-cache), not fitted:",
         "",
         "| loader | pipelined | chunk | read efficiency | GPUs fed at once | host-to-GPU efficiency "
-        "| fixed overhead s | calibrated field | fitted value |",
-        "|---|---|---:|---:|---|---:|---:|---|---:|",
+        "| fixed overhead s | page-cache rate (measured) | calibrated field | fitted value |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for name, spec in loaders.items():
         param = CALIBRATED_PARAM[name]
         chunk = f"{spec.chunk_bytes / MiB:g} MiB" if spec.pipelined else "-"
+        page_cache = "-" if math.isinf(spec.page_cache_Bps) else _gbps(spec.page_cache_Bps)
         out.append(f"| {name} | {spec.pipelined} | {chunk} | {spec.read_efficiency:g} "
                    f"| {'all' if spec.parallel_gpus else 'one at a time'} | {spec.to_gpu_efficiency:g} "
-                   f"| {spec.fixed_overhead_s:g} | `{param}` | {_gbps(getattr(spec, param))} |")
+                   f"| {spec.fixed_overhead_s:g} | {page_cache} | `{param}` | {_gbps(getattr(spec, param))} |")
+    st = loaders["safetensors"]
+    size_bytes, times = read_page_cache_measurement()
     out += [
         "",
         "- **serverlessllm**: 4 I/O threads read 16 MiB chunks with O_DIRECT into a pinned pool while the",
@@ -354,11 +393,20 @@ def render_doc(loaders: dict[str, LoaderSpec], results: Sequence[Result], cross:
         "  then one stream over the NVMe read link and PCIe at once. A model already in the pinned pool",
         "  (the `cached` rows) is only DMA-copied, so the loader's read cap does not apply there.",
         "- **safetensors** (transformers `from_pretrained`): reads through mmap, then copies tensor by tensor",
-        "  to its GPU: staged, one GPU at a time.",
+        "  to its GPU: staged, one GPU at a time. Every byte passes through the page cache and is copied by",
+        "  the CPU (page mapping, pageable copies), so even from DRAM the load is CPU-bound: the `page_cache_Bps`",
+        f"  cap, {_gbps(st.page_cache_Bps)}, is measured, not fitted: {size_bytes / GB:.2f} GB loaded by "
+        f"`load_file(device=\"cuda\")` from a warm page cache in {', '.join(f'{t:.3f}' for t in times)} s; "
+        "the first load",
+        "  is a warm-up, as in the published cached benchmark (source repo-cached), and the rate is the bytes",
+        f"  over the mean of the other {len(times) - 1}. From NVMe this CPU work overlaps the device read "
+        "(kernel readahead) and the",
+        "  fitted read cap below it binds; from DRAM it is the whole load.",
         "- **The calibration**: one field per loader, `max_read_Bps` (the loader's own read throughput from a",
         "  storage device), fitted by least squares on log(tierlab / published) over that loader's",
         f"  {len(fit_rows('serverlessllm'))} NVMe rows (both setups). The DRAM rows and the cross-check rows are",
-        "  predictions. For serverlessllm the A5000 rows do not constrain the fit (their RAID 0, "
+        "  predictions: serverlessllm's from the setup's PCIe bandwidth alone, safetensors' from the measured",
+        "  page-cache rate alone. For serverlessllm the A5000 rows do not constrain the fit (their RAID 0, "
         f"{_gbps(A5000.node.tiers['nvme'].read_bw_Bps)}, is",
         "  slower than the fitted cap), so it rests on the two H100 NVMe rows; the five A5000 rows are",
         "  predicted from the drives' datasheet bandwidth alone.",
@@ -429,9 +477,50 @@ def _rerun_note(results: Sequence[Result], cross: Sequence[Result]) -> list[str]
             "this much between runs and software versions."]
 
 
+def dram_rate_window_Bps(row: Row) -> tuple[float, float]:
+    """The page-cache rates that put a safetensors DRAM row within ±10% (its time is bytes / rate)."""
+    nbytes = architecture(row.model).weights_bytes
+    return nbytes / (row.published_s * (1 + TARGET_ERROR)), nbytes / (row.published_s * (1 - TARGET_ERROR))
+
+
+def _sizes_gb(rows: Sequence[Row]) -> str:
+    sizes = sorted({f"{architecture(r.model).weights_bytes / GB:.1f} GB" for r in rows})
+    return " and ".join(sizes) if len(sizes) > 1 else f"{sizes[0]} each"
+
+
+def page_cache_sensitivity_lines(loaders: dict[str, LoaderSpec]) -> list[str]:
+    """How the safetensors DRAM rows move with the statistic taken from the page-cache measurement,
+    and what the two published DRAM rows allow at all."""
+    st = loaders["safetensors"]
+    size, times = read_page_cache_measurement()
+    dram = [r for r in [*ROWS, *CROSS_CHECK] if r.loader == "safetensors" and r.tier == "dram"]
+    variants = [("the fastest load", size / min(times)), (f"all {len(times)} loads, warm-up included",
+                                                          size / (sum(times) / len(times)))]
+    parts = []
+    for label, rate in variants:
+        spec = replace(st, page_cache_Bps=rate)
+        errs = ", ".join(f"{r.label} {100 * (tierlab_s(r, spec) / r.published_s - 1):+.1f}%" for r in dram)
+        parts.append(f"{label} ({_gbps(rate)}): {errs}")
+    windows = "; ".join(f"{r.label} {_gbps(lo)}-{_gbps(hi)}" for r, (lo, hi) in
+                        ((r, dram_rate_window_Bps(r)) for r in dram))
+    return [
+        "- The page-cache rate is the mean of the timed loads after the warm-up (the published statistic). "
+        f"Taken instead from {'; from '.join(parts)}.",
+        f"- The rates that put each published safetensors DRAM row within ±10% are {windows}. The two 32B "
+        f"models weigh {_sizes_gb(dram)}, yet their published times differ by "
+        f"{100 * (max(r.published_s for r in dram) / min(r.published_s for r in dram) - 1):.0f}%, so no single "
+        "rate fits both; tierlab's target row (the issue's Qwen3-32B) is met by the measurement, its cross-check "
+        "twin is not.",
+        "- What the measurement leaves out: it ran on an H200 host, not the repository's H100 host (a different "
+        "CPU and memory system); it loads a 1 GB file with `safetensors.torch.load_file`, not a 65.6 GB model "
+        "with `from_pretrained`, which also casts the bf16 checkpoint to the benchmark's float16 on the CPU. "
+        "The agreement within 10% is a prediction under these differences, not a like-for-like rerun.",
+    ]
+
+
 def sensitivity_lines(loaders: dict[str, LoaderSpec]) -> list[str]:
-    """How the conclusions move with the two choices made without data: the A5000 RAID bandwidth and
-    the fit criterion."""
+    """How the conclusions move with the choices made without data: the A5000 RAID bandwidth, the fit
+    criterion and the statistic taken from the page-cache measurement."""
     slow = replace(A5000, node=replace(A5000.node, tiers={
         **A5000.node.tiers, "nvme": replace(A5000.node.tiers["nvme"], read_bw_Bps=12 * GB)}))
     a5000_sllm = [r for r in ROWS if r.setup == "a5000" and r.loader == "serverlessllm"]
@@ -454,6 +543,7 @@ def sensitivity_lines(loaders: dict[str, LoaderSpec]) -> list[str]:
         f"(ratio {max(per_gb) / min(per_gb):.2f}, "
         "against 1.1/0.9 = 1.22 for ±10%), so any load time proportional to bytes sits at the edge of ±10% "
         "whatever the criterion; only the setups' different PCIe and NVMe speeds make it fit.",
+        *page_cache_sensitivity_lines(loaders),
     ]
 
 

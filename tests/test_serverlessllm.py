@@ -107,6 +107,25 @@ def test_pipelined_loader_from_dram_is_one_dma_stream_and_cloud_stays_staged():
     assert load_hops("cloud", M8, node, STORE, 2) == load_hops("cloud", M8, NODE, STORE, 2)
 
 
+def test_page_cache_rate_caps_every_local_read_and_the_copy_from_dram():
+    node = _with(parallel_gpus=False, page_cache_Bps=2e9)
+    (copy,) = load_hops("dram", M8, node, STORE, 2)
+    assert copy.phase == "to_gpu" and copy.cap_Bps == 2e9  # from DRAM the CPU work is the whole load
+    for src in ("nvme", "sata"):
+        fetch, to_gpu = load_hops(src, M8, node, STORE, 2)
+        # from a device the CPU work overlaps the read: the slower of the two sets the fetch, and the
+        # copy after it is not charged again
+        assert fetch.cap_Bps == min(2e9, NODE.tiers[src].read_bw_Bps)
+        assert to_gpu.cap_Bps == NODE.gpu.h2d_Bps
+    slower_disk = load_hops("nvme", M8, _with(page_cache_Bps=2e9, max_read_Bps=1e9), STORE, 1)
+    assert slower_disk[0].cap_Bps == 1e9
+    # a pipelined loader's DRAM stream is capped too; a cloud download is not read through the page cache
+    (stream,) = load_hops("dram", M8, _with(pipelined=True, chunk_bytes=1e6, page_cache_Bps=2e9), STORE, 2)
+    assert stream.cap_Bps == 2e9
+    assert load_hops("cloud", M8, node, STORE, 2)[0] == load_hops("cloud", M8, NODE, STORE, 2)[0]
+    assert transfer_s("dram", M8, node, STORE, 2) == pytest.approx(M8.weights_bytes / 2e9)
+
+
 def test_loader_from_config():
     group = dict(_CFG["cluster"]["node_groups"][0])
     group["loader"] = {"name": "sllm", "pipelined": True, "chunk_bytes": 16e6, "max_read_Bps": 2.2e10}
@@ -119,6 +138,8 @@ def test_loader_from_config():
     ({"to_gpu_efficiency": 0}, "to_gpu_efficiency"),
     ({"max_read_Bps": -1}, "max_read_Bps"),
     ({"max_read_Bps": float("nan")}, "max_read_Bps"),
+    ({"page_cache_Bps": 0}, "page_cache_Bps"),
+    ({"page_cache_Bps": "fast"}, "page_cache_Bps"),
     ({"pipelined": "yes"}, "pipelined"),
     ({"fixed_overhead_s": -0.1}, "fixed_overhead_s"),
     ({"read_bw": 3}, "unknown field"),
@@ -145,6 +166,35 @@ def test_calibration_sets_exactly_one_field_per_loader(outcome):
     assert set(loaders) == set(sl.PRIORS) == set(sl.CALIBRATED_PARAM)
     for name, spec in loaders.items():
         assert sl.changed_fields(sl.PRIORS[name], spec) == [sl.CALIBRATED_PARAM[name]]
+
+
+def test_safetensors_page_cache_rate_is_the_committed_measurement_not_a_fit(outcome):
+    loaders, results, _, _ = outcome
+    size, times = sl.read_page_cache_measurement()
+    assert sl.PAGE_CACHE_MEASUREMENT.is_relative_to(sl.REPO_ROOT / "docs" / "results") and len(times) >= 2
+    want = size / (sum(times[1:]) / (len(times) - 1))  # the warm-up load dropped, the rest averaged
+    assert loaders["safetensors"].page_cache_Bps == sl.PRIORS["safetensors"].page_cache_Bps == want
+    assert math.isinf(loaders["serverlessllm"].page_cache_Bps)
+    # the DRAM row is the bytes at that rate; the NVMe rows are set by the fitted read cap, below it
+    (dram,) = [x for x in results if x.row.loader == "safetensors" and x.row.tier == "dram"]
+    assert dram.tierlab_s == pytest.approx(architecture(dram.row.model).weights_bytes / want, rel=1e-12)
+    assert loaders["safetensors"].max_read_Bps < want
+
+
+@pytest.mark.parametrize(("text", "msg"), [
+    (None, "cannot read"),
+    ("{not json", "cannot read"),
+    ('{"size_bytes": 10}', "cannot read"),
+    ('{"size_bytes": 10, "safetensors_cuda_warm": {"times_s": [0.1]}}', "warm-up"),
+    ('{"size_bytes": 10, "safetensors_cuda_warm": {"times_s": [0.1, 0]}}', "warm-up"),
+])
+def test_bad_page_cache_measurement_names_the_file(tmp_path, text, msg):
+    path = tmp_path / "m.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=msg) as e:
+        sl.measured_page_cache_Bps(path)
+    assert str(path) in str(e.value)
 
 
 def test_calibration_is_a_least_squares_minimum_on_the_nvme_rows_only(outcome):
