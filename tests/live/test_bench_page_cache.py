@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from experiments.serverlessllm import measured_page_cache_Bps, read_page_cache_measurement  # noqa: E402
+from experiments.serverlessllm import measured_page_cache_Bps, read_page_cache_measurement
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_page_cache.py"
 
