@@ -17,6 +17,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -117,40 +118,56 @@ H100 = Setup(
 SETUPS: dict[str, Setup] = {s.key: s for s in (A5000, H100)}
 
 
-def read_page_cache_measurement(path: Path = PAGE_CACHE_MEASUREMENT,
-                                key: str = PAGE_CACHE_KEY) -> tuple[float, list[float]]:
-    """(checkpoint bytes, seconds of each timed load) from a scripts/bench_page_cache.py result."""
+@dataclass(frozen=True)
+class PageCacheMeasurement:
+    """Timed loads of one checkpoint from a warm page cache (a scripts/bench_page_cache.py result)."""
+
+    size_bytes: float
+    times_s: tuple[float, ...]  # the first is a warm-up
+
+    @property
+    def rate_Bps(self) -> float:
+        """Bytes / mean time of the loads after the first: the first pays one-time costs, like the
+        unmeasured warm-up load of ServerlessLLM's cached benchmark (source repo-cached), whose
+        figure is the mean of the loads after it."""
+        timed = self.times_s[1:]
+        return self.size_bytes / (sum(timed) / len(timed))
+
+    @property
+    def fastest_Bps(self) -> float:
+        return self.size_bytes / min(self.times_s)
+
+    @property
+    def all_loads_Bps(self) -> float:
+        return self.size_bytes / (sum(self.times_s) / len(self.times_s))
+
+
+@cache
+def read_page_cache_measurement(path: Path = PAGE_CACHE_MEASUREMENT, key: str = PAGE_CACHE_KEY) -> PageCacheMeasurement:
+    """The loads named `key` in a scripts/bench_page_cache.py result (read once per path and key)."""
     try:
         data = json.loads(path.read_text())
         size = float(data["size_bytes"])
-        times = [float(t) for t in data[key]["times_s"]]
+        times = tuple(float(t) for t in data[key]["times_s"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: cannot read the page-cache measurement ({key}.times_s, size_bytes): {e!r}") from e
     if len(times) < 2 or size <= 0 or min(times) <= 0:
         raise ConfigError(f"{path}: {key}.times_s needs a warm-up load and at least one more, all > 0, "
                           "and size_bytes > 0")
-    return size, times
+    return PageCacheMeasurement(size, times)
 
 
-def measured_page_cache_Bps(path: Path = PAGE_CACHE_MEASUREMENT, key: str = PAGE_CACHE_KEY) -> float:
-    """safetensors' rate from a warm page cache to a GPU: checkpoint bytes / mean time of the timed loads.
-
-    The first load is dropped: it pays one-time costs, like the unmeasured warm-up load of
-    ServerlessLLM's cached benchmark (source repo-cached), whose figure is the mean of the loads after it.
-    """
-    size, times = read_page_cache_measurement(path, key)
-    return size / (sum(times[1:]) / len(times[1:]))
-
-
-# What each loader is known to do, before any fitting. Only CALIBRATED_PARAM is then fitted.
-PRIORS: dict[str, LoaderSpec] = {
-    # chunked multi-tier pipeline (disk -> pinned DRAM -> GPU), every GPU fed at once, pinned-memory DMA
-    "serverlessllm": LoaderSpec(name="serverlessllm", pipelined=True, chunk_bytes=16 * MiB),
-    # transformers from_pretrained over safetensors: mmap reads, then one tensor at a time to its GPU;
-    # its CPU work on the mapped pages is measured (never fitted)
-    "safetensors": LoaderSpec(name="safetensors", pipelined=False, parallel_gpus=False,
-                              page_cache_Bps=measured_page_cache_Bps()),
-}
+@cache
+def priors() -> dict[str, LoaderSpec]:
+    """What each loader is known to do, before any fitting. Only CALIBRATED_PARAM is then fitted."""
+    return {
+        # chunked multi-tier pipeline (disk -> pinned DRAM -> GPU), every GPU fed at once, pinned-memory DMA
+        "serverlessllm": LoaderSpec(name="serverlessllm", pipelined=True, chunk_bytes=16 * MiB),
+        # transformers from_pretrained over safetensors: mmap reads, then one tensor at a time to its GPU;
+        # its CPU work on the mapped pages is measured (never fitted)
+        "safetensors": LoaderSpec(name="safetensors", pipelined=False, parallel_gpus=False,
+                                  page_cache_Bps=read_page_cache_measurement().rate_Bps),
+    }
 # the loader's own read throughput from a storage device: 4 synchronous O_DIRECT reader threads for
 # ServerlessLLM, one thread faulting mmap pages for safetensors; neither has a published number
 CALIBRATED_PARAM: dict[str, str] = {"serverlessllm": "max_read_Bps", "safetensors": "max_read_Bps"}
@@ -262,7 +279,7 @@ def calibrate(loader_name: str, prior: LoaderSpec | None = None, criterion: str 
     x% slower per byte is x% slower on every model). "relative" fits tierlab / published - 1 instead.
     A log-spaced scan finds the basin; golden-section search refines it.
     """
-    prior = PRIORS[loader_name] if prior is None else prior
+    prior = priors()[loader_name] if prior is None else prior
     param = CALIBRATED_PARAM[loader_name]
     rows = fit_rows(loader_name)
     if criterion not in ("log", "relative"):
@@ -385,7 +402,7 @@ def render_doc(loaders: dict[str, LoaderSpec], results: Sequence[Result], cross:
                    f"| {'all' if spec.parallel_gpus else 'one at a time'} | {spec.to_gpu_efficiency:g} "
                    f"| {spec.fixed_overhead_s:g} | {page_cache} | `{param}` | {_gbps(getattr(spec, param))} |")
     st = loaders["safetensors"]
-    size_bytes, times = read_page_cache_measurement()
+    measured = read_page_cache_measurement()
     out += [
         "",
         "- **serverlessllm**: 4 I/O threads read 16 MiB chunks with O_DIRECT into a pinned pool while the",
@@ -395,11 +412,11 @@ def render_doc(loaders: dict[str, LoaderSpec], results: Sequence[Result], cross:
         "- **safetensors** (transformers `from_pretrained`): reads through mmap, then copies tensor by tensor",
         "  to its GPU: staged, one GPU at a time. Every byte passes through the page cache and is copied by",
         "  the CPU (page mapping, pageable copies), so even from DRAM the load is CPU-bound: the `page_cache_Bps`",
-        f"  cap, {_gbps(st.page_cache_Bps)}, is measured, not fitted: {size_bytes / GB:.2f} GB loaded by "
-        f"`load_file(device=\"cuda\")` from a warm page cache in {', '.join(f'{t:.3f}' for t in times)} s; "
+        f"  cap, {_gbps(st.page_cache_Bps)}, is measured, not fitted: {measured.size_bytes / GB:.2f} GB loaded by "
+        f"`load_file(device=\"cuda\")` from a warm page cache in {', '.join(f'{t:.3f}' for t in measured.times_s)} s; "
         "the first load",
         "  is a warm-up, as in the published cached benchmark (source repo-cached), and the rate is the bytes",
-        f"  over the mean of the other {len(times) - 1}. From NVMe this CPU work overlaps the device read "
+        f"  over the mean of the other {len(measured.times_s) - 1}. From NVMe this CPU work overlaps the device read "
         "(kernel readahead) and the",
         "  fitted read cap below it binds; from DRAM it is the whole load.",
         "- **The calibration**: one field per loader, `max_read_Bps` (the loader's own read throughput from a",
@@ -492,10 +509,10 @@ def page_cache_sensitivity_lines(loaders: dict[str, LoaderSpec]) -> list[str]:
     """How the safetensors DRAM rows move with the statistic taken from the page-cache measurement,
     and what the two published DRAM rows allow at all."""
     st = loaders["safetensors"]
-    size, times = read_page_cache_measurement()
+    measured = read_page_cache_measurement()
     dram = [r for r in [*ROWS, *CROSS_CHECK] if r.loader == "safetensors" and r.tier == "dram"]
-    variants = [("the fastest load", size / min(times)), (f"all {len(times)} loads, warm-up included",
-                                                          size / (sum(times) / len(times)))]
+    variants = [("the fastest load", measured.fastest_Bps),
+                (f"all {len(measured.times_s)} loads, warm-up included", measured.all_loads_Bps)]
     parts = []
     for label, rate in variants:
         spec = replace(st, page_cache_Bps=rate)
@@ -560,7 +577,7 @@ def write_doc(text: str, path: Path) -> None:
 
 def run(doc_path: Path | None = DOC_PATH) -> tuple[dict[str, LoaderSpec], list[Result], list[Result], str]:
     """Calibrate, evaluate every row, render the doc (and write it unless `doc_path` is None)."""
-    loaders = {name: calibrate(name) for name in PRIORS}
+    loaders = {name: calibrate(name) for name in priors()}
     results = evaluate(loaders, ROWS)
     cross = evaluate(loaders, CROSS_CHECK)
     text = render_doc(loaders, results, cross, sensitivity_lines(loaders))

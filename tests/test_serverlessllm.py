@@ -163,17 +163,17 @@ def test_every_row_is_within_10_percent_unless_its_miss_is_explained(outcome):
 
 def test_calibration_sets_exactly_one_field_per_loader(outcome):
     loaders, _, _, _ = outcome
-    assert set(loaders) == set(sl.PRIORS) == set(sl.CALIBRATED_PARAM)
+    assert set(loaders) == set(sl.priors()) == set(sl.CALIBRATED_PARAM)
     for name, spec in loaders.items():
-        assert sl.changed_fields(sl.PRIORS[name], spec) == [sl.CALIBRATED_PARAM[name]]
+        assert sl.changed_fields(sl.priors()[name], spec) == [sl.CALIBRATED_PARAM[name]]
 
 
 def test_safetensors_page_cache_rate_is_the_committed_measurement_not_a_fit(outcome):
     loaders, results, _, _ = outcome
-    size, times = sl.read_page_cache_measurement()
-    assert sl.PAGE_CACHE_MEASUREMENT.is_relative_to(sl.REPO_ROOT / "docs" / "results") and len(times) >= 2
-    want = size / (sum(times[1:]) / (len(times) - 1))  # the warm-up load dropped, the rest averaged
-    assert loaders["safetensors"].page_cache_Bps == sl.PRIORS["safetensors"].page_cache_Bps == want
+    m = sl.read_page_cache_measurement()
+    assert sl.PAGE_CACHE_MEASUREMENT.is_relative_to(sl.REPO_ROOT / "docs" / "results") and len(m.times_s) >= 2
+    want = m.size_bytes / (sum(m.times_s[1:]) / (len(m.times_s) - 1))  # the warm-up load dropped, the rest averaged
+    assert loaders["safetensors"].page_cache_Bps == sl.priors()["safetensors"].page_cache_Bps == want
     assert math.isinf(loaders["serverlessllm"].page_cache_Bps)
     # the DRAM row is the bytes at that rate; the NVMe rows are set by the fitted read cap, below it
     (dram,) = [x for x in results if x.row.loader == "safetensors" and x.row.tier == "dram"]
@@ -193,7 +193,7 @@ def test_bad_page_cache_measurement_names_the_file(tmp_path, text, msg):
     if text is not None:
         path.write_text(text)
     with pytest.raises(ConfigError, match=msg) as e:
-        sl.measured_page_cache_Bps(path)
+        sl.read_page_cache_measurement(path)
     assert str(path) in str(e.value)
 
 
@@ -210,7 +210,7 @@ def test_calibration_is_a_least_squares_minimum_on_the_nvme_rows_only(outcome):
 
         assert sse(1.0) < sse(1.01) and sse(1.0) < sse(1 / 1.01)
         # the fit does not depend on the prior's value of the fitted field
-        other = dataclasses.replace(sl.PRIORS[name], **{param: 1e9})
+        other = dataclasses.replace(sl.priors()[name], **{param: 1e9})
         assert getattr(sl.calibrate(name, other), param) == pytest.approx(getattr(spec, param), rel=1e-6)
 
 

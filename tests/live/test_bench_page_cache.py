@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from experiments.serverlessllm import measured_page_cache_Bps, read_page_cache_measurement
+from experiments.serverlessllm import read_page_cache_measurement
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_page_cache.py"
 
@@ -29,10 +29,9 @@ def test_cpu_run_writes_a_measurement_the_experiment_reads(tmp_path):
     assert set(res) == {"size_bytes", "device", "safetensors_cpu_warm", "tierlab_cpu_warm", "h2d_pageable"}
     for key in ("safetensors_cpu_warm", "tierlab_cpu_warm"):
         assert len(res[key]["times_s"]) == 3 and min(res[key]["times_s"]) > 0
-    got_size, times = read_page_cache_measurement(out / "page_cache.json", "tierlab_cpu_warm")
-    assert got_size == size
-    assert measured_page_cache_Bps(out / "page_cache.json", "tierlab_cpu_warm") == pytest.approx(
-        size / ((times[1] + times[2]) / 2))
+    m = read_page_cache_measurement(out / "page_cache.json", "tierlab_cpu_warm")
+    assert m.size_bytes == size and list(m.times_s) == res["tierlab_cpu_warm"]["times_s"]
+    assert m.rate_Bps == pytest.approx(size / ((m.times_s[1] + m.times_s[2]) / 2))
 
 
 def test_one_repeat_is_refused(tmp_path):
