@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, Self, runtime_checkable
 
@@ -532,6 +532,8 @@ class CpuEngineProcess(ProcessEngine):
         model_name: str | None = None,
         dtype: str = "float32",
         threads: int | None = None,
+        max_num_seqs: int = 8,
+        env: Mapping[str, str] | None = None,
         extra_args: list[str] | None = None,
         python: str = sys.executable,
         stop_grace_s: float = 5.0,
@@ -543,6 +545,10 @@ class CpuEngineProcess(ProcessEngine):
         self.model_name = model_name
         self.dtype = dtype
         self.threads = threads
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.max_num_seqs = max_num_seqs
+        self.extra_env = dict(env or {})  # e.g. the tier pacing of the directory the engine reads
         self.extra_args = list(extra_args or [])
         self.python = python
 
@@ -562,6 +568,7 @@ class CpuEngineProcess(ProcessEngine):
             argv += ["--model-name", self.model_name]
         if self.threads:
             argv += ["--threads", str(self.threads)]
+        argv += ["--max-num-seqs", str(self.max_num_seqs)]
         return argv + self.extra_args
 
     def _launch_argv(self) -> list[str]:
@@ -573,6 +580,7 @@ class CpuEngineProcess(ProcessEngine):
         # the engine imports `live` from this checkout even when the package is not installed
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         return env
 
     def _cwd(self) -> str | None:

@@ -754,6 +754,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-read-MBps", type=float, help="cap the weights read at this many MB/s "
                         "(emulates a slower tier; off by default)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="sequences batched per decode step")
     parser.add_argument("--default-chat-max-tokens", type=int, default=256)
     parser.add_argument("--launched-at", type=float, help="the launcher's time.time() at spawn (t0 of the stats)")
     parser.add_argument("--exit-with-parent", type=int, metavar="PID", help="exit when this process is gone")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from live.engines.base import CpuEngineProcess, ProcessEngine
 from live.engines.tokasaurus import TokasaurusProcess
@@ -22,16 +23,19 @@ def make_engine(
     progressive: bool = False,
     toka_executable: str = "toka",
     n_gpus: int = 1,
+    max_num_seqs: int = 8,
+    env: Mapping[str, str] | None = None,
 ) -> ProcessEngine:
     """An engine process of `kind` serving `model_dir` on host:port (not started).
 
     `model_name`, `dtype`, `threads` and `progressive` are the CPU engine's; Tokasaurus serves in its
     own dtype (bf16: its attention kernels have no fp32 path), echoes the request's model name, and
-    takes its GPU count (`n_gpus`) and executable (`toka_executable`).
+    takes its GPU count (`n_gpus`) and executable (`toka_executable`). `max_num_seqs` is the CPU engine's
+    batch limit; `env` is added to the CPU engine's environment (e.g. `live.pacing`'s tier pacing).
     """
     if kind == "cpu":
         return CpuEngineProcess(model_dir, port, host=host, progressive=progressive, model_name=model_name,
-                                dtype=dtype, threads=threads)
+                                dtype=dtype, threads=threads, max_num_seqs=max_num_seqs, env=env)
     if kind == "tokasaurus":
         return TokasaurusProcess(model_dir, port, host=host, n_gpus=n_gpus, executable=toka_executable)
     raise ValueError(f"unknown engine kind {kind!r}; choose one of {ENGINE_KINDS}")
