@@ -1,4 +1,4 @@
-"""One hydra entry point shape for every tierlab command (simulate, live serve, live replay)."""
+"""One hydra entry point shape for every tierlab command (simulate, serve, replay)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.specs import ModelSpec
+
 CONFIG_FILE = "config.json"
 
 # one decoder layer's tensors (suffixes of "model.layers.{i}."), in the order the forward pass uses them
@@ -194,3 +196,17 @@ def tensor_shapes(c: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     if not c.tie_word_embeddings:
         out.append(("lm_head.weight", (c.vocab_size, c.hidden_size)))
     return out
+
+
+def model_spec(name: str, config: LlamaConfig, dtype_bytes: int) -> ModelSpec:
+    """The `core.specs.ModelSpec` a policy plans with for a checkpoint of this architecture.
+
+    `dtype_bytes` is the dtype the ENGINE holds the weights in (a CPU engine computing in float32 holds a
+    bfloat16 checkpoint as 4 bytes per parameter), not the file's: memory accounting is about the engine.
+    The parameter count is the tensors' (`tensor_shapes`), so `weights_bytes` is their size in that dtype.
+    """
+    if not _is_int(dtype_bytes) or dtype_bytes <= 0:
+        raise ValueError(f"dtype_bytes must be a positive int, got {dtype_bytes!r}")
+    return ModelSpec(name=name, params_b=config.n_params / 1e9, n_layers=config.num_hidden_layers,
+                     hidden_size=config.hidden_size, n_kv_heads=config.num_key_value_heads,
+                     head_dim=config.head_dim, dtype_bytes=dtype_bytes)

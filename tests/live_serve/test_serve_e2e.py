@@ -1,5 +1,6 @@
-"""`python -m live.serve` end to end: a gateway process, 2 agent processes and CPU engine processes on loopback,
-driven by the real `openai` client, then `python -m live.replay` against it, then Ctrl-C."""
+"""`python -m experiments.serve` end to end: a gateway process, 2 agent processes and CPU engine processes on
+loopback, with serve.yaml's paced tier hierarchy, driven by the real `openai` client, then
+`python -m experiments.replay` against it, then Ctrl-C. Also: the console scripts reject a bad config."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def _processes_mentioning(*needles: str) -> list[int]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("serve")
     out_dir = tmp / "run"
-    argv = [sys.executable, "-m", "live.serve", "port=0", "nodes=2", f"hydra.run.dir={out_dir}",
+    argv = [sys.executable, "-m", "experiments.serve", "port=0", "nodes=2", f"hydra.run.dir={out_dir}",
             f"checkpoint_cache={tmp / 'ckpts'}", "~catalog.small-a", "progress=false", "policy=seed_tiered",
             f"policy.autoscaling.keep_alive_s={KEEP_ALIVE_S}", "policy.autoscaling.tick_s=0.5"]
     log = tmp / "serve.log"
@@ -91,7 +92,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         info_path = out_dir / "serve.json"
         while not info_path.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"live.serve did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
+                raise RuntimeError(f"experiments.serve did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(0.1)
         info = json.loads(info_path.read_text())
         yield Served(proc, out_dir, info, log)
@@ -99,6 +100,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+def assert_cold_starts_by_tier(summary: dict, df: pd.DataFrame) -> None:
+    """summary.json's per-source-tier cold starts (the simulator's `cold_start_by_tier`) match the records."""
+    cold = df[df["cold_start"] & (df["outcome"] == "completed")]
+    assert set(summary["cold_start_by_tier"]) == set(cold["source_tier"])
+    for tier, stats in summary["cold_start_by_tier"].items():
+        rows = cold[cold["source_tier"] == tier]
+        assert stats["count"] == len(rows)
+        assert stats["mean_s"] == pytest.approx(rows["cold_start_s"].mean(), nan_ok=True)
 
 
 def _ready_instances(s: Served) -> int:
@@ -152,7 +163,7 @@ def test_cold_from_cloud_warm_then_from_local_tier(served: Served) -> None:
 
 def test_replay_writes_records_and_the_simulators_summary_keys(served: Served, tmp_path: Path) -> None:
     out = tmp_path / "replay"
-    argv = [sys.executable, "-m", "live.replay", f"serve_json={served.out_dir / 'serve.json'}",
+    argv = [sys.executable, "-m", "experiments.replay", f"serve_json={served.out_dir / 'serve.json'}",
             f"hydra.run.dir={out}", "workload=poisson", "workload.options.rate_per_s=2.0",
             "workload.window=[0,4]", "workload.max_requests=6", "replay.max_output_tokens=3", "progress=false"]
     done = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
@@ -169,6 +180,7 @@ def test_replay_writes_records_and_the_simulators_summary_keys(served: Served, t
                               "output.plots=false"), None).summary
     assert set(sim) - {"total_wall_s"} <= set(summary)
     assert summary["requests"] == len(df) and summary["completed"] == len(df)
+    assert_cold_starts_by_tier(summary, df)
 
 
 def test_ctrl_c_stops_everything_and_writes_the_records(served: Served) -> None:
@@ -188,6 +200,8 @@ def test_ctrl_c_stops_everything_and_writes_the_records(served: Served) -> None:
     assert len(df) >= 4 and list(df.columns) == list(REQUEST_SCHEMA)
     summary = json.loads((s.out_dir / "summary.json").read_text())
     assert summary["requests"] == len(df) and summary["policy"] == "seed_tiered"
+    assert_cold_starts_by_tier(summary, df)
+    assert summary["cold_start_by_tier"]["cloud"]["count"] >= 2  # tiny-a and tiny-b came from the cloud first
     moves = pd.read_parquet(s.out_dir / "tier_moves.parquet")
     assert list(moves.columns) == list(MOVE_SCHEMA) and summary["tier_moves"] == len(moves)
     # both models came down from the cloud into a local tier, on the gateway's clock (before the run ended)

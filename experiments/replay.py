@@ -1,4 +1,4 @@
-"""`python -m live.replay [overrides]` (or `tierlab-replay`): replay a trace against a running gateway.
+"""`python -m experiments.replay [overrides]` (or `tierlab-replay`): replay a trace against a running gateway.
 
 The workload comes from the simulator's readers and generators (`conf/workload`, the same
 `experiments.setup.load_workload`), models are assigned by the same seeded Zipf law over the
@@ -8,7 +8,8 @@ token, the gateway's own rows (`GET /admin/records`, joined on the `x-tierlab-re
 add the cold-start phases: source tier, fetch, engine init, queueing, node, instance and cost.
 
 Writes records.parquet (the simulator's request schema, one row per trace request) and summary.json
-(the simulator's keys) into the output directory, and ends with a one-line summary.
+(the simulator's keys, cold starts by source tier in `cold_start_by_tier`) into the output directory, and
+ends with a one-line summary.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class ClientRow:
 
 
 def resolve_target(cfg: Mapping[str, Any]) -> Target:
-    """URL, key and admin token from `serve_json` (a live.serve run's file) or from the url/api_key keys."""
+    """URL, key and admin token from `serve_json` (an experiments.serve run's file) or from the url/api_key keys."""
     info: dict[str, Any] = {}
     if cfg.get("serve_json"):
         path = Path(str(cfg["serve_json"])).expanduser()
@@ -109,7 +110,7 @@ def resolve_target(cfg: Mapping[str, Any]) -> Target:
     url = cfg.get("url") or info.get("url")
     key = cfg.get("api_key") or next((t["api_key"] for t in (info.get("tenants") or {}).values()), None)
     if not url or not key:
-        raise ConfigError("url and api_key: give both, or serve_json=<a live.serve run's serve.json>")
+        raise ConfigError("url and api_key: give both, or serve_json=<an experiments.serve run's serve.json>")
     return Target(str(url).rstrip("/").removesuffix("/v1"), str(key), cfg.get("admin_token") or info.get("admin_token"),
                   info.get("policy"))
 

@@ -1,17 +1,23 @@
-"""`python -m live.serve [overrides]` (or `tierlab-serve`): a gateway and N node agents on loopback.
+"""`python -m experiments.serve [overrides]` (or `tierlab-serve`): a gateway and N node agents on loopback.
 
 What it does, in order:
 
-1. builds the catalog: generated Llama checkpoints (cached under `checkpoint_cache`), local HF dirs
-   or Hugging Face repos, and publishes each to the "cloud" object store(s);
-2. starts one node agent process per node (`python -m live.agent`, its own session, exits if this
-   process dies), each with its dram (tmpfs) / nvme / sata tier directories;
-3. runs the gateway in this process (uvicorn) with the policy bundle built from `conf/policy` exactly
-   as the simulator builds it, prints the URL and an API key, and writes `serve.json` (URL, keys,
+1. checks the config: the policy bundle (built by `core.config` exactly as the simulator builds it), the
+   emulated node (`tiers` with their capacities and read / write bandwidths and latencies, the `cloud` fetch
+   pace, the `node` memory budget and batch limit: `node_options`);
+2. builds the catalog: generated Llama checkpoints (cached under `checkpoint_cache`), local HF dirs
+   or Hugging Face repos, one `core.specs.ModelSpec` per checkpoint from its config.json (weights sized in
+   the engine's dtype), and publishes each to the "cloud" object store(s);
+3. starts one node agent process per node (`python -m live.agent`, its own session, exits if this
+   process dies), each with its dram (tmpfs) / nvme / sata tier directories and the paces it must honour
+   (`agent_argv`);
+4. runs the gateway in this process (uvicorn) with that bundle and those model specs (the agents report
+   their node description on /status), prints the URL and an API key, and writes `serve.json` (URL, keys,
    admin token, pids; mode 0600) into the output directory;
-4. on Ctrl-C (or SIGTERM): stops the gateway, writes records.parquet, tier_moves.parquet (the agents'
-   movements), instances.parquet (instance lifecycle) and summary.json, stops the
-   agents (each stops its engines), and checks that no engine or agent process is left.
+5. on Ctrl-C (or SIGTERM): stops the gateway, writes records.parquet, tier_moves.parquet (the agents'
+   movements), instances.parquet (instance lifecycle) and summary.json (the simulator's keys, cold starts by
+   source tier in `cold_start_by_tier`), stops the agents (each stops its engines), and checks that no engine
+   or agent process is left.
 
 Config: `conf/live/serve.yaml` (hydra; any key can be overridden, e.g. `policy=sllm nodes=3 port=0`).
 """
@@ -23,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -40,15 +47,16 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from core.config import build_policy
 from core.errors import ConfigError
-from core.specs import LOCAL_TIERS
+from core.specs import LOCAL_TIERS, ModelSpec
 from experiments.entry import hydra_command
-from experiments.setup import build_policy
 from live.agent import parse_bytes
 from live.checkpoint import PRESETS, generate_checkpoint
 from live.engines.base import REPO_ROOT, free_port
 from live.gateway import AgentRef, Gateway, GatewayConfig, Tenant, create_app
 from live.lifecycle import stop_process, wait_gone
+from live.llama_config import LlamaConfig, model_spec
 from live.outputs import live_summary, moves_frame, one_line, write_outputs
 from live.registry import Registry, check_model_name
 
@@ -58,7 +66,7 @@ AGENT_START_TIMEOUT_S = 60.0
 
 @dataclass
 class AgentProcess:
-    """A node agent started by `live.serve`."""
+    """A node agent started by `experiments.serve`."""
 
     node: str
     url: str
@@ -156,6 +164,202 @@ def build_tenants(tenants: Sequence[Mapping[str, Any]], models: Sequence[str]) -
     return out
 
 
+# --------------------------------------------------------------------------- node description
+
+MB = 1e6  # config bandwidths are in MB/s (decimal, as the reference file's), latencies in ms
+ENGINE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_TIER_KEYS = ("capacity", "read_MBps", "write_MBps", "latency_ms")
+_CLOUD_KEYS = ("streams", "stream_MBps", "latency_ms")
+_NODE_KEYS = ("memory_budget", "max_num_seqs")
+
+
+@dataclass(frozen=True)
+class TierOptions:
+    """One emulated local tier of every node: capacity and the pace its agent honours (inf: unpaced)."""
+
+    capacity_bytes: int
+    read_Bps: float = math.inf
+    write_Bps: float = math.inf
+    latency_s: float = 0.0
+
+    @property
+    def paced(self) -> bool:
+        return math.isfinite(self.read_Bps) or math.isfinite(self.write_Bps) or self.latency_s > 0
+
+
+@dataclass(frozen=True)
+class CloudOptions:
+    """How an agent fetches from the object store: parallel ranged reads, each paced (inf: unpaced)."""
+
+    streams: int = 16
+    stream_Bps: float = math.inf
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """What every node agent is told about its emulated hardware (the `tiers`, `cloud` and `node` blocks)."""
+
+    tiers: dict[str, TierOptions]
+    cloud: CloudOptions | None = None  # None: the agent's defaults (no `cloud` block)
+    memory_budget_bytes: int | None = None  # None: unbounded
+    max_num_seqs: int | None = None  # None: the engine's default
+
+
+def _size(value: Any, where: str) -> int:
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"{where}: a size in bytes (K/M/G suffixes) is needed, got {value!r}")
+    try:
+        n = parse_bytes(str(value))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if n <= 0:
+        raise ConfigError(f"{where}: must be > 0 bytes, got {value!r}")
+    return n
+
+
+def _rate_Bps(value: Any, where: str) -> float:
+    """MB/s -> bytes/s; null (or .inf) -> inf, i.e. unpaced."""
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or value <= 0:
+        raise ConfigError(f"{where}: a bandwidth in MB/s > 0 (or null: unpaced) is needed, got {value!r}")
+    return float(value) * MB
+
+
+def _latency_s(value: Any, where: str) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where}: a latency in ms >= 0 is needed, got {value!r}")
+    return float(value) / 1e3
+
+
+def _block(cfg: Mapping[str, Any], key: str, known: Sequence[str]) -> dict[str, Any]:
+    block = cfg.get(key)
+    if block is None:
+        return {}
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{key}: a mapping with keys {list(known)} is needed, got {block!r}")
+    unknown = sorted(set(block) - set(known))
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; known: {list(known)}")
+    return dict(block)
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: a positive integer is needed, got {value!r}")
+    return value
+
+
+def node_options(cfg: Mapping[str, Any]) -> NodeOptions:
+    """Validate the `tiers`, `cloud` and `node` blocks (errors name the field).
+
+    A tier is a size (`dram: 256M`, unpaced) or `{capacity, read_MBps, write_MBps, latency_ms}` (null MB/s:
+    unpaced).
+    """
+    tiers_cfg = cfg.get("tiers") or {}
+    if not isinstance(tiers_cfg, Mapping):
+        raise ConfigError(f"tiers: a mapping of local tiers is needed, got {tiers_cfg!r}")
+    unknown = sorted(set(tiers_cfg) - set(LOCAL_TIERS))
+    if unknown or not tiers_cfg:
+        raise ConfigError(f"tiers: {unknown or 'none given'}; local tiers are {list(LOCAL_TIERS)}")
+    tiers: dict[str, TierOptions] = {}
+    for name, spec in tiers_cfg.items():
+        where = f"tiers.{name}"
+        if not isinstance(spec, Mapping):  # the short form: a capacity, unpaced
+            tiers[name] = TierOptions(_size(spec, where))
+            continue
+        bad = sorted(set(spec) - set(_TIER_KEYS))
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {bad}; known: {list(_TIER_KEYS)}")
+        if "capacity" not in spec:
+            raise ConfigError(f"{where}.capacity: required")
+        tiers[name] = TierOptions(_size(spec["capacity"], f"{where}.capacity"),
+                                  _rate_Bps(spec.get("read_MBps"), f"{where}.read_MBps"),
+                                  _rate_Bps(spec.get("write_MBps"), f"{where}.write_MBps"),
+                                  _latency_s(spec.get("latency_ms"), f"{where}.latency_ms"))
+    cloud_cfg = _block(cfg, "cloud", _CLOUD_KEYS)
+    cloud = None
+    if cloud_cfg:
+        cloud = CloudOptions(_positive_int(cloud_cfg.get("streams", 16), "cloud.streams"),
+                             _rate_Bps(cloud_cfg.get("stream_MBps"), "cloud.stream_MBps"),
+                             _latency_s(cloud_cfg.get("latency_ms"), "cloud.latency_ms"))
+    node_cfg = _block(cfg, "node", _NODE_KEYS)
+    budget = node_cfg.get("memory_budget")
+    seqs = node_cfg.get("max_num_seqs")
+    return NodeOptions(tiers, cloud,
+                       None if budget is None else _size(budget, "node.memory_budget"),
+                       None if seqs is None else _positive_int(seqs, "node.max_num_seqs"))
+
+
+def engine_dtype_bytes(cfg: Mapping[str, Any]) -> int:
+    """Bytes per parameter of the engines' compute dtype (`engine.dtype`): what a loaded model occupies."""
+    dtype = str((cfg.get("engine") or {}).get("dtype", "float32"))
+    if dtype not in ENGINE_DTYPE_BYTES:
+        raise ConfigError(f"engine.dtype: unknown {dtype!r}; known: {sorted(ENGINE_DTYPE_BYTES)}")
+    return ENGINE_DTYPE_BYTES[dtype]
+
+
+def catalog_model_specs(entries: Sequence[CatalogEntry], dtype_bytes: int) -> dict[str, ModelSpec]:
+    """One ModelSpec per catalog checkpoint, from its config.json, sized in the engine's dtype."""
+    specs = {}
+    for e in entries:
+        try:
+            specs[e.name] = model_spec(e.name, LlamaConfig.from_dir(e.path), dtype_bytes)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"catalog.{e.name}: {exc}") from None
+    return specs
+
+
+def check_memory_budget(node: NodeOptions, models: Mapping[str, ModelSpec]) -> None:
+    """A budget no catalog model fits in serves nothing: a ConfigError naming `node.memory_budget` and the bytes."""
+    if node.memory_budget_bytes is None or not models:
+        return
+    smallest = min(models.values(), key=lambda m: m.weights_bytes)
+    if node.memory_budget_bytes < smallest.weights_bytes:
+        raise ConfigError(
+            f"node.memory_budget: {node.memory_budget_bytes} bytes is smaller than every catalog model (the smallest, "
+            f"{smallest.name}, holds {smallest.weights_bytes:.0f} bytes of weights in the engine's dtype)")
+    too_big = sorted(m.name for m in models.values() if m.weights_bytes > node.memory_budget_bytes)
+    if too_big:
+        log.warning("node.memory_budget: %d bytes cannot hold %s; requests for them will fail",
+                    node.memory_budget_bytes, too_big)
+
+
+def _num(x: float) -> str:
+    return "inf" if math.isinf(x) else repr(float(x))
+
+
+def agent_argv(node: str, host: str, port: int, tier_dirs: Mapping[str, Path], opts: NodeOptions,
+               stores: Sequence[str], cfg: Mapping[str, Any], progressive: bool, parent_pid: int) -> list[str]:
+    """The `python -m live.agent` command line of one node: its tiers (dirs, capacities, paces), the cloud
+    fetch pace, memory budget and batch limit, engine and stores. Unpaced tiers and unset options add no flag
+    (the agent's default is the same)."""
+    engine = dict(cfg.get("engine") or {})
+    argv = [sys.executable, "-m", "live.agent", "--node", node, "--host", host, "--port", str(port),
+            "--log-level", str(cfg.get("log_level", "warning")), "--exit-with-parent", str(parent_pid),
+            "--threads", str(engine.get("threads", 1)), "--dtype", str(engine.get("dtype", "float32")),
+            "--engine", str(engine.get("kind", "cpu")),
+            "--store-options", json.dumps(dict(cfg.get("store_options") or {}))]
+    argv += [f"--tier={t}={d}:{opts.tiers[t].capacity_bytes}" for t, d in tier_dirs.items()]
+    argv += [f"--tier-bw={t}={_num(o.read_Bps)}:{_num(o.write_Bps)}:{_num(o.latency_s)}"
+             for t, o in opts.tiers.items() if o.paced]
+    if opts.cloud is not None:
+        argv += ["--cloud-streams", str(opts.cloud.streams), "--cloud-latency-s", _num(opts.cloud.latency_s)]
+        if math.isfinite(opts.cloud.stream_Bps):  # absent: unpaced
+            argv += ["--cloud-stream-Bps", _num(opts.cloud.stream_Bps)]
+    if opts.memory_budget_bytes is not None:
+        argv += ["--memory-budget", str(opts.memory_budget_bytes)]
+    if opts.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(opts.max_num_seqs)]
+    argv += [f"--store={s}" for s in stores]
+    if progressive:
+        argv.append("--progressive")
+    return argv
+
+
 # --------------------------------------------------------------------------- agents
 
 
@@ -172,22 +376,12 @@ def _healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s:
 
 
 def start_agents(cfg: Mapping[str, Any], workdir: Path, dram_root: Path, stores: Sequence[str], token: str,
-                 progressive: bool, log_dir: Path) -> list[AgentProcess]:
+                 progressive: bool, log_dir: Path, node: NodeOptions | None = None) -> list[AgentProcess]:
     """One `python -m live.agent` per node, each in its own session and watching this process."""
     n = cfg.get("nodes", 2)
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"nodes: a positive integer is needed, got {n!r}")
-    tiers = dict(cfg.get("tiers") or {})
-    unknown = sorted(set(tiers) - set(LOCAL_TIERS))
-    if unknown or not tiers:
-        raise ConfigError(f"tiers: {unknown or 'none given'}; local tiers are {list(LOCAL_TIERS)}")
-    capacity = {}
-    for name, size in tiers.items():
-        try:
-            capacity[name] = parse_bytes(str(size))
-        except ValueError as e:
-            raise ConfigError(f"tiers.{name}: {e}") from None
-    engine = dict(cfg.get("engine") or {})
+    opts = node or node_options(cfg)
     host = str(cfg.get("host", "127.0.0.1"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
            "TIERLAB_AGENT_TOKEN": token, "PYTHONUNBUFFERED": "1"}
@@ -195,22 +389,14 @@ def start_agents(cfg: Mapping[str, Any], workdir: Path, dram_root: Path, stores:
     agents: list[AgentProcess] = []
     try:
         for i in tqdm(range(n), desc="agents", unit="node", disable=not cfg.get("progress", True)):
-            node, port = f"n{i}", free_port(host)
-            dirs = {t: (dram_root if t == "dram" else workdir) / node / t for t in tiers}
-            argv = [sys.executable, "-m", "live.agent", "--node", node, "--host", host, "--port", str(port),
-                    "--log-level", str(cfg.get("log_level", "warning")), "--exit-with-parent", str(os.getpid()),
-                    "--threads", str(engine.get("threads", 1)), "--dtype", str(engine.get("dtype", "float32")),
-                    "--engine", str(engine.get("kind", "cpu")),
-                    "--store-options", json.dumps(dict(cfg.get("store_options") or {}))]
-            argv += [f"--tier={t}={d}:{capacity[t]}" for t, d in dirs.items()]
-            argv += [f"--store={s}" for s in stores]
-            if progressive:
-                argv.append("--progressive")
-            log_path = log_dir / f"agent-{node}.log"
+            name, port = f"n{i}", free_port(host)
+            dirs = {t: (dram_root if t == "dram" else workdir) / name / t for t in opts.tiers}
+            argv = agent_argv(name, host, port, dirs, opts, stores, cfg, progressive, os.getpid())
+            log_path = log_dir / f"agent-{name}.log"
             with open(log_path, "wb") as f:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
                                         cwd=REPO_ROOT, start_new_session=True)  # Ctrl-C reaches serve, not agents
-            agents.append(AgentProcess(node, f"http://{host}:{port}", proc, log_path, dirs))
+            agents.append(AgentProcess(name, f"http://{host}:{port}", proc, log_path, dirs))
         for a in agents:
             _healthy(a.url, a.proc, a.log_path, AGENT_START_TIMEOUT_S)
     except BaseException:
@@ -252,15 +438,22 @@ def stop_agents(agents: Sequence[AgentProcess], token: str, grace_s: float = 20.
 
 
 def gateway_config(cfg: Mapping[str, Any], agents: Sequence[AgentRef], tenants: dict[str, Tenant],
-                   admin_token: str) -> GatewayConfig:
-    """GatewayConfig from the `gateway` block; unknown keys are errors naming the key."""
+                   admin_token: str, models: Mapping[str, ModelSpec] | None = None) -> GatewayConfig:
+    """GatewayConfig from the `gateway` block; unknown keys are errors naming the key.
+
+    `models` (the catalog's real specs, `catalog_model_specs`) replace the gateway's nominal stand-ins. The
+    node description (tier paces, store, memory budget, batch limit) the gateway reads from the agents' /status,
+    which report what `agent_argv` told them.
+    """
     extra = dict(cfg.get("gateway") or {})
     known = {f.name for f in dataclasses.fields(GatewayConfig)}
-    bad = sorted(set(extra) - known)
+    reserved = {"agents", "tenants", "models", "admin_token"}
+    bad = sorted(set(extra) - (known - reserved))
     if bad:
-        raise ConfigError(f"gateway: unknown key(s) {bad}; known: {sorted(known - {'agents', 'tenants', 'models'})}")
+        raise ConfigError(f"gateway: unknown key(s) {bad}; known: {sorted(known - reserved)}")
+    derived: dict[str, Any] = {} if models is None else {"models": dict(models)}
     try:
-        return GatewayConfig(agents=list(agents), tenants=tenants, admin_token=admin_token, **extra)
+        return GatewayConfig(agents=list(agents), tenants=tenants, admin_token=admin_token, **derived, **extra)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"gateway: {e}") from None
 
@@ -305,15 +498,17 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = bool(cfg.get("progress", True))
     bundle = build_policy(cfg["policy"])
+    node = node_options(cfg)  # checked before anything is generated or started
+    dtype_bytes = engine_dtype_bytes(cfg)
     own_workdir = not cfg.get("workdir")
     workdir = (out_dir / "work") if own_workdir else Path(str(cfg["workdir"])).expanduser()
-    shm = Path("/dev/shm")
-    dram_root = Path(tempfile.mkdtemp(prefix="tierlab-live-", dir=shm if shm.is_dir() else None))
     stores = list(cfg.get("stores") or [f"file://{workdir / 'cloud'}"])
     entries = build_catalog(cfg.get("catalog") or {}, str(cfg.get("checkpoint_cache", "~/.cache/tierlab")), progress)
-    publish_catalog(entries, stores, cfg.get("store_options") or {}, progress)
+    specs = catalog_model_specs(entries, dtype_bytes)
+    check_memory_budget(node, specs)
     models = [e.name for e in entries]
     tenants = build_tenants(cfg.get("tenants") or [], models)
+    publish_catalog(entries, stores, cfg.get("store_options") or {}, progress)  # once the config is known good
     admin_token = str(cfg.get("admin_token") or secrets.token_urlsafe(24))
     agent_token = secrets.token_urlsafe(24)
     progressive = cfg.get("engine", {}).get("progressive")
@@ -321,14 +516,16 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     host = str(cfg.get("host", "127.0.0.1"))
     sock = _listen_socket(host, int(cfg.get("port", 8080)))
     url = f"http://{host}:{sock.getsockname()[1]}"
+    shm = Path("/dev/shm")  # dram on tmpfs; created last, so that a config error leaves no memory behind
+    dram_root = Path(tempfile.mkdtemp(prefix="tierlab-live-", dir=shm if shm.is_dir() else None))
     agents: list[AgentProcess] = []
     moves: list[dict[str, Any]] = []
     gateway: Gateway | None = None
     t0 = time.monotonic()
     try:
-        agents = start_agents(cfg, workdir, dram_root, stores, agent_token, progressive, out_dir / "logs")
+        agents = start_agents(cfg, workdir, dram_root, stores, agent_token, progressive, out_dir / "logs", node)
         refs = [AgentRef(a.node, a.url, agent_token) for a in agents]
-        gateway = Gateway(gateway_config(cfg, refs, tenants, admin_token), bundle)
+        gateway = Gateway(gateway_config(cfg, refs, tenants, admin_token, specs), bundle)
 
         def ready() -> None:
             _write_private(out_dir / "serve.json", {
