@@ -1,4 +1,4 @@
-"""Process-lifecycle helpers shared by the live processes (engines, agents, `live.serve`)."""
+"""Process-lifecycle helpers shared by the live processes (engines, agents, `experiments.serve`)."""
 
 from __future__ import annotations
 
