@@ -5,7 +5,10 @@ needs `Authorization: Bearer <token>`. Tiers are real dirs (`<tier_dir>/<model>/
 the model registry (`live.registry.Registry`, stores in priority order).
 
     GET  /healthz                          {"ok": true, "node"}
-    GET  /status                           {"node", "tiers": {name: {path, capacity_bytes, used_bytes, models}},
+    GET  /status                           {"node", "tiers": {name: {path, capacity_bytes, used_bytes, models,
+                                                                      read_Bps, write_Bps, latency_s}},
+                                            "cloud": {stream_Bps, streams, latency_s},
+                                            "accelerator": {memory_bytes}, "engine": {kind, max_num_seqs},
                                             "instances": [...], "errors": [...]}
     GET  /moves                            {"node", "moves": [every tier movement, MOVE_SCHEMA columns, unix times]}
     POST /tiers/copy  {model, to_tier}     a movement record {model, node, from_tier, to_tier, kind, bytes, ...}
@@ -14,10 +17,20 @@ the model registry (`live.registry.Registry`, stores in priority order).
     POST /unload      {instance}           {instance, stopped: true}
 
 Errors are `{"error": {"message", "type", "code"}}` with 400 (bad JSON, missing field, unsafe name),
-401, 404 (unknown model / instance / tier content), 409, 502 (fetch or checksum), 507 (tier full).
+401, 404 (unknown model / instance / tier content), 409, 502 (fetch or checksum), 503 (shutting down:
+a transfer in flight is cancelled and leaves nothing), 507 (tier full).
 
     python -m live.agent --node n0 --port 8700 --token T --tier dram=/dev/shm/t:2G --tier sata=/data/t:100G \\
-        --store file:///models
+        --store file:///models --tier-bw sata=500e6:400e6:1e-4 --cloud-streams 16 --cloud-stream-Bps 93e6
+
+Emulated tiers (`live.pacing`): on one machine the tiers share a disk, so each may be given the read
+and write bandwidth (bytes/s) and read latency of the device it stands for. Every byte movement
+honours them as the simulator's hops do: a tier-to-tier copy runs at min(source read, destination
+write), sharing each link with concurrent flows; a cloud fetch runs `--cloud-streams` streams of
+`--cloud-stream-Bps` after `--cloud-latency-s`, writing at the destination's write bandwidth; an
+engine reading a disk tier (nvme, sata) is paced at its read bandwidth (through $TIERLAB_READ_PACE),
+sharing it with copies from that tier. DRAM is host memory: as in `core.loadtime` an engine's read
+of it is not a fetch hop and is not paced (copies out of it are).
 """
 
 from __future__ import annotations
@@ -30,12 +43,11 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,20 +59,29 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from live.agent_tiers import Tier, TierConfig, TierError, parallel_copy_files
+from live.agent_tiers import (  # the parsers are re-exported: live.serve imports parse_bytes from here
+    Tier,
+    TierConfig,
+    TierError,
+    copy_flow,
+    parallel_copy_files,
+    parse_bytes,
+    parse_tier,
+    parse_tier_bw,
+)
 from live.engines.base import EngineHandle, EngineStartError, free_port
 from live.engines.factory import ENGINE_KINDS, make_engine
 from live.lifecycle import exit_with_parent
 from live.manifest import Manifest
+from live.pacing import READ_PACE_ENV, CloudPace, TransferCancelled, check_Bps, check_latency_s
 from live.registry import Registry, RegistryError, check_model_name
 
 log = logging.getLogger(__name__)
 
 TIER_ORDER = ("dram", "nvme", "sata")  # fastest first; a model is read from the first tier holding it
+HOST_MEMORY_TIER = "dram"  # an engine's read of it is no fetch hop (core.loadtime.fetch_hop): never paced
 CLOUD = "cloud"
 DEFAULT_PORT = 8700
-_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 class AgentError(Exception):
@@ -68,7 +89,7 @@ class AgentError(Exception):
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-        409: "conflict_error", 502: "upstream_error", 507: "insufficient_storage_error",
+        409: "conflict_error", 502: "upstream_error", 503: "unavailable_error", 507: "insufficient_storage_error",
     }
 
     def __init__(self, status: int, message: str, code: str) -> None:
@@ -96,12 +117,15 @@ class EngineSettings:
     kind: str = "cpu"  # one of live.engines.factory.ENGINE_KINDS
     toka_executable: str = "toka"  # Tokasaurus's launcher: a name on PATH or a path
     gpus: int = 1  # GPUs a Tokasaurus engine may use (its profile picks tp_size from them)
+    max_num_seqs: int = 8  # the engine's batch limit (the policy view's EngineSpec.max_num_seqs)
 
     def __post_init__(self) -> None:
         if self.kind not in ENGINE_KINDS:
             raise ValueError(f"EngineSettings.kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
         if self.gpus < 1:
             raise ValueError(f"EngineSettings.gpus must be >= 1, got {self.gpus}")
+        if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"EngineSettings.max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
 
 
 def default_dram_dir(node: str, port: int) -> Path:
@@ -123,7 +147,10 @@ class AgentConfig:
     store_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     engine: EngineSettings = field(default_factory=EngineSettings)
     copy_streams: int = 4  # threads per local tier-to-tier copy
-    cloud_streams: int = 16  # parallel ranged reads per cloud object
+    cloud_streams: int = 16  # parallel ranged reads per cloud fetch
+    cloud_stream_Bps: float | None = None  # bytes/s of each cloud stream (None or inf: unpaced)
+    cloud_latency_s: float = 0.0  # first-byte latency of each cloud stream
+    memory_budget_bytes: int | None = None  # the node's accelerator memory (reported; the gateway enforces it)
     max_errors: int = 50  # recent errors kept for /status
     parent_pid: int | None = None  # stop the engines and exit when this process is gone (None: never)
 
@@ -137,23 +164,18 @@ class AgentConfig:
             raise ValueError(f"unknown tiers {sorted(unknown)}; tiers are {TIER_ORDER}")
         if not self.tiers:
             raise ValueError("AgentConfig needs at least one local tier")
-
-
-def parse_bytes(text: str) -> int:
-    """'1048576', '512M', '2G', '1GiB' -> bytes (binary units)."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise ValueError(f"bad size {text!r}: use an integer with an optional K/M/G/T suffix")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-
-
-def parse_tier(spec: str) -> TierConfig:
-    """'name=DIR:BYTES' -> TierConfig (DIR may itself contain ':'; the size is after the last one)."""
-    name, sep, rest = spec.partition("=")
-    path, sep2, size = rest.rpartition(":")
-    if not sep or not sep2 or not path:
-        raise ValueError(f"bad tier {spec!r}: use name=DIR:BYTES, e.g. sata=/data/tierlab:100G")
-    return TierConfig(name.strip(), Path(path), parse_bytes(size))
+        for name, tier in self.tiers.items():
+            if tier.name != name:
+                raise ValueError(f"AgentConfig.tiers[{name!r}] is configured as tier {tier.name!r}")
+        for field_name in ("copy_streams", "cloud_streams"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AgentConfig.{field_name} must be an integer >= 1, got {value!r}")
+        self.cloud_stream_Bps = check_Bps(self.cloud_stream_Bps, "AgentConfig.cloud_stream_Bps")
+        self.cloud_latency_s = check_latency_s(self.cloud_latency_s, "AgentConfig.cloud_latency_s")
+        budget = self.memory_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"AgentConfig.memory_budget_bytes must be an integer > 0 (or None), got {budget!r}")
 
 
 # --------------------------------------------------------------------------- the agent
@@ -193,6 +215,13 @@ class NodeAgent:
         self._copy_locks: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
         self._ids = itertools.count(1)
         self._closed = False
+        # set at shutdown: paced transfers in flight stop at once and clean up (no partial dir is left)
+        self._cancel = threading.Event()
+        self._transfers = 0  # copies / fetches in flight, guarded by _idle
+        self._idle = threading.Condition()
+        for tier in self.tiers.values():
+            if tier.swept:
+                log.warning("tier %s: removed staging dirs left by an earlier agent: %s", tier.name, tier.swept)
 
     # -- lookups
 
@@ -252,19 +281,42 @@ class NodeAgent:
             except TierError as e:
                 raise AgentError(e.status, str(e), e.code) from None
             try:
-                if source is None:
-                    nbytes = self._fetch_cloud(model, dest, manifest)
-                else:
-                    nbytes = self._copy_local(model, self.tiers[source], dest, manifest)
+                with self._transfer():
+                    if source is None:
+                        nbytes = self._fetch_cloud(model, dest, manifest)
+                    else:
+                        nbytes = self._copy_local(model, self.tiers[source], dest, manifest)
             finally:
                 dest.release(need)
             kind = "fetch" if source is None else "copy"
             return self._move(model, source or CLOUD, dest.name, kind, nbytes, start_unix,
                               time.perf_counter() - start)
 
+    @contextlib.contextmanager
+    def _transfer(self) -> Iterator[None]:
+        """Count a copy / fetch in flight, so that shutdown can wait for its cleanup; refused once closing."""
+        with self._idle:
+            if self._cancel.is_set():
+                raise AgentError(503, "agent is shutting down", "shutting_down")
+            self._transfers += 1
+        try:
+            yield
+        except TransferCancelled:
+            raise AgentError(503, "agent is shutting down: the transfer was cancelled and nothing was placed",
+                             "shutting_down") from None
+        finally:
+            with self._idle:
+                self._transfers -= 1
+                self._idle.notify_all()
+
+    def cloud_pace(self, dest: Tier) -> CloudPace:
+        """The emulated cloud link of a fetch into `dest`: per-stream bandwidth, latency, dest's write link."""
+        return CloudPace(self.config.cloud_stream_Bps, self.config.cloud_latency_s, dest.device, self._cancel)
+
     def _fetch_cloud(self, model: str, dest: Tier, manifest: Manifest) -> int:
         try:
-            self.registry.fetch(model, dest.model_dir(model), streams=self.config.cloud_streams, manifest=manifest)
+            self.registry.fetch(model, dest.model_dir(model), streams=self.config.cloud_streams, manifest=manifest,
+                                pace=self.cloud_pace(dest))
         except RegistryError as e:  # every store failed (missing object, sha256 mismatch): nothing was placed
             raise AgentError(502, f"fetch of {model!r} from the cloud into tier {dest.name!r} failed: {e}",
                              "fetch_failed") from None
@@ -274,11 +326,13 @@ class NodeAgent:
         staging = dest.staging_dir(model)
         try:
             nbytes = parallel_copy_files(src.model_dir(model), staging, [f.name for f in manifest.files],
-                                         self.config.copy_streams)
+                                         self.config.copy_streams, pace=copy_flow(src, dest, self._cancel))
             dest.place(staging, model, manifest)
             return nbytes
         except TierError as e:
             raise AgentError(e.status, str(e), e.code) from None
+        except TransferCancelled:
+            raise
         except OSError as e:
             raise AgentError(500, f"copy of {model!r} from tier {src.name!r} to {dest.name!r} failed: {e}",
                              "copy_failed") from None
@@ -346,7 +400,8 @@ class NodeAgent:
             engine = make_engine(settings.kind, tier.model_dir(model), free_port(self.config.host),
                                  host=self.config.host, model_name=model, dtype=settings.dtype,
                                  threads=settings.threads, progressive=settings.progressive,
-                                 toka_executable=settings.toka_executable, n_gpus=settings.gpus)
+                                 toka_executable=settings.toka_executable, n_gpus=settings.gpus,
+                                 max_num_seqs=settings.max_num_seqs, env=self.engine_env(tier))
             inst = Instance(f"{self.config.node}-{model}-{next(self._ids)}", model, tier_name,
                             str(tier.model_dir(model)), engine)
             t0 = time.perf_counter()
@@ -369,6 +424,12 @@ class NodeAgent:
                    "engine_start_s": engine_start_s, "ready_s": ready_s}
         return {"instance": inst.to_json(), "timings": timings}
 
+    def engine_env(self, tier: Tier) -> dict[str, str]:
+        """The environment an engine reading `tier` gets: the tier's read pacing, or none (set empty, so
+        that a value inherited from the agent's own environment cannot leak in)."""
+        paced = tier.name != HOST_MEMORY_TIER and (tier.pace.read_Bps is not None or tier.pace.latency_s > 0)
+        return {READ_PACE_ENV: tier.pace.to_json() if paced else ""}
+
     def unload(self, instance: Any) -> dict[str, Any]:
         if not isinstance(instance, str):
             raise AgentError(400, "'instance' must be a string", "invalid_instance")
@@ -381,15 +442,32 @@ class NodeAgent:
         return {"instance": instance, "stopped": True}
 
     def status(self) -> dict[str, Any]:
+        """The node's description (tiers with their emulated devices, cloud link, accelerator, engine) and state."""
+        cfg = self.config
         tiers = {n: {"path": str(t.path), "capacity_bytes": t.config.capacity_bytes, "used_bytes": t.used_bytes(),
-                     "models": t.models()} for n, t in self.tiers.items()}
+                     "models": t.models(), **t.pace_json()} for n, t in self.tiers.items()}
         with self._lock:
             instances = [i.to_json() for i in self.instances.values()]
             errors = list(self.errors)
-        return {"node": self.config.node, "tiers": tiers, "instances": instances, "errors": errors}
+        return {"node": cfg.node, "tiers": tiers,
+                "cloud": {"stream_Bps": cfg.cloud_stream_Bps, "streams": cfg.cloud_streams,
+                          "latency_s": cfg.cloud_latency_s},
+                "accelerator": {"memory_bytes": cfg.memory_budget_bytes},
+                "engine": {"kind": cfg.engine.kind, "max_num_seqs": cfg.engine.max_num_seqs},
+                "instances": instances, "errors": errors}
 
-    def shutdown(self) -> None:
-        """Stop every engine (no orphans); later loads are refused."""
+    def begin_shutdown(self) -> None:
+        """Cancel the copies and fetches in flight (each removes its staging dir) and refuse new ones."""
+        self._cancel.set()
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Cancel transfers and wait for their cleanup, then stop every engine (no orphans); later loads
+        are refused."""
+        self.begin_shutdown()
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._transfers == 0, timeout=drain_timeout_s):
+                log.warning("%d transfer(s) still running after %.0f s of shutdown", self._transfers,
+                            drain_timeout_s)
         with self._lock:
             self._closed = True
             instances = list(self.instances.values())
@@ -491,12 +569,19 @@ def serve(config: AgentConfig, log_level: str = "info") -> None:
     """
     import uvicorn
 
+    class AgentServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # before uvicorn waits for requests in flight: a paced copy would otherwise hold it for its
+            # whole duration; cancelled, it cleans its staging dir and its request ends at once
+            agent.begin_shutdown()
+            super().handle_exit(sig, frame)
+
     agent = NodeAgent(config)
     if config.parent_pid:
         exit_with_parent(config.parent_pid, on_exit=agent.shutdown)
     try:
-        uvicorn.run(create_app(agent), host=config.host, port=config.port, log_level=log_level,
-                    lifespan="on", timeout_graceful_shutdown=10)
+        AgentServer(uvicorn.Config(create_app(agent), host=config.host, port=config.port, log_level=log_level,
+                                   lifespan="on", timeout_graceful_shutdown=10)).run()
     finally:
         agent.shutdown()  # also when uvicorn failed before the lifespan ran (port taken, ...)
 
@@ -518,25 +603,54 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
     p.add_argument("--engine", default="cpu", choices=ENGINE_KINDS, help="engine kind the node runs")
     p.add_argument("--toka", default="toka", help="Tokasaurus launcher (--engine tokasaurus): a name on PATH or a path")
     p.add_argument("--gpus", type=int, default=1, help="GPUs one Tokasaurus engine may use")
+    p.add_argument("--tier-bw", action="append", default=[], metavar="NAME=READ_BPS:WRITE_BPS[:LATENCY_S]",
+                   help="emulated device of a tier: bytes/s ('inf' = unpaced) and read latency in s; repeat")
     p.add_argument("--copy-streams", type=int, default=4)
-    p.add_argument("--cloud-streams", type=int, default=16)
+    p.add_argument("--cloud-streams", type=int, default=16, help="parallel ranged-read streams per cloud fetch")
+    p.add_argument("--cloud-stream-Bps", type=float, default=None,
+                   help="bytes/s of each cloud stream (default: unpaced)")
+    p.add_argument("--cloud-latency-s", type=float, default=0.0, help="first-byte latency of each cloud stream, s")
+    p.add_argument("--memory-budget", default=None, metavar="BYTES",
+                   help="accelerator memory of the node (K/M/G/T suffixes), reported in /status")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="batch limit of the engines this node starts")
     p.add_argument("--log-level", default="info")
     p.add_argument("--exit-with-parent", type=int, metavar="PID", help="stop the engines and exit when PID is gone")
     args = p.parse_args(argv)
     try:
         tiers = [parse_tier(s) for s in args.tier]
         options: Mapping[str, Any] = json.loads(args.store_options)
+        bandwidths = [parse_tier_bw(s) for s in args.tier_bw]
+        memory_budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"--memory-budget must be > 0 bytes, got {args.memory_budget!r}")
+        check_Bps(args.cloud_stream_Bps, "--cloud-stream-Bps")
+        check_latency_s(args.cloud_latency_s, "--cloud-latency-s")
+        for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--cloud-streams", args.cloud_streams),
+                            ("--copy-streams", args.copy_streams)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
     except (ValueError, json.JSONDecodeError) as e:
         p.error(str(e))
     tier_map = {t.name: t for t in tiers} or {"dram": TierConfig("dram", default_dram_dir(args.node, args.port),
                                                                  1 << 30)}
+    seen: set[str] = set()
+    for name, read_Bps, write_Bps, latency_s in bandwidths:
+        if name not in tier_map:
+            p.error(f"--tier-bw {name}=...: no tier {name!r} on this node (tiers: {sorted(tier_map)})")
+        if name in seen:
+            p.error(f"--tier-bw: tier {name!r} given twice")
+        seen.add(name)
+        t = tier_map[name]
+        tier_map[name] = TierConfig(t.name, t.path, t.capacity_bytes, read_Bps, write_Bps, latency_s)
     try:
         config = AgentConfig(node=args.node, host=args.host, port=args.port, token=args.token, tiers=tier_map,
                              stores=list(args.store), store_options={k: dict(v) for k, v in options.items()},
                              engine=EngineSettings(args.threads, args.dtype, args.progressive, kind=args.engine,
-                                                   toka_executable=args.toka, gpus=args.gpus),
+                                                   toka_executable=args.toka, gpus=args.gpus,
+                                                   max_num_seqs=args.max_num_seqs),
                              copy_streams=args.copy_streams, cloud_streams=args.cloud_streams,
-                             parent_pid=args.exit_with_parent)
+                             cloud_stream_Bps=args.cloud_stream_Bps, cloud_latency_s=args.cloud_latency_s,
+                             memory_budget_bytes=memory_budget, parent_pid=args.exit_with_parent)
     except ValueError as e:
         p.error(str(e))
     return config, args.log_level

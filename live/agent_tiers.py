@@ -3,12 +3,18 @@
 Every copy into a tier goes through a hidden staging dir inside that tier, is fsynced, checked
 against the registry manifest (sha256), and only then renamed to `<tier_dir>/<model>` (atomic on
 one filesystem). Capacity is enforced with reservations, so concurrent copies cannot overshoot it.
+
+A tier may emulate a device slower than the disk under it: a read and a write bandwidth and a
+first-byte latency (`live.pacing`), shared through `<tier_dir>/.tierlab-pace` by the agent's copies
+and the engines reading the tier. A copy books its bytes on the source's read link and the
+destination's write link at once, so it runs at the slower of the two, as the simulator's hop does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -19,7 +25,10 @@ from pathlib import Path
 
 from live.fsutil import fsync_dir
 from live.manifest import Manifest, verify
+from live.pacing import PACE_FILE, Device, Flow, PaceSpec, check_Bps, check_latency_s, state_path_in
 
+_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 STAGING_PREFIX = ".tierlab-"  # staging / eviction dirs start with this; never listed as models
 DEFAULT_COPY_CHUNK_BYTES = 8 << 20
 
@@ -42,11 +51,32 @@ class TierFullError(TierError):
 
 @dataclass(frozen=True)
 class TierConfig:
-    """One local tier: a directory and how many bytes it may hold."""
+    """One local tier: a directory, how many bytes it may hold, and the device it emulates.
+
+    `read_Bps` / `write_Bps`: bytes/s, None (or inf) = as fast as the disk under it; `latency_s`:
+    first-byte latency of a read. Bad values raise ValueError naming the tier and the field.
+    """
 
     name: str
     path: Path
     capacity_bytes: int
+    read_Bps: float | None = None
+    write_Bps: float | None = None
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.capacity_bytes, bool) or not isinstance(self.capacity_bytes, int) \
+                or self.capacity_bytes < 0:
+            raise ValueError(f"tier {self.name!r} capacity_bytes must be an integer >= 0, got {self.capacity_bytes!r}")
+        # frozen: normalise through object.__setattr__ (inf -> None)
+        object.__setattr__(self, "read_Bps", check_Bps(self.read_Bps, f"tier {self.name!r} read_Bps"))
+        object.__setattr__(self, "write_Bps", check_Bps(self.write_Bps, f"tier {self.name!r} write_Bps"))
+        object.__setattr__(self, "latency_s", check_latency_s(self.latency_s, f"tier {self.name!r} latency_s"))
+
+    def pace_spec(self) -> PaceSpec:
+        """The emulated device, its state file in the tier dir."""
+        return PaceSpec(str(state_path_in(Path(self.path).absolute())), self.read_Bps, self.write_Bps,
+                        self.latency_s, self.name)
 
 
 def dir_bytes(path: Path) -> int:
@@ -54,6 +84,8 @@ def dir_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
+            if name == PACE_FILE:  # the pacing state of an emulated tier is not content
+                continue
             # a file may vanish while we walk (an eviction, a staging dir renamed into place)
             with contextlib.suppress(FileNotFoundError):
                 total += os.lstat(os.path.join(root, name)).st_size
@@ -71,6 +103,27 @@ class Tier:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._reserved_bytes = 0
+        self.pace = config.pace_spec()
+        self.device = Device(self.pace)
+        self.device.reset()  # a fresh agent owns the tier: no reservation of an earlier run survives
+        self.swept = self._sweep_staging()
+
+    def _sweep_staging(self) -> list[str]:
+        """Remove staging / eviction dirs an earlier agent left when it was killed mid-copy; their names.
+
+        A fresh agent owns its tiers, so no copy of its own is in flight yet.
+        """
+        swept = []
+        for entry in os.scandir(self.path):
+            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                swept.append(entry.name)
+        return sorted(swept)
+
+    def pace_json(self) -> dict[str, float | None]:
+        """The emulated device for /status: bandwidths in bytes/s and latency in s (null when unpaced)."""
+        return {"read_Bps": self.pace.read_Bps, "write_Bps": self.pace.write_Bps,
+                "latency_s": self.pace.latency_s if self.pace.paced else None}
 
     def model_dir(self, model: str) -> Path:
         return self.path / model
@@ -136,12 +189,18 @@ class Tier:
         return freed
 
 
+def copy_flow(src: Tier, dst: Tier, cancel: threading.Event | None = None) -> Flow:
+    """The flow of a tier-to-tier copy: the source's read link and the destination's write link at once."""
+    return Flow(reads=[src.device], writes=[dst.device], cancel=cancel)
+
+
 def parallel_copy_files(src_dir: Path, dst_dir: Path, names: list[str], streams: int,
-                        chunk_bytes: int = DEFAULT_COPY_CHUNK_BYTES) -> int:
+                        chunk_bytes: int = DEFAULT_COPY_CHUNK_BYTES, pace: Flow | None = None) -> int:
     """Copy `names` from `src_dir` to `dst_dir` with `streams` threads doing chunked pread/pwrite; returns bytes.
 
     Each destination file is preallocated to its size and fsynced; chunks of all files share one pool,
-    so a single large weights file still uses every stream.
+    so a single large weights file still uses every stream. `pace` (e.g. `copy_flow(src, dst)`) books
+    each chunk on the emulated devices before it moves.
     """
     if streams < 1 or chunk_bytes < 1:
         raise ValueError(f"streams and chunk_bytes must be >= 1, got {streams}, {chunk_bytes}")
@@ -165,6 +224,10 @@ def parallel_copy_files(src_dir: Path, dst_dir: Path, names: list[str], streams:
 
         def copy_chunk(job: tuple[int, int, int, int]) -> None:
             src_fd, dst_fd, off, length = job
+            if pace is not None:
+                pace.acquire(length, stop=failed.is_set)
+                if failed.is_set():
+                    return
             done = 0
             while done < length:  # pread may return fewer bytes than asked
                 data = os.pread(src_fd, length - done, off + done)
@@ -173,8 +236,17 @@ def parallel_copy_files(src_dir: Path, dst_dir: Path, names: list[str], streams:
                 os.pwrite(dst_fd, data, off + done)
                 done += len(data)
 
+        failed = threading.Event()  # one chunk failed: the others stop waiting for their pacing
+
+        def guarded(job: tuple[int, int, int, int]) -> None:
+            try:
+                copy_chunk(job)
+            except BaseException:
+                failed.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=max(1, min(streams, len(jobs)))) as pool:
-            for _ in pool.map(copy_chunk, jobs):  # re-raises the first failure
+            for _ in pool.map(guarded, jobs):  # re-raises the first failure
                 pass
         for _src_fd, dst_fd in fds:
             os.fsync(dst_fd)
@@ -183,3 +255,45 @@ def parallel_copy_files(src_dir: Path, dst_dir: Path, names: list[str], streams:
             os.close(src_fd)
             os.close(dst_fd)
     return total
+
+
+# --------------------------------------------------------------------------- command-line values
+
+
+def parse_bytes(text: str) -> int:
+    """'1048576', '512M', '2G', '1GiB' -> bytes (binary units)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"bad size {text!r}: use an integer with an optional K/M/G/T suffix")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_tier_bw(spec: str) -> tuple[str, float | None, float | None, float]:
+    """'name=READ_BPS:WRITE_BPS[:LATENCY_S]' -> (name, read_Bps, write_Bps, latency_s); 'inf' = unpaced (None).
+
+    Bad values raise ValueError naming the tier and the field.
+    """
+    name, sep, rest = spec.partition("=")
+    name = name.strip()
+    parts = rest.split(":")
+    if not sep or not name or len(parts) not in (2, 3):
+        raise ValueError(f"bad --tier-bw {spec!r}: use NAME=READ_BPS:WRITE_BPS[:LATENCY_S], e.g. sata=5e8:4e8:1e-4")
+    values = []
+    for field_name, text in zip(("read_Bps", "write_Bps", "latency_s"), parts, strict=False):
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise ValueError(f"bad --tier-bw {spec!r}: tier {name!r} {field_name} {text!r} is not a number") from None
+    read_Bps = check_Bps(values[0], f"tier {name!r} read_Bps")
+    write_Bps = check_Bps(values[1], f"tier {name!r} write_Bps")
+    latency_s = check_latency_s(values[2] if len(values) == 3 else 0.0, f"tier {name!r} latency_s")
+    return name, read_Bps, write_Bps, latency_s
+
+
+def parse_tier(spec: str) -> TierConfig:
+    """'name=DIR:BYTES' -> TierConfig (DIR may itself contain ':'; the size is after the last one)."""
+    name, sep, rest = spec.partition("=")
+    path, sep2, size = rest.rpartition(":")
+    if not sep or not sep2 or not path:
+        raise ValueError(f"bad tier {spec!r}: use name=DIR:BYTES, e.g. sata=/data/tierlab:100G")
+    return TierConfig(name.strip(), Path(path), parse_bytes(size))

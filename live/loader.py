@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from live.manifest import WEIGHTS_FILE, Manifest, TensorRange, WeightLayout, read_layout, sha256_file
+from live.pacing import Flow
 
 ALIGN_BYTES = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -71,6 +72,7 @@ class LoadTiming:
     direct_io: bool  # every read used O_DIRECT
     device: str
     max_read_Bps: float | None = None  # the read-rate cap the load ran under (None: none)
+    paced: bool = False  # the reads went through a shared `live.pacing.Flow` (an emulated tier)
 
     @property
     def read_bw_Bps(self) -> float:
@@ -215,13 +217,15 @@ class ProgressiveLoad:
 
     def __init__(self, path: Path, *, on_layer: OnLayer | None, device: str | torch.device | None,
                  manifest: Manifest | None, n_threads: int, chunk_bytes: int, direct_io: bool | None,
-                 buffer: np.ndarray | None = None, max_read_Bps: float | None = None) -> None:
+                 buffer: np.ndarray | None = None, max_read_Bps: float | None = None,
+                 pace: Flow | None = None) -> None:
         self._t0 = time.perf_counter()
         if n_threads < 1 or chunk_bytes < 1:
             raise ValueError(f"n_threads ({n_threads}) and chunk_bytes ({chunk_bytes}) must be >= 1")
         if max_read_Bps is not None and not max_read_Bps > 0:
             raise ValueError(f"max_read_Bps must be > 0 (or None for no cap), got {max_read_Bps}")
         self._max_read_Bps = max_read_Bps
+        self._pace = pace if pace is not None and pace.paced else None
         self.path = path
         self.layout = read_layout(path)
         self.n_layers = self.layout.n_layers
@@ -340,6 +344,11 @@ class ProgressiveLoad:
                 k = self._next_chunk
                 self._next_chunk += 1
             try:
+                if self._pace is not None:
+                    # an emulated tier shared with other readers and copies (other processes too):
+                    # the chunk's bytes are booked on the tier's read link before they are read
+                    length = min((k + 1) * self._chunk_bytes, self._size) - k * self._chunk_bytes
+                    self._pace.acquire(length, stop=lambda: self._error is not None)
                 self._read_chunk(k)
                 if self._max_read_Bps is not None:
                     # an emulated slower tier: chunk k may not complete before its last byte is due
@@ -490,7 +499,7 @@ class ProgressiveLoad:
             total_s=time.perf_counter() - self._t0, read_s=self._read_end_s or 0.0, to_device_s=self._to_device_s,
             verify_s=self._verify_s, bytes_read=self._size, layer_ready_s=tuple(ready[:-1]), tail_ready_s=ready[-1],
             n_threads=self._n_threads, chunk_bytes=self._chunk_bytes, direct_io=self._all_direct,
-            device=str(self._device), max_read_Bps=self._max_read_Bps)
+            device=str(self._device), max_read_Bps=self._max_read_Bps, paced=self._pace is not None)
         order = {t.name: t.start_byte for t in self.layout.tensors()}
         tensors = dict(sorted(self._tensors.items(), key=lambda kv: order[kv[0]]))
         return LoadedCheckpoint(path=self.path, layout=self.layout, tensors=tensors, config=config, timing=timing,
@@ -500,7 +509,8 @@ class ProgressiveLoad:
 def start_load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, device: str | torch.device | None = None,
                manifest: Manifest | None = None, n_threads: int = DEFAULT_THREADS,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, direct_io: bool | None = None,
-               buffer: np.ndarray | None = None, max_read_Bps: float | None = None) -> ProgressiveLoad:
+               buffer: np.ndarray | None = None, max_read_Bps: float | None = None,
+               pace: Flow | None = None) -> ProgressiveLoad:
     """Start loading a checkpoint dir's `model.safetensors` (or a .safetensors file) in the background.
 
     `device`: None or "cpu" keeps the tensors in host memory; any other torch device gets each group
@@ -510,23 +520,26 @@ def start_load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, devi
     across loads to skip page faults and pinning); the returned tensors view it. `max_read_Bps`: off
     (None) by default; a number caps the read so that byte b is not in memory before b / max_read_Bps
     seconds, emulating a slower tier (SATA, a cloud store) on a fast disk, at chunk granularity.
+    `pace`: a `live.pacing.Flow` over the tier's read link, shared with every other reader and copy
+    of that tier (other processes included); each chunk is booked on it before it is read.
 
     Errors found before reading (missing file, bad header, size differing from the manifest) raise
     here; later ones from `result()` and the waits.
     """
     return ProgressiveLoad(_weights_path(path), on_layer=on_layer, device=device, manifest=manifest,
                            n_threads=n_threads, chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer,
-                           max_read_Bps=max_read_Bps)
+                           max_read_Bps=max_read_Bps, pace=pace)
 
 
 def load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, device: str | torch.device | None = None,
          manifest: Manifest | None = None, n_threads: int = DEFAULT_THREADS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          direct_io: bool | None = None, buffer: np.ndarray | None = None,
-         max_read_Bps: float | None = None) -> LoadedCheckpoint:
+         max_read_Bps: float | None = None, pace: Flow | None = None) -> LoadedCheckpoint:
     """Load a checkpoint's weights, blocking; `on_layer(i, tensors)` is called per group in order as it arrives.
 
     With a manifest, the weights' sha256 (computed while reading) and the other listed files are
     checked; a mismatch raises ChecksumError naming the file and nothing is returned.
     """
     return start_load(path, on_layer=on_layer, device=device, manifest=manifest, n_threads=n_threads,
-                      chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer, max_read_Bps=max_read_Bps).result()
+                      chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer, max_read_Bps=max_read_Bps,
+                      pace=pace).result()

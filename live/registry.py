@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from live.manifest import MANIFEST_FILE, Manifest, build_manifest, verify
+from live.pacing import CloudPace, TransferCancelled
 from live.stores import DEFAULT_CHUNK_BYTES, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # letters, digits, '.', '_', '-'; starts with a letter or digit (so never '.', '..' or a hidden name)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _STAGING_PREFIX = ".tierlab-fetch-"
+_MIN_RANGE_BYTES = 256 << 10  # a model smaller than streams x chunk is split finer, down to this
 
 
 class RegistryError(RuntimeError):
@@ -198,14 +200,18 @@ class Registry:
         raise RegistryError(f"model {name!r}: no store has a readable manifest:\n  " + "\n  ".join(map(str, failures)))
 
     def fetch(self, name: str, dest_dir: str | os.PathLike, streams: int = 16,
-              manifest: Manifest | None = None) -> FetchResult:
+              manifest: Manifest | None = None, pace: CloudPace | None = None) -> FetchResult:
         """Download `name` into `dest_dir` from the first store whose files match the manifest's sha256.
 
         `manifest` is the trusted expectation (default: `self.manifest(name)`). An existing `dest_dir`
         that already matches is returned as is (`cached`); one that does not is never modified, and
         RegistryError is raised. If every store fails, RegistryError lists each store's problem and
-        `dest_dir` is untouched.
+        `dest_dir` is untouched. Every file of the model shares one pool of `streams` ranged readers;
+        `pace` emulates the cloud link (per-stream bandwidth, first-byte latency, destination writes);
+        a cancelled pace raises `live.pacing.TransferCancelled`, with `dest_dir` untouched too.
         """
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
         check_model_name(name)
         dest = Path(dest_dir).absolute()
         expected = manifest if manifest is not None else self.manifest(name)
@@ -222,12 +228,14 @@ class Registry:
         for store in self._stores:
             staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{name}-", dir=dest.parent))
             try:
-                failure = self._fetch_from(store, name, expected, staging, streams)
+                failure = self._fetch_from(store, name, expected, staging, streams, pace)
                 if failure is None:
                     os.rename(staging, dest)  # atomic: dest appears complete and verified, or not at all
                     return FetchResult(name, dest, store.url, expected, tuple(failures))
                 failures.append(failure)
                 log.warning("fetch %s: %s", name, failure)
+            except TransferCancelled:
+                raise  # the staging dir goes in `finally`; no other store is tried
             except OSError as e:  # e.g. dest appeared meanwhile: nothing of ours is placed there
                 failures.append(StoreFailure(store.url, None, f"could not place checkpoint at {dest} ({e})"))
             finally:
@@ -236,14 +244,19 @@ class Registry:
                             f"({len(failures)} tried):\n  " + "\n  ".join(map(str, failures)))
 
     def _fetch_from(self, store: Store, name: str, expected: Manifest, staging: Path,
-                    streams: int) -> StoreFailure | None:
+                    streams: int, pace: CloudPace | None = None) -> StoreFailure | None:
         """Download and verify every file from `store` into `staging`; the first problem found, or None."""
-        for entry in expected.files:
-            key = f"{name}/{entry.name}"
-            try:
-                store.get_file(key, staging / entry.name, streams=streams, chunk_bytes=self.chunk_bytes)
-            except Exception as e:  # missing object, network, short read: the message says which
-                return StoreFailure(store.url, key, f"download failed ({e})")
+        items = [(f"{name}/{e.name}", staging / e.name, e.size_bytes) for e in expected.files]
+        # split a model smaller than streams x chunk finer, so that every stream carries a share
+        per_stream = -(-expected.total_bytes // streams)
+        chunk_bytes = max(1, min(self.chunk_bytes, max(_MIN_RANGE_BYTES, per_stream)))
+        try:
+            store.get_files(items, streams=streams, chunk_bytes=chunk_bytes, pace=pace)
+        except TransferCancelled:
+            raise  # not the store's fault: no other store is tried
+        except Exception as e:  # missing object, network, short read: the message says which
+            key = _failed_key(str(e), items)
+            return StoreFailure(store.url, key, f"download failed ({e})")
         problems = _verify_problems(staging, expected)
         if problems:
             # "file: sha256 X, manifest says Y": keep the file name in the record's `file` field
@@ -264,6 +277,11 @@ class Registry:
             else:
                 return urls
         return {}
+
+
+def _failed_key(message: str, items: Sequence[tuple[str, Path, int]]) -> str | None:
+    """The key a store error message names (its URL ends with the key), for the failure record."""
+    return next((key for key, _path, _size in items if f"/{key}:" in message or f"/{key} " in message), None)
 
 
 def _verify_problems(directory: Path, manifest: Manifest) -> list[str]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 import fsspec
 
 from live.fsutil import fsync_dir as _fsync_dir
+from live.pacing import CloudPace, TransferCancelled, sleep_until
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STREAMS = 8
@@ -160,48 +162,123 @@ class Store:
         return self.fs.cat_file(self.path(key))
 
     def get_file(self, key: str, local_path: str | os.PathLike, streams: int = DEFAULT_STREAMS,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, size_bytes: int | None = None) -> int:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, size_bytes: int | None = None,
+                 pace: CloudPace | None = None) -> int:
         """Download `key` to `local_path` with `streams` parallel ranged reads of `chunk_bytes`; returns bytes.
 
         Chunks land in a temp file beside `local_path`, which is fsynced and renamed into place; on any
         error the temp file is removed and `local_path` is untouched. `size_bytes` skips the size lookup.
+        `pace`: see `get_files`.
+        """
+        return self.get_files([(key, local_path, size_bytes)], streams=streams, chunk_bytes=chunk_bytes, pace=pace)
+
+    def get_files(self, items: Sequence[tuple[str, str | os.PathLike, int | None]], streams: int = DEFAULT_STREAMS,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, pace: CloudPace | None = None) -> int:
+        """Download several `(key, local_path, size_bytes or None)` with one pool of `streams` ranged readers.
+
+        The ranges of every file share the pool (largest first), so small files ride along with a large
+        one. Each file goes through a temp file, fsynced and renamed into place once every range of every
+        file is in; on a download error every temp file is removed and no `local_path` is touched.
+        Returns the total bytes.
+
+        `pace` emulates the cloud link: each stream waits `latency_s` before its first byte and then moves
+        at most `stream_Bps`; all writes share one flow on the destination tier's write link.
         """
         if streams < 1 or chunk_bytes < 1:
             raise ValueError(f"streams and chunk_bytes must be >= 1, got {streams}, {chunk_bytes}")
-        src = self.path(key)
-        local_path = Path(local_path)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local_path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{local_path.name}"
+        plans: list[tuple[str, Path, Path]] = []  # (key, local path, temp path)
+        fds: list[int] = []
+        ranges: list[tuple[int, int, int]] = []  # (file index, start, end)
+        current = "?"
         try:
-            total = self.size(key) if size_bytes is None else size_bytes
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.ftruncate(fd, total)
-                ranges = [(a, min(a + chunk_bytes, total)) for a in range(0, total, chunk_bytes)]
-
-                def fetch(rng: tuple[int, int]) -> None:
-                    a, b = rng
-                    data = self.fs.cat_file(src, start=a, end=b)
-                    if len(data) != b - a:  # a short read means the object changed or is shorter than expected
-                        raise StoreError(f"{self.url_of(key)}: range [{a}, {b}) returned {len(data)} bytes")
-                    os.pwrite(fd, data, a)
-
-                with ThreadPoolExecutor(max_workers=min(streams, max(1, len(ranges)))) as pool:
-                    for _ in pool.map(fetch, ranges):  # re-raises the first failure
-                        pass
+            for key, local, size in items:
+                current = key
+                local_path = Path(local)
+                local_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = local_path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{local_path.name}"
+                total = self.size(key) if size is None else size
+                plans.append((key, local_path, tmp))
+                fds.append(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                os.ftruncate(fds[-1], total)
+                ranges += [(len(fds) - 1, a, min(a + chunk_bytes, total)) for a in range(0, total, chunk_bytes)]
+            ranges.sort(key=lambda r: r[1] - r[2])  # largest first: the streams finish together
+            self._fetch_ranges(plans, fds, ranges, streams, pace)
+            for fd, (key, _local, _tmp) in zip(fds, plans, strict=True):
+                current = key
                 os.fsync(fd)
-            finally:
+            for fd in fds:
                 os.close(fd)
-            os.replace(tmp, local_path)
-            _fsync_dir(local_path.parent)  # make the rename itself durable
-            return total
-        except StoreError:
+            fds.clear()
+            for key, local_path, tmp in plans:
+                current = key
+                os.replace(tmp, local_path)
+            for parent in {local_path.parent for _key, local_path, _tmp in plans}:
+                _fsync_dir(parent)  # make the renames themselves durable
+            return sum(b - a for _i, a, b in ranges)
+        except (StoreError, TransferCancelled):
             raise
         except Exception as e:
-            raise StoreError(f"{self.url_of(key)}: download to {local_path} failed ({type(e).__name__}: {e})") from e
+            raise StoreError(f"{self.url_of(current)}: download failed ({type(e).__name__}: {e})") from e
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            for fd in fds:
+                os.close(fd)
+            for _key, _local, tmp in plans:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
+    def _fetch_ranges(self, plans: Sequence[tuple[str, Path, Path]], fds: Sequence[int],
+                      ranges: Sequence[tuple[int, int, int]], streams: int, pace: CloudPace | None) -> None:
+        """Run `ranges` on `streams` reader threads (each a paced stream under `pace`); re-raise the first error."""
+        write_flow = pace.write_flow() if pace is not None else None
+        stream_Bps = pace.stream_Bps if pace is not None else None
+        latency_s = pace.latency_s if pace is not None else 0.0
+        cancel = pace.cancel if pace is not None else None
+        lock = threading.Lock()
+        todo = iter(ranges)
+        errors: list[BaseException] = []
+        failed = threading.Event()
+
+        def halted() -> bool:
+            return failed.is_set() or (cancel is not None and cancel.is_set())
+
+        def stream() -> None:
+            free_at = time.monotonic() + latency_s  # this stream's first byte
+            while not failed.is_set():
+                with lock:
+                    job = next(todo, None)
+                if job is None:
+                    return
+                i, a, b = job
+                key = plans[i][0]
+                try:
+                    start = max(time.monotonic(), free_at)
+                    free_at = start + ((b - a) / stream_Bps if stream_Bps is not None else 0.0)
+                    data = self.fs.cat_file(self.path(key), start=a, end=b)
+                    if len(data) != b - a:  # a short read means the object changed or is shorter than expected
+                        raise StoreError(f"{self.url_of(key)}: range [{a}, {b}) returned {len(data)} bytes")
+                    if write_flow is not None:  # the write and the stream's own pace overlap (as data arrives)
+                        write_flow.acquire(b - a, stop=failed.is_set)
+                    sleep_until(free_at, halted)
+                    if cancel is not None and cancel.is_set():
+                        raise TransferCancelled(f"{self.url_of(key)}: download cancelled")
+                    os.pwrite(fds[i], data, a)
+                except BaseException as e:
+                    failed.set()
+                    with lock:
+                        errors.append(e if isinstance(e, StoreError | TransferCancelled) else
+                                      StoreError(f"{self.url_of(key)}: range [{a}, {b}) failed "
+                                                 f"({type(e).__name__}: {e})"))
+                    return
+
+        threads = [threading.Thread(target=stream, name=f"tierlab-fetch-{k}", daemon=True)
+                   for k in range(max(1, min(streams, len(ranges))))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        cancelled = [e for e in errors if isinstance(e, TransferCancelled)]
+        if cancelled or errors:
+            raise (cancelled or errors)[0]
 
     def presign(self, key: str, expires_s: int = 3600) -> str | None:
         """A time-limited HTTP(S) URL for `key`, or None where the store cannot sign (local, no credentials)."""

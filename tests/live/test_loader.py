@@ -31,6 +31,7 @@ from live.loader import (  # noqa: E402
     start_load,
 )
 from live.manifest import build_manifest  # noqa: E402
+from live.pacing import Device, Flow, PaceSpec, local_device  # noqa: E402
 
 # 6 layers of ~190 KB: with 64 KiB chunks every layer spans several chunks
 PARAMS = LlamaParams(hidden_size=128, intermediate_size=320, num_hidden_layers=6, num_attention_heads=4,
@@ -279,6 +280,26 @@ def test_read_cap_emulates_a_slower_tier_and_stays_progressive(ckpt: Path, refer
     assert t.layer_ready_s[0] < 0.6 * t.tail_ready_s
     assert all(b - a > 0.02 for a, b in zip(t.layer_ready_s, t.layer_ready_s[1:], strict=False))
     assert load(ckpt, chunk_bytes=64 << 10).timing.max_read_Bps is None  # off by default
+
+
+def test_paced_read_shares_the_tier_with_another_flow(ckpt: Path, reference: dict, tmp_path: Path):
+    """`pace`: a read of an emulated tier takes size / read_Bps alone, twice that while another flow (here a
+    copy's read in another thread; across processes the state file does the same) shares the tier."""
+    size = (ckpt / "model.safetensors").stat().st_size
+    spec = PaceSpec(str(tmp_path / ".tierlab-pace"), read_Bps=size / 0.5, name="sata")
+    c = load(ckpt, chunk_bytes=64 << 10, n_threads=4, pace=Flow(reads=[Device(spec)]))
+    assert_same(c.tensors, reference)
+    t = c.timing
+    assert t.paced and 0.5 * 0.9 <= t.read_s <= 0.5 * 1.3, t.read_s
+    assert t.layer_ready_s[0] < 0.6 * t.tail_ready_s  # still progressive
+
+    other = Flow(reads=[Device(spec)])
+    copy = threading.Thread(target=lambda: [other.acquire(64 << 10) for _ in range(0, size, 64 << 10)])
+    copy.start()
+    shared = load(ckpt, chunk_bytes=64 << 10, n_threads=4, pace=Flow(reads=[Device(spec)])).timing
+    copy.join()
+    assert 1.0 * 0.85 <= shared.read_s <= 1.0 * 1.3, shared.read_s
+    assert not load(ckpt, pace=Flow(reads=[local_device()])).timing.paced  # an unpaced flow changes nothing
 
 
 def test_evict_page_cache_then_cold_load(ckpt: Path, reference: dict):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,14 +105,16 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
     """Start agents with given tier capacities (bytes) against a store URL; all are stopped at teardown."""
     started: list[AgentProc] = []
 
-    def start(store_url: str, capacities: dict[str, int] | None = None, store_options: dict | None = None) -> AgentProc:
+    def start(store_url: str, capacities: dict[str, int] | None = None, store_options: dict | None = None,
+              extra: Sequence[str] = (), tier_dirs: dict[str, Path] | None = None) -> AgentProc:
+        """`extra`: more agent flags (e.g. --tier-bw); `tier_dirs`: reuse these dirs (a restarted agent)."""
         capacities = capacities or {"dram": 1 << 30, "nvme": 1 << 30, "sata": 1 << 30}
         port = free_port()
         node = f"t{uuid.uuid4().hex[:6]}"
-        tiers = {name: tmp_path / f"{node}-{name}" for name in capacities}
+        tiers = tier_dirs or {name: tmp_path / f"{node}-{name}" for name in capacities}
         argv = [sys.executable, "-m", "live.agent", "--node", node, "--port", str(port), "--token", TOKEN,
                 "--store", store_url, "--copy-streams", "4", "--log-level", "warning",
-                "--store-options", json.dumps({store_url: store_options or {}})]
+                "--store-options", json.dumps({store_url: store_options or {}}), *extra]
         for name, cap in capacities.items():
             argv += ["--tier", f"{name}={tiers[name]}:{cap}"]
         log_path = tmp_path / f"{node}.log"
