@@ -1,7 +1,9 @@
 """A compact Llama forward pass in torch for the CPU engine (no transformers dependency).
 
-Batch size 1: RMSNorm, rotary embeddings (rope_theta, optional "linear"/"llama3" rope scaling),
-grouped-query attention with a preallocated KV cache, SwiGLU MLP, tied or separate lm_head.
+RMSNorm, rotary embeddings (rope_theta, optional "linear"/"llama3" rope scaling),
+grouped-query attention with a preallocated KV cache, SwiGLU MLP, tied or separate lm_head. `forward` runs one
+sequence; `forward_batch` runs one step over several (each a prefill chunk or a decode token, with its own
+cache), every linear layer once over all their rows.
 Weights come from a `LayerSource`, one group at a time (0 = embeddings, 1..N = decoder layers,
 N+1 = final norm + lm_head), taken lazily: with a progressive source the first forward pass
 computes layer i as soon as layer i is resident, while later layers are still loading. A loading
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -67,6 +70,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of ONE new query token ([heads, 1, head_dim]) over all keys and values ([kv_heads, L, head_dim]).
+
+    Grouped-query attention without copying K and V per query head (repeat_interleave would copy the
+    whole cache every layer of every decode step): query heads i*g .. i*g+g-1 share kv head i, so the
+    g queries of a group are stacked against that head. No mask: the new token sees every position.
+    """
+    n_heads, _, head_dim = q.shape
+    n_kv = k.shape[0]
+    grouped = q.reshape(n_kv, n_heads // n_kv, head_dim)
+    scores = torch.matmul(grouped, k.transpose(1, 2)) * (1.0 / math.sqrt(head_dim))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(n_heads, 1, head_dim)
+
+
 @dataclass
 class LayerWeights:
     """One decoder layer's weights, in the model's dtype (nn.Linear layout: [out, in]).
@@ -104,21 +122,56 @@ class KVCache:
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One splitmix64 output for state `x`: a well-mixed 64-bit value (neighbouring inputs look unrelated)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The 63-bit seed of the draw for generated token `position` (0-based) of a sequence seeded with `seed`."""
+    if position < 0:
+        raise ValueError(f"position must be >= 0, got {position}")
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ position) >> 1
+
+
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """A generator whose draws depend only on (seed, position).
+
+    Why: a sequence that moves to another engine mid-generation (detach, resume elsewhere) must draw the
+    same tokens as if it had never moved, so no random state may carry over from one token to the next.
+    """
+    return torch.Generator().manual_seed(position_seed(seed, position))
+
+
 def sample_token(
     logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
 ) -> int:
-    """Greedy when temperature <= 0; else temperature + nucleus (top-p) sampling drawn from `generator`."""
+    """Greedy when temperature <= 0; else temperature + nucleus (top-p) sampling with one uniform draw.
+
+    The token is found by inverting the cumulative distribution at a single uniform from `generator`, so
+    a draw consumes exactly one random number (see `position_generator`).
+    """
     if temperature <= 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1).double()
+    order: torch.Tensor | None = None
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+        probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < top_p
-        sorted_probs = sorted_probs * keep
-        pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[pick])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        keep = (torch.cumsum(probs, dim=-1) - probs) < top_p
+        probs = probs * keep
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+    # the first entry whose cumulative mass exceeds u: it has mass > 0 since u < cdf[-1] (the clamp only
+    # guards against rounding)
+    pick = min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
+    return int(order[pick]) if order is not None else pick
 
 
 class LlamaModel:
@@ -224,8 +277,9 @@ class LlamaModel:
         c = self.config
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity_tokens, self.dtype)
 
-    def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start, start + length, dtype=torch.float32)
+    def _rope(self, spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ([sum length, head_dim]) of the positions start..start+length-1 of each (start, length)."""
+        positions = torch.cat([torch.arange(start, start + length, dtype=torch.float32) for start, length in spans])
         freqs = torch.outer(positions, self._inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # HF's rotate_half layout
         return emb.cos(), emb.sin()
@@ -234,11 +288,8 @@ class LlamaModel:
         if group not in self.group_computed_at:
             self.group_computed_at[group] = time.perf_counter()
 
-    @torch.inference_mode()
-    def forward(
-        self, token_ids: torch.Tensor | Sequence[int], cache: KVCache | None = None, last_only: bool = False
-    ) -> torch.Tensor:
-        """Logits (float32, [T, vocab] or [1, vocab] with last_only) for T new tokens after the cached ones."""
+    def _segment(self, token_ids: torch.Tensor | Sequence[int], cache: KVCache | None) -> tuple[torch.Tensor, int]:
+        """One sequence's new tokens as a 1-d long tensor, validated, and its cached length."""
         c = self.config
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         n_new = ids.numel()
@@ -249,53 +300,116 @@ class LlamaModel:
             raise ValueError(f"{past + n_new} positions exceed max_position_embeddings {c.max_position_embeddings}")
         if int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size:
             raise ValueError(f"token id out of range 0..{c.vocab_size - 1}")
+        return ids, past
+
+    def _hidden(
+        self, segments: Sequence[tuple[torch.Tensor | Sequence[int], KVCache | None]]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states after the last decoder layer ([sum T_i, hidden], segment after segment), and the row
+        of each segment's last token.
+
+        The rows of every segment are concatenated, so each linear layer (and the embedding lookup) runs
+        once per call over the whole batch: the weights are read once per step, whatever the batch size.
+        Attention alone runs per segment, against that segment's own cache, with its own rotary positions.
+        """
+        c = self.config
+        checked = [self._segment(ids, cache) for ids, cache in segments]
+        caches = [cache for _, cache in segments if cache is not None]
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise ValueError("a KV cache appears twice in one batch")
+        lengths = [ids.numel() for ids, _ in checked]
+        n_rows = sum(lengths)
+        ids_all = checked[0][0] if len(checked) == 1 else torch.cat([ids for ids, _ in checked])
 
         self._ensure(0)
         assert self._embed is not None
-        x = self._embed[ids]  # [T, hidden]
+        x = self._embed[ids_all]  # [N, hidden]
         self._mark_computed(0)
 
-        cos, sin = self._rope(past, n_new)
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # broadcast over heads
+        # per row: its segment's absolute position (cached length + offset)
+        cos, sin = self._rope([(past, n) for (_, past), n in zip(checked, lengths, strict=True)])
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, head_dim]: broadcast over heads
         n_heads, n_kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        if past == 0:
-            mask, causal = None, n_new > 1
-        else:
-            # new token t (absolute position past + t) sees every cached position and new ones up to itself
-            total = past + n_new
-            mask = torch.arange(total).unsqueeze(0) <= (past + torch.arange(n_new)).unsqueeze(1)
-            causal = False
+        plan = []  # per segment: (first row, rows, cache, mask, causal)
+        start = 0
+        for (_, past), n_new, (_, cache) in zip(checked, lengths, segments, strict=True):
+            if past == 0 or n_new == 1:  # one new token sees every position: no mask
+                mask, causal = None, n_new > 1
+            else:
+                # new token t (absolute position past + t) sees every cached position and new ones up to itself
+                total = past + n_new
+                mask = torch.arange(total).unsqueeze(0) <= (past + torch.arange(n_new)).unsqueeze(1)
+                causal = False
+            plan.append((start, n_new, cache, mask, causal))
+            start += n_new
 
         for i in range(c.num_hidden_layers):
             self._ensure(i + 1)
             w = self._layers[i]
             assert w is not None
             h = rms_norm(x, w.input_layernorm, c.rms_norm_eps)
-            q = F.linear(h, w.q_proj).view(n_new, n_heads, hd).transpose(0, 1)
-            k = F.linear(h, w.k_proj).view(n_new, n_kv, hd).transpose(0, 1)
-            v = F.linear(h, w.v_proj).view(n_new, n_kv, hd).transpose(0, 1)
+            q = F.linear(h, w.q_proj).view(n_rows, n_heads, hd)
+            k = F.linear(h, w.k_proj).view(n_rows, n_kv, hd)
+            v = F.linear(h, w.v_proj).view(n_rows, n_kv, hd)
             q = (q.float() * cos + rotate_half(q.float()) * sin).to(self.dtype)
             k = (k.float() * cos + rotate_half(k.float()) * sin).to(self.dtype)
-            if cache is not None:
-                k, v = cache.write(i, k, v)
-            if n_kv != n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv query heads
-                k = k.repeat_interleave(n_heads // n_kv, dim=0)
-                v = v.repeat_interleave(n_heads // n_kv, dim=0)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-            x = x + F.linear(attn.transpose(0, 1).reshape(n_new, n_heads * hd), w.o_proj)
+            outs = []
+            for first, n_new, cache, mask, causal in plan:
+                qs = q[first : first + n_new].transpose(0, 1)  # [heads, T, head_dim]
+                ks = k[first : first + n_new].transpose(0, 1)
+                vs = v[first : first + n_new].transpose(0, 1)
+                if cache is not None:
+                    ks, vs = cache.write(i, ks, vs)
+                if n_new == 1:
+                    outs.append(decode_attention(qs, ks, vs).transpose(0, 1))
+                    continue
+                if n_kv != n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv query heads
+                    ks = ks.repeat_interleave(n_heads // n_kv, dim=0)
+                    vs = vs.repeat_interleave(n_heads // n_kv, dim=0)
+                attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal)
+                outs.append(attn.transpose(0, 1))  # [T, heads, head_dim]
+            attn_all = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + F.linear(attn_all.reshape(n_rows, n_heads * hd), w.o_proj)
             h = rms_norm(x, w.post_attention_layernorm, c.rms_norm_eps)
             x = x + F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
             self._mark_computed(i + 1)
 
-        if cache is not None:
-            cache.length += n_new
+        for _, n_new, cache, _, _ in plan:
+            if cache is not None:
+                cache.length += n_new
+        return x, [first + n_new - 1 for first, n_new, _, _, _ in plan]
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head over the rows of `x` (float32 logits)."""
+        c = self.config
         self._ensure(c.num_hidden_layers + 1)
         assert self._norm is not None and self._lm_head is not None
-        if last_only:
-            x = x[-1:]
         logits = F.linear(rms_norm(x, self._norm, c.rms_norm_eps), self._lm_head).float()
         self._mark_computed(c.num_hidden_layers + 1)
         return logits
+
+    @torch.inference_mode()
+    def forward(
+        self, token_ids: torch.Tensor | Sequence[int], cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (float32, [T, vocab] or [1, vocab] with last_only) for T new tokens after the cached ones."""
+        x, _ = self._hidden([(token_ids, cache)])
+        return self._logits(x[-1:] if last_only else x)
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, segments: Sequence[tuple[torch.Tensor | Sequence[int], KVCache | None]]
+    ) -> torch.Tensor:
+        """One step over several sequences: logits (float32, [len(segments), vocab]) of each one's last new token.
+
+        `segments` holds (new token ids, that sequence's cache) pairs: a prefill chunk or one decode token
+        each, of any lengths; each cache must appear once. The result equals one `forward(ids, cache,
+        last_only=True)` per segment (up to float rounding), at the cost of one pass over the weights.
+        """
+        if not segments:
+            raise ValueError("forward_batch needs at least one segment")
+        x, last_rows = self._hidden(segments)
+        return self._logits(x[last_rows])
 
     def generate(
         self,
@@ -315,8 +429,9 @@ class Generation(Iterator[int]):
     """Token-by-token decoding of one prompt; iterate for the ids.
 
     Stops at an eos token (finish_reason "stop", the eos id is not yielded) or after `max_tokens`
-    tokens or at the context limit (finish_reason "length"). Sampling draws only from its own
-    `torch.Generator` seeded with `seed`, so equal seeds give equal tokens.
+    tokens or at the context limit (finish_reason "length"). Generated token k is drawn with
+    `position_generator(seed, k)` (a random seed when `seed` is None), so equal seeds give equal tokens,
+    the same ones the batching engine draws.
     """
 
     def __init__(
@@ -344,11 +459,7 @@ class Generation(Iterator[int]):
         self.temperature = temperature
         self.top_p = top_p
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.seed = random_seed() if seed is None else int(seed)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self._cache: KVCache | None = None
@@ -365,7 +476,8 @@ class Generation(Iterator[int]):
             logits = self.model.forward(self.prompt_ids, self._cache, last_only=True)
         else:
             logits = self.model.forward([self.tokens[-1]], self._cache, last_only=True)
-        token = sample_token(logits[-1], self.temperature, self.top_p, self.generator)
+        generator = None if self.temperature <= 0.0 else position_generator(self.seed, len(self.tokens))
+        token = sample_token(logits[-1], self.temperature, self.top_p, generator)
         if token in self.eos_token_ids:
             self.finish_reason = "stop"
             raise StopIteration
@@ -373,3 +485,8 @@ class Generation(Iterator[int]):
         if len(self.tokens) >= self.budget_tokens:
             self.finish_reason = "length"
         return token
+
+
+def random_seed() -> int:
+    """A fresh 63-bit seed for a request that did not ask for one."""
+    return secrets.randbits(63)

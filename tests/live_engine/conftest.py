@@ -5,8 +5,13 @@ The generator lives here (not in live/) so these tests depend on nothing but the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +150,46 @@ def tiny_llama_bf16_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rope_theta=500000.0,
         seed=1,
     )
+
+
+@dataclass
+class ServedEngine:
+    """A `cpu_server` app with its `Engine`, served by uvicorn in a thread of this process on loopback."""
+
+    engine: Any  # live.engines.cpu_engine.Engine
+    url: str
+
+
+@contextlib.contextmanager
+def serve_engine(
+    model_dir: Path, name: str = "tiny-llama", wait_ready: bool = True, engine_cls: Any = None, **engine_kwargs: Any
+) -> Iterator[ServedEngine]:
+    """Run the real HTTP app over a real `Engine` on a free 127.0.0.1 port until the block ends (listening on
+    entry, and ready unless `wait_ready` is False)."""
+    import httpx
+    import uvicorn
+
+    from live.engines.base import free_port
+    from live.engines.cpu_server import Engine, create_app
+
+    engine = (engine_cls or Engine)(model_dir, name, **engine_kwargs)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # bounded: up to 60 s for the port to answer
+            assert time.monotonic() < deadline and thread.is_alive(), "in-process engine did not start"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/ping", timeout=1).status_code in (200, 503):
+                    break
+            time.sleep(0.02)
+        if wait_ready:
+            assert engine.ready.wait(60) and engine.state == "ready", engine.error
+        yield ServedEngine(engine, url)
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -19,7 +19,14 @@ from live.engines.base import (
     SafetensorsLayerSource,
     tensor_group,
 )
-from live.engines.llama import LlamaConfig, LlamaModel, rope_inv_freq, sample_token
+from live.engines.llama import (
+    LlamaConfig,
+    LlamaModel,
+    position_generator,
+    position_seed,
+    rope_inv_freq,
+    sample_token,
+)
 
 PROMPT = [0, 17, 42, 99, 5, 250, 3, 77, 128, 64, 11]
 
@@ -288,3 +295,110 @@ def test_missing_tensor_and_wrong_shape_are_reported(tmp_path: Path, tiny_llama:
     source.wait(1)["model.layers.0.mlp.up_proj.weight"] = eager.wait(1)["model.layers.0.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match="shape"):
         broken.forward(PROMPT)
+
+
+# --------------------------------------------------------------------------- batched forward
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_bf16_tied"])
+def test_batched_step_equals_one_forward_per_sequence(fixture: str, request: pytest.FixtureRequest) -> None:
+    """Sequences of different lengths, some prefilling a chunk after cached tokens, some decoding one token."""
+    model = LlamaModel.from_dir(request.getfixturevalue(fixture))
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2], [42]]
+    cached = [4, 2, 0, 1]  # tokens already in each sequence's cache before the step (0: a fresh prefill)
+    solo_caches, batch_caches = [], []
+    for prompt, n in zip(prompts, cached, strict=True):
+        for caches in (solo_caches, batch_caches):
+            cache = model.new_cache(32)
+            if n:
+                model.forward(prompt[:n], cache)
+            caches.append(cache)
+    # the step: seq 0 a 7-token chunk, seq 1 a decode token, seq 2 its whole prompt, seq 3 a decode token
+    news = [PROMPT[4:], PROMPT[2:3], prompts[2], [17]]
+    solo = torch.cat([model.forward(new, cache, last_only=True) for new, cache in zip(news, solo_caches, strict=True)])
+    batched = model.forward_batch(list(zip(news, batch_caches, strict=True)))
+    assert batched.shape == (4, model.config.vocab_size) and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, solo, atol=1e-4, rtol=1e-4)
+    for a, b in zip(solo_caches, batch_caches, strict=True):
+        assert a.length == b.length
+        for layer in range(model.config.num_hidden_layers):
+            torch.testing.assert_close(a.keys[layer][:, : a.length], b.keys[layer][:, : b.length], atol=1e-5, rtol=1e-5)
+    # and against the float64 reference: each row is the last position of that sequence's full text
+    full = [prompts[0], PROMPT[:3], prompts[2], [42, 17]]
+    model_dir = request.getfixturevalue(fixture)
+    for row, ids in enumerate(full):
+        torch.testing.assert_close(batched[row].double(), reference_logits(model_dir, ids)[-1], atol=2e-4, rtol=1e-4)
+
+
+def test_batched_decode_continues_like_single_sequence_generation(model: LlamaModel) -> None:
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:9]]
+    greedy = [list(model.generate(p, max_tokens=6)) for p in prompts]
+    caches = [model.new_cache(len(p) + 6) for p in prompts]
+    logits = model.forward_batch(list(zip(prompts, caches, strict=True)))
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for _ in range(6):
+        for seq, row in zip(tokens, logits, strict=True):
+            seq.append(int(row.argmax()))
+        logits = model.forward_batch([([seq[-1]], cache) for seq, cache in zip(tokens, caches, strict=True)])
+    assert tokens == greedy
+
+
+def test_forward_batch_rejects_a_cache_twice_and_an_empty_step(model: LlamaModel) -> None:
+    cache = model.new_cache(8)
+    with pytest.raises(ValueError, match="twice"):
+        model.forward_batch([([1], cache), ([2], cache)])
+    with pytest.raises(ValueError, match="at least one"):
+        model.forward_batch([])
+    assert cache.length == 0
+
+
+def test_progressive_batched_forward_matches(tiny_llama: Path, model: LlamaModel) -> None:
+    eager = SafetensorsLayerSource(tiny_llama)
+    source = EventLayerSource(eager.n_layers)
+    progressive = LlamaModel.from_dir(tiny_llama, layer_source=source)
+
+    def release() -> None:
+        for group in range(source.n_groups):
+            time.sleep(0.02)
+            source.put(group, eager.wait(group))
+
+    producer = threading.Thread(target=release)
+    producer.start()
+    segments = [PROMPT, PROMPT[:4]]
+    logits = progressive.forward_batch([(ids, progressive.new_cache(16)) for ids in segments])
+    producer.join()
+    expected = model.forward_batch([(ids, model.new_cache(16)) for ids in segments])
+    assert torch.equal(logits, expected)
+    assert progressive.group_computed_at[1] < source.released_at[source.n_groups - 1]  # overlapped loading
+
+
+# --------------------------------------------------------------------------- per-position sampling
+
+
+def test_position_seeds_depend_on_seed_and_position_only() -> None:
+    assert position_seed(7, 3) == position_seed(7, 3)
+    seeds = {position_seed(s, k) for s in range(20) for k in range(50)}
+    assert len(seeds) == 1000 and all(0 <= x < 2**63 for x in seeds)  # no collisions among neighbours
+    assert position_seed(-1, 0) == position_seed(2**64 - 1, 0)  # seeds are taken modulo 2**64
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    draws = [sample_token(logits, 1.0, 1.0, position_generator(5, k)) for k in range(40)]
+    assert draws == [sample_token(logits, 1.0, 1.0, position_generator(5, k)) for k in range(40)]
+    assert len(set(draws)) > 10  # positions are not correlated into one token
+
+
+def test_generated_token_k_is_drawn_from_seed_and_k(model: LlamaModel) -> None:
+    """Generation's draw for token k equals a fresh sampler at (seed, k) on the full recompute's logits."""
+    generation = model.generate(PROMPT, max_tokens=10, temperature=1.0, top_p=0.9, seed=11)
+    tokens = list(generation)
+    seq = list(PROMPT)
+    for k, token in enumerate(tokens):
+        assert token == sample_token(model.forward(seq)[-1], 1.0, 0.9, position_generator(11, k))
+        seq.append(token)
+
+
+def test_sample_token_draws_by_the_distribution() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    counts = torch.zeros(3)
+    for k in range(3000):
+        counts[sample_token(logits, 1.0, 1.0, position_generator(1, k))] += 1
+    torch.testing.assert_close(counts / counts.sum(), torch.tensor([0.5, 0.3, 0.2]), atol=0.03, rtol=0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -246,3 +248,18 @@ def test_stats_report_startup_and_first_token(http: httpx.Client, client: openai
     assert stats["requests"] >= 1 and stats["requests_failed"] == 0
     assert 0 < stats["first_token_s"] < 5
     assert stats["last_request"]["completion_tokens"] == 2
+    # the batching counters, with the limits CpuEngineProcess passed (--max-num-seqs 8) and the defaults
+    assert (stats["max_num_seqs"], stats["prefill_chunk_tokens"]) == (8, 256)
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["requests_queued"] == 0
+    assert stats["steps"] > 0 and stats["decode_tokens"] > 0 and 1 <= stats["mean_batch_size"] <= 8
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--max-num-seqs", "0"), ("--prefill-chunk-tokens", "0"), ("--step-delay-s", "-1")]
+)
+def test_invalid_batching_flags_are_refused_at_start(tiny_llama: Path, flag: str, value: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "live.engines.cpu_server", "--model-dir", str(tiny_llama), flag, value],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and flag in proc.stderr

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from live.engines.cpu_server import ApiError, TextStream, chat_prompt, parse_sampling
+from live.engines.cpu_api import ApiError, ResumeState, chat_prompt, parse_resume, parse_sampling
+from live.engines.text_stream import TextStream
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,67 @@ def test_sampling_defaults_and_aliases() -> None:
     )
     assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 1.0, 1.0, None)
     assert params.stop == ["x"] and params.stream and not params.include_usage
+
+
+@pytest.mark.parametrize("stop", [[], ["o w"], ["llama", "xyz"], ["✓ w"]])
+def test_a_stream_resumed_at_any_token_continues_exactly(tokenizer: Tokenizer, stop: list[str]) -> None:
+    """Split after every token k: the source's deltas, then a fresh stream seeded with (ids[:k], emitted)."""
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    ids = tokenizer.encode("hello world, héllo ✓ wörld, hello llama done").ids
+    whole, _ = stream_all(tokenizer, tokenizer.decode(ids), stop)
+    expected = "".join(whole)
+    for k in range(len(ids) + 1):
+        source = TextStream(decode, stop)
+        sent = []
+        for token in ids[:k]:
+            sent.append(source.push(token))
+            if source.stopped:
+                break
+        if source.stopped:  # the sequence would have finished here: nothing to migrate
+            assert "".join(sent) == expected
+            continue
+        assert source.emitted_chars == len("".join(sent))
+        resumed = TextStream(decode, stop, ids=ids[:k], emitted_chars=source.emitted_chars)
+        rest = []
+        for token in ids[k:]:
+            rest.append(resumed.push(token))
+            if resumed.stopped:
+                break
+        rest.append(resumed.flush())
+        assert "".join(sent) + "".join(rest) == expected, k
+
+
+def test_resume_field_is_validated_naming_the_field(tokenizer: Tokenizer) -> None:
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def parse(raw: object) -> ResumeState | None:
+        return parse_resume({"tierlab_resume": raw}, vocab_size=300, context_tokens=64, decode=decode)
+
+    hello = tokenizer.encode("hello").ids
+    good = parse({"prompt_ids": [0, 5], "token_ids": hello, "emitted_chars": 5})
+    assert good == ResumeState([0, 5], hello, 5)
+    assert parse_resume({}, 300, 64, decode) is None
+    assert parse({"prompt_ids": [3], "token_ids": [], "emitted_chars": 0}) == ResumeState([3], [], 0)
+    cases = [
+        ("x", "tierlab_resume"),
+        ({"prompt_ids": [1], "token_ids": [], "emitted_chars": 0, "seed": 1}, "tierlab_resume"),
+        ({"token_ids": [], "emitted_chars": 0}, "tierlab_resume.prompt_ids"),
+        ({"prompt_ids": [], "token_ids": [], "emitted_chars": 0}, "tierlab_resume.prompt_ids"),
+        ({"prompt_ids": [1, 300], "token_ids": [], "emitted_chars": 0}, "tierlab_resume.prompt_ids"),
+        ({"prompt_ids": [1], "token_ids": [-1], "emitted_chars": 0}, "tierlab_resume.token_ids"),
+        ({"prompt_ids": [1], "token_ids": "12", "emitted_chars": 0}, "tierlab_resume.token_ids"),
+        ({"prompt_ids": [1] * 40, "token_ids": [2] * 24, "emitted_chars": 0}, "tierlab_resume.token_ids"),
+        ({"prompt_ids": [1] * 64, "token_ids": [], "emitted_chars": 0}, "tierlab_resume.prompt_ids"),
+        ({"prompt_ids": [1], "token_ids": hello, "emitted_chars": 6}, "tierlab_resume.emitted_chars"),
+        ({"prompt_ids": [1], "token_ids": hello, "emitted_chars": -1}, "tierlab_resume.emitted_chars"),
+        ({"prompt_ids": [1], "token_ids": hello, "emitted_chars": 1.0}, "tierlab_resume.emitted_chars"),
+        ({"prompt_ids": [1], "token_ids": hello}, "tierlab_resume.emitted_chars"),
+    ]
+    for raw, param in cases:
+        with pytest.raises(ApiError) as err:
+            parse(raw)
+        assert err.value.status == 400 and err.value.param == param, (raw, err.value.message)
+        assert param in err.value.message or param == "tierlab_resume"
