@@ -26,7 +26,8 @@ def default_bundle() -> PolicyBundle:
 
 
 def nominal_model(name: str) -> ModelSpec:
-    """A 1B-parameter stand-in: core only needs its size for GPU accounting (~3 GB of a nominal 72 GB)."""
+    """A 1B-parameter stand-in for a model given no spec: 2 GB of weights against a node's memory (the nominal
+    GPU's 80 GB where its agent reports no budget). `live.serve` gives real specs built from the checkpoints."""
     return ModelSpec(name=name, params_b=1.0, n_layers=16, hidden_size=2048, n_kv_heads=8, head_dim=64)
 
 
@@ -45,8 +46,14 @@ class GatewayConfig:
     """Agents, tenants (API key -> Tenant), models and the knobs of the request path.
 
     `node_price_per_hour` ($ per node-hour, one number for every node or one per node name) prices each
-    request's `cost_usd` (see `live.gateway_records`). `admin_token` opens GET /admin/records ("" keeps it shut).
-    `health_interval_s = 0` turns the agent health loop off.
+    request's `cost_usd` (see `live.gateway_records`). `admin_token` opens GET /admin/records and /admin/actions
+    ("" keeps them shut). `health_interval_s = 0` turns the agent health loop off.
+
+    The gateway plans with each node as its agent describes it (`live.gateway_nodes`): tier pacing, the store,
+    the memory budget (`accelerator.memory_bytes`) and the engine's batch limit. `nominal_gpu` stands in for a
+    node that reports no budget, `engine.max_num_seqs` for one that reports no batch limit, and `models` should
+    hold real `ModelSpec`s (their `weights_bytes` is what an instance takes of its node's budget: the mirror's
+    engine spec has `gpu_mem_util = 1`, `kv_reserve_frac = 0`).
     """
 
     agents: list[AgentRef]
@@ -66,6 +73,7 @@ class GatewayConfig:
     admin_token: str = ""
     node_price_per_hour: float | Mapping[str, float] = DEFAULT_NODE_PRICE_PER_HOUR
     tick: bool = True  # run the bundle's on_tick (keep-alive stops) every `bundle.tick_s`
+    migration_timeout_s: float = 60.0  # longest handover of a live migration before it gives up (victim serves on)
 
     def __post_init__(self) -> None:
         if not self.agents:
@@ -74,7 +82,7 @@ class GatewayConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"GatewayConfig.agents: node names repeat in {names}")
         for name in ("queue_timeout_s", "queue_poll_s", "load_timeout_s", "request_timeout_s", "connect_timeout_s",
-                     "stream_idle_timeout_s", "health_timeout_s"):
+                     "stream_idle_timeout_s", "health_timeout_s", "migration_timeout_s"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise ValueError(f"GatewayConfig.{name} must be a positive number of seconds, got {v!r}")

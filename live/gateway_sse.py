@@ -6,10 +6,14 @@ a non-streaming answer (for engines that cannot stream, e.g. Tokasaurus).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 DONE = b"data: [DONE]"
+#: Marks the event a detached stream ends with (token-based migration): `data: {"tierlab_detached": {...}}`.
+DETACHED = b'"tierlab_detached"'
+_EVENT_SPLIT = re.compile(rb"(\r?\n\r?\n)")
 
 
 def complete_end(buf: bytes) -> int:
@@ -78,3 +82,39 @@ def synthesize_stream(answer: dict[str, Any], chat: bool, include_usage: bool) -
         out.append(event({**_chunk(answer, chat, []), "usage": answer["usage"]}))
     out.append(DONE + b"\n\n")
     return b"".join(out)
+
+
+def split_detached(events: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    """(the whole events before a `tierlab_detached` event, its payload), or (`events`, None) if there is none.
+
+    The detached event is the engine's last word on a sequence it handed over: it is never relayed."""
+    parts = _EVENT_SPLIT.split(events)  # event, separator, event, separator, ..., rest
+    kept: list[bytes] = []
+    for i in range(0, len(parts), 2):
+        ev, sep = parts[i], parts[i + 1] if i + 1 < len(parts) else b""
+        if DETACHED in ev:
+            for msg in data_messages(ev):
+                payload = msg.get("tierlab_detached")
+                if isinstance(payload, dict):
+                    return b"".join(kept), payload
+        kept.append(ev + sep)
+    return events, None
+
+
+def with_id(events: bytes, response_id: str) -> bytes:
+    """`events` with every JSON payload's "id" set to `response_id` (a stream moved to another engine keeps
+    the id its client saw first)."""
+    out = []
+    for line in events.split(b"\n"):
+        payload = line[5:].strip() if line.startswith(b"data:") else b""
+        if payload and payload != b"[DONE]":
+            try:
+                msg = json.loads(payload)
+            except ValueError:
+                msg = None
+            if isinstance(msg, dict) and "id" in msg and msg["id"] != response_id:
+                msg["id"] = response_id
+                line = b"data: " + json.dumps(msg, separators=(",", ":")).encode() + (b"\r" if line.endswith(b"\r")
+                                                                                       else b"")
+        out.append(line)
+    return b"\n".join(out)

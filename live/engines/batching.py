@@ -81,14 +81,14 @@ class _Seq:
         # a non-streaming client has received nothing from this engine: only what it had before (if resumed)
         base = self.req.resume.emitted_chars if self.req.resume is not None else 0
         return ResumeState(list(self.req.prompt_ids), list(self.tokens), self.text.emitted_chars if self.req.stream
-                           else base)
+                           else base, self.req.seed)
 
 
 def _waiting_state(req: SeqRequest) -> ResumeState:
     """A request detached before it was admitted: it leaves as it came."""
     if req.resume is not None:
-        return ResumeState(list(req.prompt_ids), list(req.resume.token_ids), req.resume.emitted_chars)
-    return ResumeState(list(req.prompt_ids), [], 0)
+        return ResumeState(list(req.prompt_ids), list(req.resume.token_ids), req.resume.emitted_chars, req.seed)
+    return ResumeState(list(req.prompt_ids), [], 0, req.seed)
 
 
 class Scheduler:

@@ -172,10 +172,15 @@ class ResumeState:
     prompt_ids: list[int]
     token_ids: list[int]
     emitted_chars: int
+    seed: int | None = None  # the draws' seed: an unseeded request got one from its first engine, and keeps it
 
     def payload(self) -> dict[str, Any]:
         """The JSON form shared by the detach reply, the detached event and `tierlab_resume`."""
-        return {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids, "emitted_chars": self.emitted_chars}
+        out: dict[str, Any] = {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids,
+                               "emitted_chars": self.emitted_chars}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
 
 def _id_list(raw: dict[str, Any], name: str, vocab_size: int, allow_empty: bool) -> list[int]:
@@ -196,14 +201,15 @@ def parse_resume(
     """The request's `tierlab_resume` field, validated against this model (None when absent).
 
     prompt_ids: 1+ ids in the vocabulary; token_ids: ids in the vocabulary, prompt + tokens leaving room
-    for one more token in the context; emitted_chars: 0..len(decode(token_ids)).
+    for one more token in the context; emitted_chars: 0..len(decode(token_ids)); seed (optional): the
+    sequence's draws, when its original request named none.
     """
     raw = body.get(RESUME_FIELD)
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise ApiError(400, f"'{RESUME_FIELD}' must be an object", RESUME_FIELD, "invalid_type")
-    unknown = sorted(set(raw) - {"prompt_ids", "token_ids", "emitted_chars"})
+    unknown = sorted(set(raw) - {"prompt_ids", "token_ids", "emitted_chars", "seed"})
     if unknown:
         raise ApiError(400, f"'{RESUME_FIELD}' has unknown fields {unknown}", RESUME_FIELD, "invalid_value")
     prompt_ids = _id_list(raw, "prompt_ids", vocab_size, allow_empty=False)
@@ -226,4 +232,8 @@ def parse_resume(
         raise ApiError(
             400, f"'{param}' must be in 0..{text_chars} (the text of token_ids), got {emitted}", param, "invalid_value"
         )
-    return ResumeState(prompt_ids, token_ids, int(emitted))
+    seed = raw.get("seed")
+    if seed is not None and not _is_int(seed):
+        param = f"{RESUME_FIELD}.seed"
+        raise ApiError(400, f"'{param}' must be an integer", param, "invalid_type")
+    return ResumeState(prompt_ids, token_ids, int(emitted), None if seed is None else int(seed))

@@ -219,8 +219,10 @@ def create_app(engine: Engine) -> Starlette:
             max_tokens=max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
-            # without a seed, a fresh one: still one draw per position, but not reproducible elsewhere
-            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            # without a seed, a fresh one (or the one a resumed sequence carries): one draw per position, so
+            # a sequence moved to another engine keeps drawing what it would have drawn here
+            seed=(params.seed if params.seed is not None
+                  else resume.seed if resume is not None and resume.seed is not None else secrets.randbits(63)),
             stop=params.stop,
             ignore_eos=params.ignore_eos,
             stream=params.stream,

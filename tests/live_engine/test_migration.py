@@ -104,12 +104,13 @@ def test_streaming_sequence_detached_from_a_and_resumed_on_b_equals_an_undetache
         assert moved.status_code == 200, moved.text
         source_events += list(events)  # the rest of A's stream, up to its end
     state = moved.json()
-    assert state["id"] == first["id"] and set(state) == {"id", "prompt_ids", "token_ids", "emitted_chars"}
+    assert state["id"] == first["id"] and set(state) == {"id", "prompt_ids", "token_ids", "emitted_chars", "seed"}
+    assert state["seed"] == body["seed"]
     assert 0 < len(state["token_ids"]) < MAX_TOKENS
     # A's stream ended with the one detached event, no [DONE], and it had sent exactly emitted_chars characters
     last = source_events[-1]
     assert "[DONE]" not in source_events and isinstance(last, dict)
-    assert last == {"tierlab_detached": {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}}
+    assert last == {"tierlab_detached": {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars", "seed")}}
     sent_text, sent_finish, _ = summary(source_events[:-1], chat)
     assert len(sent_text) == state["emitted_chars"] and sent_finish is None
     if chat:
@@ -152,7 +153,7 @@ def test_non_streaming_sequence_detached_and_resumed(engines: tuple[ServedEngine
     state = moved.json()
     assert state["emitted_chars"] == 0  # nothing reached the client
     assert answer[0].json() == {"id": running[0]["id"], "tierlab_detached": {
-        k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}}
+        k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars", "seed")}}
 
     resume = {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}
     resumed = httpx.post(b.url + endpoint(chat), json={**body, "tierlab_resume": resume}, timeout=TIMEOUT_S).json()
@@ -245,7 +246,7 @@ def test_a_waiting_request_detaches_with_no_tokens(
             tail = list(events)
         blocker.join(TIMEOUT_S)
     assert state["token_ids"] == [] and state["emitted_chars"] == 0 and len(state["prompt_ids"]) > 5
-    assert tail == [{"tierlab_detached": {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}}]
+    assert tail == [{"tierlab_detached": {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars", "seed")}}]
     resume = {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}
     resumed = httpx.post(b.url + "/v1/chat/completions", json={**body, "tierlab_resume": resume}, timeout=TIMEOUT_S)
     plain = httpx.post(b.url + "/v1/chat/completions", json=body, timeout=TIMEOUT_S)
@@ -275,7 +276,7 @@ def test_migration_between_two_engine_processes(tiny_llama: Path) -> None:
             state = detach(a, first["id"]).json()
             tail = list(events)
         sent += "".join(delta_text(e, False) for e in tail[:-1] if isinstance(e, dict))
-        assert tail[-1] == {"tierlab_detached": {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}}
+        assert tail[-1] == {"tierlab_detached": {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars", "seed")}}
         resume = {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}
         rest, finish, usage = summary(run_stream(b, "/v1/completions", {**body, "tierlab_resume": resume}), False)
         assert sent + rest == reference and (finish, usage) == (ref_finish, ref_usage)
@@ -286,3 +287,31 @@ def test_migration_between_two_engine_processes(tiny_llama: Path) -> None:
     finally:
         for proc in procs:
             proc.close()
+
+
+def test_an_unseeded_sampled_sequence_keeps_its_draws_when_it_moves(
+    engines: tuple[ServedEngine, ServedEngine],
+) -> None:
+    """No seed in the request: the engine picks one, the detach hands it over, and the resumed sequence draws
+    what the source would have drawn (the same text as a run that names that seed)."""
+    a, b = engines
+    body = {k: v for k, v in request_body(False, 0.9).items() if k != "seed"}
+    with httpx.stream("POST", a.url + endpoint(False), json={**body, "stream": True}, timeout=TIMEOUT_S) as response:
+        events: list[dict[str, Any] | str] = []
+        stream = read_events(response)
+        for event in stream:
+            events.append(event)
+            if sum(len(delta_text(e, False)) for e in events if isinstance(e, dict)) >= 5:
+                break
+        first = events[0]
+        assert isinstance(first, dict)
+        moved = detach(a.url, first["id"])
+        assert moved.status_code == 200, moved.text
+        events += list(stream)
+    state = moved.json()
+    assert isinstance(state.get("seed"), int)
+    sent, _, _ = summary(events[:-1], False)
+    resume = {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars", "seed")}
+    rest, _, _ = summary(run_stream(b.url, endpoint(False), {**body, "tierlab_resume": resume}), False)
+    reference, _, _ = summary(run_stream(a.url, endpoint(False), {**body, "seed": state["seed"]}), False)
+    assert sent + rest == reference

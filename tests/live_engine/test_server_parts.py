@@ -140,9 +140,11 @@ def test_resume_field_is_validated_naming_the_field(tokenizer: Tokenizer) -> Non
     assert good == ResumeState([0, 5], hello, 5)
     assert parse_resume({}, 300, 64, decode) is None
     assert parse({"prompt_ids": [3], "token_ids": [], "emitted_chars": 0}) == ResumeState([3], [], 0)
+    assert parse({"prompt_ids": [3], "token_ids": [], "emitted_chars": 0, "seed": 7}) == ResumeState([3], [], 0, 7)
     cases = [
         ("x", "tierlab_resume"),
-        ({"prompt_ids": [1], "token_ids": [], "emitted_chars": 0, "seed": 1}, "tierlab_resume"),
+        ({"prompt_ids": [1], "token_ids": [], "emitted_chars": 0, "top_k": 1}, "tierlab_resume"),
+        ({"prompt_ids": [1], "token_ids": [], "emitted_chars": 0, "seed": "1"}, "tierlab_resume.seed"),
         ({"token_ids": [], "emitted_chars": 0}, "tierlab_resume.prompt_ids"),
         ({"prompt_ids": [], "token_ids": [], "emitted_chars": 0}, "tierlab_resume.prompt_ids"),
         ({"prompt_ids": [1, 300], "token_ids": [], "emitted_chars": 0}, "tierlab_resume.prompt_ids"),

@@ -71,11 +71,13 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None = None, log: Pat
     raise RuntimeError(f"{url} not healthy in {START_TIMEOUT_S} s")
 
 
-def start_agent(tmp: Path, node: str, store_url: str, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A real `python -m live.agent` with dram and sata tiers under `tmp` (same dirs on a restart)."""
+def start_agent(tmp: Path, node: str, store_url: str, port: int | None = None,
+                extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], str]:
+    """A real `python -m live.agent` with dram and sata tiers under `tmp` (same dirs on a restart); `extra_args`
+    are more of its flags (--memory-budget, --max-num-seqs, --tier-bw, ...)."""
     port = port or free_port()
     argv = [sys.executable, "-m", "live.agent", "--node", node, "--port", str(port), "--token", AGENT_TOKEN,
-            "--store", store_url, "--log-level", "warning"]
+            "--store", store_url, "--log-level", "warning", *extra_args]
     for name in ("dram", "sata"):
         argv += ["--tier", f"{name}={tmp / f'{node}-{name}'}:{1 << 30}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}

@@ -173,7 +173,7 @@ def test_adopt_instance_checks_its_arguments() -> None:
         first = gw.adopt_instance(MODEL, "s0", "http://127.0.0.1:1/")
         assert gw.live[first].url == "http://127.0.0.1:1" and gw.state.instances[first].ready
         with pytest.raises(CapacityError, match="no GPU room"):
-            for _ in range(100):  # the nominal GPU holds a couple of dozen nominal models, not 100
+            for _ in range(100):  # the nominal GPU holds 40 nominal models (2 GB of 80 GB each), not 100
                 gw.adopt_instance(MODEL, "s0", "http://127.0.0.1:1")
         r = tc.get("/admin/records", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert r.json() == {"columns": list(REQUEST_SCHEMA), "rows": []}
@@ -190,3 +190,12 @@ def test_an_agent_down_at_start_leaves_its_node_down() -> None:
         fams = prom.parse(tc.get("/metrics").text)
         assert prom.value(fams, "tierlab_agent_up", node="d0") == 0
         assert prom.value(fams, "tierlab_agents", state="up") == 1
+
+
+def test_a_detached_event_is_cut_out_and_moved_streams_keep_their_id() -> None:
+    raw = b'data: {"id":"a","n":1}\n\ndata: {"tierlab_detached": {"token_ids": [1], "emitted_chars": 3}}\n\n'
+    kept, payload = sse.split_detached(raw)
+    assert kept == b'data: {"id":"a","n":1}\n\n' and payload == {"token_ids": [1], "emitted_chars": 3}
+    assert sse.split_detached(b'data: {"id":"a"}\r\n\r\n') == (b'data: {"id":"a"}\r\n\r\n', None)
+    moved = sse.with_id(b'data: {"id":"b","n":2}\n\ndata: [DONE]\n\n', "a")
+    assert list(sse.data_messages(moved)) == [{"id": "a", "n": 2}] and moved.endswith(b"data: [DONE]\n\n")
