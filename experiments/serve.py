@@ -64,7 +64,7 @@ from experiments.serve_nodes import (  # noqa: F401
     stop_agents,
 )
 from live.gateway import AgentRef, Gateway, GatewayConfig, Tenant, create_app
-from live.outputs import live_summary, moves_frame, one_line, write_outputs
+from live.outputs import action_counts, live_summary, moves_frame, one_line, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,12 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     records = gateway.records() if gateway is not None else None
     if records is None:
         return {}
+    actions = gateway.actions()
     summary = live_summary(records, wall_s=time.monotonic() - t0, ttft_slo_s=float(cfg.get("ttft_slo_s", 10.0)),
                            extra={"policy": bundle.name, "nodes": len(agents), "models": len(models),
-                                  "tier_moves": len(moves)})
-    write_outputs(out_dir, records, summary, moves_frame(moves, gateway.clock.t0_unix), gateway.instance_events())
+                                  "tier_moves": len(moves), "actions": action_counts(actions)})
+    write_outputs(out_dir, records, summary, moves_frame(moves, gateway.clock.t0_unix), gateway.instance_events(),
+                  actions)
     return summary
 
 

@@ -57,10 +57,19 @@ def moves_frame(moves: Sequence[Mapping[str, Any]], t0_unix: float) -> pd.DataFr
     return frame(MOVE_SCHEMA, cols)
 
 
+def action_counts(actions: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Policy actions by kind and outcome (done / failed / skipped), e.g. {"copy": {"done": 3}}."""
+    out: dict[str, dict[str, int]] = {}
+    for (kind, outcome), n in actions.groupby(["kind", "outcome"]).size().items():
+        out.setdefault(str(kind), {})[str(outcome)] = int(n)
+    return out
+
+
 def write_outputs(out_dir: str | os.PathLike[str], records: pd.DataFrame, summary: dict[str, Any],
-                  moves: pd.DataFrame | None = None, instances: pd.DataFrame | None = None) -> dict[str, Path]:
-    """records.parquet (+ tier_moves.parquet, instances.parquet when given) and summary.json in `out_dir`,
-    each written through a temp name."""
+                  moves: pd.DataFrame | None = None, instances: pd.DataFrame | None = None,
+                  actions: pd.DataFrame | None = None) -> dict[str, Path]:
+    """records.parquet (+ tier_moves.parquet, instances.parquet, actions.parquet when given) and summary.json in
+    `out_dir`, each written through a temp name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"records": write_table(out / "records.parquet", records), "summary": out / "summary.json"}
@@ -68,6 +77,8 @@ def write_outputs(out_dir: str | os.PathLike[str], records: pd.DataFrame, summar
         paths["moves"] = write_table(out / "tier_moves.parquet", moves)
     if instances is not None:
         paths["instances"] = write_table(out / "instances.parquet", instances)
+    if actions is not None:
+        paths["actions"] = write_table(out / "actions.parquet", actions)
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
     tmp.replace(paths["summary"])
