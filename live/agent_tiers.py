@@ -8,6 +8,9 @@ A tier may emulate a device slower than the disk under it: a read and a write ba
 first-byte latency (`live.pacing`), shared through `<tier_dir>/.tierlab-pace` by the agent's copies
 and the engines reading the tier. A copy books its bytes on the source's read link and the
 destination's write link at once, so it runs at the slower of the two, as the simulator's hop does.
+
+`HostStaging` is host memory outside the tiers: a cold start from the cloud lands there, one dir per
+instance, kept while the instance runs and removed with it.
 """
 
 from __future__ import annotations
@@ -187,6 +190,118 @@ class Tier:
         fsync_dir(self.path)
         shutil.rmtree(doomed, ignore_errors=True)
         return freed
+
+
+HOST_PREFIX = f"{STAGING_PREFIX}host-"  # a host copy's dir: `<host_dir>/.tierlab-host-<model>-<id>`
+
+
+@dataclass
+class HostCopy:
+    """A checkpoint fetched from the cloud into host memory for one engine instance (not a tier).
+
+    `readers`: tier copies reading it now; `dropped`: its instance is gone, so the dir is removed as
+    soon as the last reader is done.
+    """
+
+    model: str
+    path: Path
+    nbytes: int
+    readers: int = 0
+    dropped: bool = False
+
+
+class HostStaging:
+    """Host memory outside the tiers (`core.loadtime`'s "host"): where a cold start from the cloud lands.
+
+    Each cloud load gets its own dir, read by its engine unpaced and kept while the instance runs, so
+    that a copy into a tier right after the load is taken from it rather than from the cloud again (the
+    simulator's `staged` copy). The agent owns every `.tierlab-` entry of `path`: leftovers of an
+    earlier agent are removed at start, and everything at shutdown; no other entry is touched.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).absolute()
+        self._made = not self.path.exists()  # made by the agent: removed again at close (no litter in /dev/shm)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._copies: dict[Path, HostCopy] = {}
+        self.swept = self.clear()
+
+    def close(self) -> None:
+        """Remove every host copy (their engines are stopped), and the dir itself if the agent made it."""
+        self.clear()
+        if self._made:
+            with contextlib.suppress(OSError):  # not empty (someone else's file) or gone already
+                self.path.rmdir()
+
+    def clear(self) -> list[str]:
+        """Remove every entry the agent makes here (host copies, fetch staging dirs); their names."""
+        with self._lock:
+            self._copies.clear()
+        swept = []
+        for entry in os.scandir(self.path):
+            if entry.name.startswith(STAGING_PREFIX):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                swept.append(entry.name)
+        return sorted(swept)
+
+    def new_path(self, model: str) -> Path:
+        """A fresh dir name for a host copy of `model` (not created: the registry renames its fetch there)."""
+        return self.path / f"{HOST_PREFIX}{model}-{uuid.uuid4().hex[:12]}"
+
+    def add(self, model: str, path: Path, nbytes: int) -> HostCopy:
+        """Register the complete, verified checkpoint at `path`."""
+        copy = HostCopy(model, Path(path), nbytes)
+        with self._lock:
+            self._copies[copy.path] = copy
+        return copy
+
+    def acquire(self, model: str) -> HostCopy | None:
+        """A live host copy of `model`, held for reading until `release` (None if there is none)."""
+        with self._lock:
+            copy = next((c for c in self._copies.values() if c.model == model and not c.dropped), None)
+            if copy is not None:
+                copy.readers += 1
+            return copy
+
+    def release(self, copy: HostCopy) -> None:
+        """A reader is done; the dir goes now if its instance is already gone."""
+        with self._lock:
+            copy.readers -= 1
+            doomed = copy.dropped and copy.readers == 0
+        if doomed:
+            self._remove(copy)
+
+    def drop(self, copy: HostCopy) -> None:
+        """Its instance is gone (unloaded, failed): remove the dir, at once or after its last reader. Idempotent."""
+        with self._lock:
+            already = copy.dropped
+            copy.dropped = True
+            doomed = not already and copy.readers == 0
+        if doomed:
+            self._remove(copy)
+
+    def discard(self, path: Path) -> None:
+        """Remove `path` if it exists: a load that failed before its host copy was registered."""
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _remove(self, copy: HostCopy) -> None:
+        with self._lock:
+            self._copies.pop(copy.path, None)
+        shutil.rmtree(copy.path, ignore_errors=True)
+
+    def used_bytes(self) -> int:
+        """Bytes on disk under the host dir (host copies and fetches in flight)."""
+        return dir_bytes(self.path)
+
+    def copies(self) -> dict[str, int]:
+        """Live host copies: dir name -> model bytes."""
+        with self._lock:
+            return {c.path.name: c.nbytes for c in self._copies.values() if not c.dropped}
 
 
 def copy_flow(src: Tier, dst: Tier, cancel: threading.Event | None = None) -> Flow:

@@ -134,9 +134,8 @@ class ActionsMixin:
 
     async def _load(self: Gateway, lv: Live, source_tier: str) -> None:
         inst = lv.inst
-        body: dict[str, Any] = {"model": inst.model.name}
-        if source_tier != "cloud":
-            body["source_tier"] = source_tier
+        # "cloud" is sent too: the agent then fetches even if one of its tiers holds the model (mvp's promise)
+        body: dict[str, Any] = {"model": inst.model.name, "source_tier": source_tier}
         try:
             out = await self._agents.post(inst.node, "/load", body, self.config.load_timeout_s)
             agent_instance = out["instance"]["id"]

@@ -117,6 +117,9 @@ def node_report(node: str, status: Mapping[str, Any] | None, nominal_gpu: GpuSpe
                                        integer=True))
         kind = str(eng.get("kind") or "")
     nic = LIVE_NIC_BPS if paced_store else NOMINAL_NIC_BPS
+    cloud = st.get("cloud")
+    if isinstance(cloud, Mapping) and cloud.get("nic_Bps") is not None:  # the agent paces its NIC: plan with it
+        nic = _number(f"agent {node} /status cloud.nic_Bps", cloud["nic_Bps"])
     spec = NodeSpec(node, gpu, 1, nic, tier_specs(node, st), od_usd_per_hour=price_per_hour)
     return NodeReport(spec, max_num_seqs, kind)
 

@@ -319,13 +319,15 @@ class Flow:
 @dataclass(frozen=True)
 class CloudPace:
     """How a cloud fetch is paced: each of its streams at `stream_Bps` after `latency_s` to its first
-    byte, and the whole fetch's writes through `write_device`'s write link (None: unpaced writes).
-    Once `cancel` is set the fetch raises TransferCancelled."""
+    byte, and the whole fetch's bytes through the write link of `nic_device` (the node's NIC, shared
+    by all its fetches, as the simulator's "nic" link; None: unpaced) and of `write_device` (the
+    destination tier; None: host memory, unpaced). Once `cancel` is set the fetch raises TransferCancelled."""
 
     stream_Bps: float | None = None
     latency_s: float = 0.0
     write_device: Device | None = None
     cancel: threading.Event | None = None
+    nic_device: Device | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stream_Bps", check_Bps(self.stream_Bps, "cloud stream_Bps"))
@@ -333,8 +335,8 @@ class CloudPace:
 
     def write_flow(self) -> Flow:
         """One flow for all of a fetch's writes (the simulator's cloud hop is one flow)."""
-        return Flow(writes=[self.write_device] if self.write_device is not None else [], latency_s=0.0,
-                    cancel=self.cancel)
+        writes = [d for d in (self.nic_device, self.write_device) if d is not None]
+        return Flow(writes=writes, latency_s=0.0, cancel=self.cancel)
 
 
 def state_path_in(directory: str | os.PathLike[str]) -> Path:

@@ -182,7 +182,7 @@ class Store:
         Returns the total bytes.
 
         `pace` emulates the cloud link: each stream waits `latency_s` before its first byte and then moves
-        at most `stream_Bps`; all writes share one flow on the destination tier's write link.
+        at most `stream_Bps`; all writes share one flow on the NIC's and the destination tier's write links.
         """
         if streams < 1 or chunk_bytes < 1:
             raise ValueError(f"streams and chunk_bytes must be >= 1, got {streams}, {chunk_bytes}")

@@ -245,6 +245,24 @@ def test_cloud_fetch_writes_at_the_destination_write_bandwidth(
     assert near(time.monotonic() - t0, total / BW)
 
 
+def test_concurrent_fetches_share_the_nic_and_a_fetch_into_host_memory_writes_unpaced(
+        tmp_path: Path, published: tuple[Registry, int]) -> None:
+    reg, total = published
+    nic = local_device(write_Bps=BW, name="nic")
+    pace = CloudPace(None, 0.0, None, None, nic)  # streams unpaced, no destination tier: the NIC alone
+    assert [(d.spec.name, link) for d, link in pace.write_flow().links] == [("nic", 1)]
+    t0 = time.monotonic()
+    reg.fetch("m", tmp_path / "alone", streams=8, pace=pace)
+    assert near(time.monotonic() - t0, total / BW)
+    out: dict[str, float] = {}
+    start_at = time.monotonic() + 0.05
+    threads = [timed(lambda k=k: reg.fetch("m", tmp_path / k, streams=8, pace=pace), out, k, start_at)
+               for k in ("a", "b")]
+    for t in threads:
+        t.join()
+    assert all(near(out[k], 2 * total / BW) for k in ("a", "b")), out  # one NIC: half each
+
+
 def test_cancelled_fetch_leaves_nothing(tmp_path: Path, published: tuple[Registry, int]) -> None:
     reg, _total = published
     sata = _tier(tmp_path, "sata", None, None)

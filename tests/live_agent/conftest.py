@@ -47,6 +47,7 @@ class AgentProc:
     url: str
     tiers: dict[str, Path]
     log_path: Path
+    host_dir: Path  # the agent's host-memory staging of cloud loads (not a tier)
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -106,22 +107,26 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
     started: list[AgentProc] = []
 
     def start(store_url: str, capacities: dict[str, int] | None = None, store_options: dict | None = None,
-              extra: Sequence[str] = (), tier_dirs: dict[str, Path] | None = None) -> AgentProc:
-        """`extra`: more agent flags (e.g. --tier-bw); `tier_dirs`: reuse these dirs (a restarted agent)."""
+              extra: Sequence[str] = (), tier_dirs: dict[str, Path] | None = None,
+              host_dir: Path | None = None) -> AgentProc:
+        """`extra`: more agent flags (e.g. --tier-bw); `tier_dirs`, `host_dir`: reuse these dirs (a restarted
+        agent)."""
         capacities = capacities or {"dram": 1 << 30, "nvme": 1 << 30, "sata": 1 << 30}
         port = free_port()
         node = f"t{uuid.uuid4().hex[:6]}"
         tiers = tier_dirs or {name: tmp_path / f"{node}-{name}" for name in capacities}
+        host_dir = host_dir or tmp_path / f"{node}-host"
         argv = [sys.executable, "-m", "live.agent", "--node", node, "--port", str(port), "--token", TOKEN,
                 "--store", store_url, "--copy-streams", "4", "--log-level", "warning",
-                "--store-options", json.dumps({store_url: store_options or {}}), *extra]
+                "--store-options", json.dumps({store_url: store_options or {}}), "--host-dir", str(host_dir),
+                *extra]
         for name, cap in capacities.items():
             argv += ["--tier", f"{name}={tiers[name]}:{cap}"]
         log_path = tmp_path / f"{node}.log"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        agent = AgentProc(proc, f"http://127.0.0.1:{port}", tiers, log_path)
+        agent = AgentProc(proc, f"http://127.0.0.1:{port}", tiers, log_path, host_dir)
         started.append(agent)
         _wait_healthy(agent)
         return agent

@@ -45,26 +45,35 @@ def test_load_from_cloud_then_sata_then_dram(cloud: Cloud, start_agent: Callable
     agent = start_agent(cloud.url)
     total_bytes = cloud.registry.manifest(MODEL).total_bytes
 
-    # cold: the cloud fetch lands in sata and the engine reads sata
+    # cold: the cloud fetch lands in host memory (no tier) and the engine reads it there
     first = agent.post("/load", {"model": MODEL})
     assert first.status_code == 200, first.text
     inst, timings = first.json()["instance"], first.json()["timings"]
-    assert timings["source_tier"] == "cloud" and timings["engine_tier"] == "sata"
+    assert timings["source_tier"] == "cloud" and timings["engine_tier"] == "host"
     [hop] = timings["fetch_s"]
-    assert (hop["from_tier"], hop["to_tier"], hop["kind"], hop["bytes"]) == ("cloud", "sata", "fetch", total_bytes)
+    assert (hop["from_tier"], hop["to_tier"], hop["kind"], hop["bytes"]) == ("cloud", "host", "fetch", total_bytes)
     assert hop["duration_s"] > 0 and timings["engine_start_s"] > 0 and timings["ready_s"] > 0
-    assert inst["status"] == "ready" and inst["source_tier"] == "sata"
+    assert inst["status"] == "ready" and inst["source_tier"] == "cloud" and inst["engine_tier"] == "host"
+    assert Path(inst["model_dir"]).parent == agent.host_dir
     assert complete(inst)["usage"]["completion_tokens"] == 4
     status = agent.status()
-    assert status["tiers"]["sata"]["models"] == {MODEL: total_bytes}
-    assert status["tiers"]["sata"]["used_bytes"] == total_bytes and status["tiers"]["dram"]["models"] == {}
+    assert all(t["models"] == {} and t["used_bytes"] == 0 for t in status["tiers"].values()), status["tiers"]
+    assert list(status["host"]["copies"].values()) == [total_bytes] and status["host"]["used_bytes"] == total_bytes
     assert [i["id"] for i in status["instances"]] == [inst["id"]]
+    assert agent.client.get("/moves").json()["moves"] == []  # a load's fetch is no tier movement
+
+    # a copy while the instance runs is taken from its host copy, not from the cloud
+    cached = agent.post("/tiers/copy", {"model": MODEL, "to_tier": "sata"})
+    assert cached.status_code == 200, cached.text
+    assert (cached.json()["from_tier"], cached.json()["kind"]) == ("host", "copy")
 
     unloaded = agent.post("/unload", {"instance": inst["id"]})
     assert unloaded.json() == {"instance": inst["id"], "stopped": True}
     with pytest.raises(ProcessLookupError):
         os.killpg(inst["pid"], 0)
-    assert agent.status()["instances"] == []
+    status = agent.status()
+    assert status["instances"] == [] and tier_entries(agent.host_dir) == [] and status["host"]["copies"] == {}
+    assert status["tiers"]["sata"]["models"] == {MODEL: total_bytes}
 
     # warm in sata: no cloud hop
     second = agent.post("/load", {"model": MODEL}).json()
@@ -125,7 +134,7 @@ def test_corrupted_cloud_object_fails_the_load_cleanly(cloud: Cloud, start_agent
     agent = start_agent(cloud.url)
     err = assert_error(agent.post("/load", {"model": MODEL}), 502, "fetch_failed")
     assert WEIGHTS_FILE in err["message"] and "sha256" in err["message"]
-    assert tier_entries(agent.tiers["sata"]) == []
+    assert tier_entries(agent.tiers["sata"]) == [] and tier_entries(agent.host_dir) == []
     status = agent.status()
     assert status["instances"] == [] and status["tiers"]["sata"]["used_bytes"] == 0
     assert status["errors"][-1]["code"] == "fetch_failed" and status["errors"][-1]["model"] == MODEL
@@ -159,7 +168,8 @@ def test_status_answers_while_a_load_runs_and_shutdown_leaves_no_engine(
         cloud: Cloud, start_agent: Callable[..., AgentProc]) -> None:
     agent = start_agent(cloud.url)
     results: dict[str, httpx.Response] = {}
-    loader = threading.Thread(target=lambda: results.setdefault("load", agent.post("/load", {"model": MODEL})))
+    loader = threading.Thread(target=lambda: results.setdefault(
+        "load", agent.post("/load", {"model": MODEL, "source_tier": "sata"})))
     loader.start()
     seen_loading = False
     while loader.is_alive():
@@ -174,11 +184,13 @@ def test_status_answers_while_a_load_runs_and_shutdown_leaves_no_engine(
     loader.join()
     assert seen_loading
     inst = results["load"].json()["instance"]
-    second = agent.post("/load", {"model": MODEL}).json()["instance"]
+    second = agent.post("/load", {"model": MODEL, "source_tier": "cloud"}).json()["instance"]  # a host copy
     pgids = [inst["pid"], second["pid"]]
     assert all(running_group_members(p) for p in pgids)
+    assert len(tier_entries(agent.host_dir)) == 1
 
     assert agent.stop() in CLEAN_EXIT  # SIGTERM: the lifespan end stops every engine
+    assert tier_entries(agent.host_dir) == []  # and removes the host copies
     for pgid in pgids:
         assert running_group_members(pgid) == []
         with pytest.raises(ProcessLookupError):

@@ -52,7 +52,8 @@ def test_fetch_copy_and_engine_read_follow_the_emulated_devices(
     assert status["tiers"]["nvme"]["latency_s"] == NVME_LATENCY
     assert {k: status["tiers"]["dram"][k] for k in ("read_Bps", "write_Bps", "latency_s")} == {
         "read_Bps": None, "write_Bps": None, "latency_s": None}  # unpaced
-    assert status["cloud"] == {"stream_Bps": STREAM_BPS, "streams": STREAMS, "latency_s": CLOUD_LATENCY}
+    assert status["cloud"] == {"stream_Bps": STREAM_BPS, "streams": STREAMS, "latency_s": CLOUD_LATENCY,
+                               "nic_Bps": None}
     assert status["accelerator"] == {"memory_bytes": 2 << 30}
     assert status["engine"] == {"kind": "cpu", "max_num_seqs": 3}
 

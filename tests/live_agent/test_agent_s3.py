@@ -29,7 +29,10 @@ def test_load_from_an_s3_cloud(request: pytest.FixtureRequest, tiny_ckpt: Path,
     loaded = agent.post("/load", {"model": MODEL})
     assert loaded.status_code == 200, loaded.text
     timings, inst = loaded.json()["timings"], loaded.json()["instance"]
-    assert timings["source_tier"] == "cloud" and [h["to_tier"] for h in timings["fetch_s"]] == ["sata"]
+    assert timings["source_tier"] == "cloud" and [h["to_tier"] for h in timings["fetch_s"]] == ["host"]
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0}
     assert httpx.post(inst["url"] + "/v1/completions", json=body, timeout=60).status_code == 200
+    assert agent.status()["tiers"]["sata"]["models"] == {}  # host memory only: no tier copy
+    copied = agent.post("/tiers/copy", {"model": MODEL, "to_tier": "sata"}).json()
+    assert copied["from_tier"] == "host"
     assert agent.status()["tiers"]["sata"]["models"] == {MODEL: timings["fetch_s"][0]["bytes"]}
