@@ -276,7 +276,8 @@ def test_migration_between_two_engine_processes(tiny_llama: Path) -> None:
             state = detach(a, first["id"]).json()
             tail = list(events)
         sent += "".join(delta_text(e, False) for e in tail[:-1] if isinstance(e, dict))
-        assert tail[-1] == {"tierlab_detached": {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars", "seed")}}
+        detached = {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars", "seed")}
+        assert tail[-1] == {"tierlab_detached": detached}
         resume = {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}
         rest, finish, usage = summary(run_stream(b, "/v1/completions", {**body, "tierlab_resume": resume}), False)
         assert sent + rest == reference and (finish, usage) == (ref_finish, ref_usage)
