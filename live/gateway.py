@@ -85,6 +85,9 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
     def __init__(self, config: GatewayConfig, bundle: PolicyBundle | None = None) -> None:
         self.config = config
         self.bundle = bundle or default_bundle()
+        # the placement may live-migrate: whole (non-streaming) answers then get an engine id up front (one more
+        # JSON encoding per request, paid only by bundles that can migrate)
+        self.may_migrate = bool(getattr(self.bundle.placement, "migration", False))
         self.clock = WallClock()
         self.agents = {a.name: a for a in config.agents}
         self.state: ClusterState | None = None

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -180,6 +181,11 @@ class ForwardMixin:
             body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")} | {"stream": False}
             raw = json.dumps(body).encode()
         flight = Flight(lv, path, body)
+        if (not stream or synthesize) and lv.streaming and self.may_migrate:
+            # a whole answer shows no id until it is complete: name it, so a migration can detach it
+            flight.engine_id = f"tl-{req.id}-{secrets.token_hex(4)}"
+            flight.body = body = {**body, "tierlab_id": flight.engine_id}
+            raw = json.dumps(body).encode()
         self._begin(flight)
         upstream: httpx.Response | None = None
         try:

@@ -4,10 +4,12 @@
 1. The victim's model starts on the destination node (a normal load); the victim takes no new requests
    ("migrating"), the request that asked for the room waits in placement.
 2. Once the destination is ready, each in-flight sequence of the victim whose engine response id is known (a
-   stream, from its first event) is detached (`POST {engine}/v1/tierlab/detach {"id"}`); its relay drops the
-   engine's `tierlab_detached` event and resumes the sequence on the destination (`tierlab_resume`), falling back
-   to the victim if the destination cannot take it. Requests whose id cannot be known (non-streaming ones) finish
-   on the victim. All of this is bounded by `GatewayConfig.migration_timeout_s`.
+   stream's, from its first event; a whole answer's, named by the gateway with `tierlab_id` when it forwarded it,
+   as it does whenever the placement may migrate) is detached (`POST {engine}/v1/tierlab/detach {"id"}`); its
+   relay drops the engine's `tierlab_detached` event (or answer) and resumes the sequence on the destination
+   (`tierlab_resume`), falling back to the victim if the destination cannot take it. Requests whose id is not
+   known (an engine without the contract) finish on the victim. All of this is bounded by
+   `GatewayConfig.migration_timeout_s`.
 3. The victim is unloaded and dropped from the mirror: its memory is free for the waiting request.
 
 If the destination fails to load, a sequence falls back to the victim, or the handover runs out of time, the

@@ -14,6 +14,8 @@ from starlette.responses import JSONResponse
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_STOP_SEQUENCES = 4
 RESUME_FIELD = "tierlab_resume"
+ID_FIELD = "tierlab_id"  # a response id chosen by the caller (the gateway), so it can detach a non-streaming request
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
 class ApiError(Exception):
@@ -237,3 +239,18 @@ def parse_resume(
         param = f"{RESUME_FIELD}.seed"
         raise ApiError(400, f"'{param}' must be an integer", param, "invalid_type")
     return ResumeState(prompt_ids, token_ids, int(emitted), None if seed is None else int(seed))
+
+
+def parse_request_id(body: dict[str, Any]) -> str | None:
+    """The request's `tierlab_id` (1..128 characters of [A-Za-z0-9-_.:]), None when absent.
+
+    The engine uses it as its response id, so a caller that never sees the response before it is complete (a
+    non-streaming request) can still name the sequence to `/v1/tierlab/detach`. The caller keeps it unique.
+    """
+    value = body.get(ID_FIELD)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 128 or not set(value) <= _ID_CHARS:
+        raise ApiError(400, f"'{ID_FIELD}' must be 1..128 characters of letters, digits and -_.:", ID_FIELD,
+                       "invalid_value")
+    return value

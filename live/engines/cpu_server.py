@@ -27,6 +27,9 @@ non-streaming request answers {"id", "tierlab_detached": {..., "emitted_chars": 
 generated ids are prefilled, max_tokens counts from the original start, token k is drawn from (seed, k)
 alone, and the text deltas continue after `emitted_chars` characters (a resumed chat stream sends no role
 chunk). `emitted_chars` counts the generated text the client has received, carried-over characters included.
+The detached state also carries the sequence's `seed` (one the engine drew, for an unseeded request), so that
+its draws stay the same after the move. A request may name its response id (`"tierlab_id"`): a caller that
+sees nothing of a non-streaming response before it is complete can still detach it.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from live.engines.cpu_api import (  # noqa: E402
     SamplingParams,
     _is_int,
     chat_prompt,
+    parse_request_id,
     parse_resume,
     parse_sampling,
 )
@@ -211,7 +215,7 @@ def create_app(engine: Engine) -> Starlette:
             param = f"{RESUME_FIELD}.token_ids"
             raise ApiError(400, f"'{param}' already holds {len(resume.token_ids)} tokens; max_tokens (the original "
                            f"request's total) is {max_tokens}", param, "invalid_value")
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        request_id = parse_request_id(body) or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         channel = _Channel()
         req = SeqRequest(
             request_id=request_id,

@@ -192,7 +192,9 @@ class NullEngine:
         n = min(limit, self.reply_tokens) if isinstance(limit, int) and limit > 0 else self.reply_tokens
         seq = (_Sequence(list(resume["prompt_ids"]), list(resume["token_ids"]), resume["emitted_chars"]) if resume
                else _Sequence([1], []))
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-null-{next(self._ids)}"
+        rid = body.get("tierlab_id")  # a caller-chosen response id (the gateway's, to detach non-streaming requests)
+        if not (isinstance(rid, str) and rid):
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-null-{next(self._ids)}"
         head = {"id": rid, "created": int(time.time()), "model": body.get("model", self.model_name),
                 "system_fingerprint": None}
         self._running[rid] = seq

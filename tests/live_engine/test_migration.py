@@ -136,23 +136,24 @@ def test_non_streaming_sequence_detached_and_resumed(engines: tuple[ServedEngine
     reference = httpx.post(a.url + endpoint(chat), json=body, timeout=TIMEOUT_S).json()
 
     answer: list[httpx.Response] = []
+    named = f"tl-test-{int(chat)}"  # a non-streaming client learns its id only at the end: the caller names it
     thread = threading.Thread(target=lambda: answer.append(
-        httpx.post(a.url + endpoint(chat), json=body, timeout=TIMEOUT_S)))
+        httpx.post(a.url + endpoint(chat), json={**body, "tierlab_id": named}, timeout=TIMEOUT_S)))
     thread.start()
-    # a non-streaming client learns its id only at the end: the gateway finds it in /stats
     deadline = time.perf_counter() + 20
     while True:
         assert time.perf_counter() < deadline
-        running = [s for s in httpx.get(a.url + "/stats").json()["sequences"] if s["completion_tokens"] >= 3]
+        running = [s for s in httpx.get(a.url + "/stats").json()["sequences"]
+                   if s["id"] == named and s["completion_tokens"] >= 3]
         if running:
             break
         time.sleep(0.01)
-    moved = detach(a.url, running[0]["id"])
+    moved = detach(a.url, named)
     thread.join(TIMEOUT_S)
     assert moved.status_code == 200 and answer and answer[0].status_code == 200
     state = moved.json()
     assert state["emitted_chars"] == 0  # nothing reached the client
-    assert answer[0].json() == {"id": running[0]["id"], "tierlab_detached": {
+    assert answer[0].json() == {"id": named, "tierlab_detached": {
         k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars", "seed")}}
 
     resume = {k: state[k] for k in ("prompt_ids", "token_ids", "emitted_chars")}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from live.engines.cpu_api import ApiError, ResumeState, chat_prompt, parse_resume, parse_sampling
+from live.engines.cpu_api import ApiError, ResumeState, chat_prompt, parse_request_id, parse_resume, parse_sampling
 from live.engines.text_stream import TextStream
 
 
@@ -162,3 +162,12 @@ def test_resume_field_is_validated_naming_the_field(tokenizer: Tokenizer) -> Non
             parse(raw)
         assert err.value.status == 400 and err.value.param == param, (raw, err.value.message)
         assert param in err.value.message or param == "tierlab_resume"
+
+
+def test_a_caller_chosen_response_id_is_validated() -> None:
+    assert parse_request_id({}) is None
+    assert parse_request_id({"tierlab_id": "tl-7-ab12:x.y_z"}) == "tl-7-ab12:x.y_z"
+    for bad in ("", "a b", "x" * 129, 5, ["a"], "é"):
+        with pytest.raises(ApiError) as err:
+            parse_request_id({"tierlab_id": bad})
+        assert err.value.param == "tierlab_id" and err.value.status == 400

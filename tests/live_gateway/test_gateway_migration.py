@@ -54,6 +54,13 @@ def _events(raw: bytes) -> list[Any]:
             for b in raw.split(b"\n\n") if b.startswith(b"data: ")]
 
 
+def _whole(gs: GatewayServer, out: dict[str, Any]) -> None:
+    """A non-streaming request for x: the client sees nothing until the whole answer."""
+    out["started"].set()
+    out["answer"] = httpx.post(gs.url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-alice"},
+                               timeout=60, json={"model": "x", "messages": [{"role": "user", "content": "x"}]})
+
+
 def _start_victim(gs: GatewayServer) -> str:
     gw = gs.gateway
     on_loop(gw, lambda: gw.execute([StartInstance("x", "a0", "cloud")]))
@@ -125,3 +132,31 @@ def test_a_destination_gone_by_the_handover_leaves_the_stream_on_its_source() ->
         assert answer.status_code in (200, 502, 503) and (answer.status_code == 200 or "error" in answer.json())
         assert victim in gw.state.instances and gw.state.instances[victim].status == "ready"  # it serves on
         assert all(i.node == "a0" for i in gw.state.instances.values())  # the dead destinations left routing
+
+
+def test_a_non_streaming_request_moves_too_under_the_id_the_gateway_gave_it() -> None:
+    """A whole answer shows no engine id until it is complete: with a placement that can migrate, the gateway
+    names the sequence (`tierlab_id`) when it forwards it, so the handover can detach it like a stream; the
+    client gets one normal answer with every token."""
+    with fake_cluster(*_agents(), bundle=_bundle(), models=MODELS, queue_timeout_s=30) as gs:
+        gw = gs.gateway
+        victim = _start_victim(gs)
+        got: dict[str, Any] = {"started": threading.Event()}
+        client = threading.Thread(target=_whole, args=(gs, got))
+        client.start()
+        assert got["started"].wait(15)
+        assert wait_for(lambda: gw.state.instances[victim].active == 1, 15)
+        answer = ask(gs, "y")
+        client.join(60)
+        assert not client.is_alive() and answer.status_code == 200, answer.text
+        whole = got["answer"]
+        assert whole.status_code == 200, whole.text
+        body = whole.json()
+        assert body["choices"][0]["message"]["content"] == FULL and "tierlab_detached" not in body
+        assert body["usage"]["completion_tokens"] == N_TOKENS
+        mig = gw.actions()
+        mig = mig[mig["kind"] == "migration"].to_dict("records")
+        assert len(mig) == 1 and mig[0]["outcome"] == "done" and mig[0]["reason"] == "1 sequence(s) moved"
+        rows = gw.records()
+        assert rows.iloc[0]["node"] == "a1" and rows.iloc[0]["instance"] != victim  # it finished on a1
+        assert victim not in gw.state.instances
