@@ -11,54 +11,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 for _dep in ("torch", "safetensors", "tokenizers", "uvicorn", "openai"):
     pytest.importorskip(_dep)
-import httpx  # noqa: E402
-import openai  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA  # noqa: E402
 from experiments.simulate import run as simulate_run  # noqa: E402
 from tests.conftest import config  # noqa: E402
+from tests.live_serve.serving import Served, env, serve  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 KEEP_ALIVE_S = 3.0
-START_TIMEOUT_S = 180.0
-
-
-@dataclass
-class Served:
-    proc: subprocess.Popen[str]
-    out_dir: Path
-    info: dict
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return self.info["url"]
-
-    @property
-    def key(self) -> str:
-        return next(iter(self.info["tenants"].values()))["api_key"]
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.info["openai_base_url"], api_key=self.key, max_retries=0, timeout=120)
-
-    def records(self) -> pd.DataFrame:
-        r = httpx.get(self.url + "/admin/records", headers={"Authorization": f"Bearer {self.info['admin_token']}"})
-        r.raise_for_status()
-        data = r.json()
-        return pd.DataFrame(data["rows"], columns=data["columns"])
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-            "PYTHONUNBUFFERED": "1"}
 
 
 def _processes_mentioning(*needles: str) -> list[int]:
@@ -79,27 +45,10 @@ def _processes_mentioning(*needles: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("serve")
-    out_dir = tmp / "run"
-    argv = [sys.executable, "-m", "experiments.serve", "port=0", "nodes=2", f"hydra.run.dir={out_dir}",
-            f"checkpoint_cache={tmp / 'ckpts'}", "~catalog.small-a", "progress=false", "policy=seed_tiered",
-            f"policy.autoscaling.keep_alive_s={KEEP_ALIVE_S}", "policy.autoscaling.tick_s=0.5"]
-    log = tmp / "serve.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        info_path = out_dir / "serve.json"
-        while not info_path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"experiments.serve did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
-            time.sleep(0.1)
-        info = json.loads(info_path.read_text())
-        yield Served(proc, out_dir, info, log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    overrides = ["nodes=2", "~catalog.small-a", f"policy.autoscaling.keep_alive_s={KEEP_ALIVE_S}",
+                 "policy.autoscaling.tick_s=0.5"]
+    with serve(tmp_path_factory.mktemp("serve"), overrides, policy="seed_tiered") as s:
+        yield s
 
 
 def assert_cold_starts_by_tier(summary: dict, df: pd.DataFrame) -> None:
@@ -113,9 +62,7 @@ def assert_cold_starts_by_tier(summary: dict, df: pd.DataFrame) -> None:
 
 
 def _ready_instances(s: Served) -> int:
-    text = httpx.get(s.url + "/metrics").text
-    line = next(ln for ln in text.splitlines() if ln.startswith('tierlab_instances{status="ready"}'))
-    return int(float(line.split()[-1]))
+    return int(s.metric('tierlab_instances{status="ready"}'))
 
 
 def test_cold_from_cloud_warm_then_from_local_tier(served: Served) -> None:
@@ -166,7 +113,7 @@ def test_replay_writes_records_and_the_simulators_summary_keys(served: Served, t
     argv = [sys.executable, "-m", "experiments.replay", f"serve_json={served.out_dir / 'serve.json'}",
             f"hydra.run.dir={out}", "workload=poisson", "workload.options.rate_per_s=2.0",
             "workload.window=[0,4]", "workload.max_requests=6", "replay.max_output_tokens=3", "progress=false"]
-    done = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "replayed" in done.stdout.splitlines()[-1]
     df = pd.read_parquet(out / "records.parquet")
