@@ -38,12 +38,20 @@ class ModelSpec:
     hidden_size: int
     n_kv_heads: int
     head_dim: int
-    dtype_bytes: int = 2  # bf16
+    dtype_bytes: int = 2  # bf16, as stored and moved between tiers
     base: str = ""  # the architecture this deployment is a copy of
+    resident_dtype_bytes: int | None = None  # bytes per parameter once loaded, if the engine converts (None: same)
 
     @property
     def weights_bytes(self) -> float:
+        """The checkpoint's size: what a tier holds and what a load moves."""
         return self.params_b * 1e9 * self.dtype_bytes
+
+    @property
+    def resident_bytes(self) -> float:
+        """What the weights take in the engine's memory (a CPU engine computing in float32 doubles a bf16
+        checkpoint; a quantized serving format shrinks it)."""
+        return self.params_b * 1e9 * (self.resident_dtype_bytes or self.dtype_bytes)
 
     @property
     def layer_bytes(self) -> float:
@@ -436,7 +444,7 @@ def validate_fit(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: Engi
                     f" smaller than every model (smallest: {smallest.name}, {smallest.weights_bytes / 1e9:.3g} GB)"
                 )
     for m in models:
-        need = m.weights_bytes
+        need = m.resident_bytes
         fits_gpu = any(need <= n.gpu_mem_bytes * engine.gpu_mem_util for n in cluster.nodes)
         if not fits_gpu:
             biggest = max(n.gpu_mem_bytes * engine.gpu_mem_util for n in cluster.nodes)

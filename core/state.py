@@ -261,18 +261,18 @@ class NodeState:
 def gpus_needed(model: ModelSpec, node: NodeSpec, engine: EngineSpec) -> tuple[int, float, float]:
     """GPUs an instance of `model` takes on `node`, the bytes it reserves on each, and its KV budget.
 
-    Weights plus `engine.kv_reserve_frac` of KV cache are reserved; a model whose reservation
-    exceeds one GPU is tensor-parallel over the fewest GPUs that hold it (KV shrinks to what
-    is left if the GPU count is capped by the node).
+    Weights (as resident in the engine: `ModelSpec.resident_bytes`) plus `engine.kv_reserve_frac` of KV cache
+    are reserved; a model whose reservation exceeds one GPU is tensor-parallel over the fewest GPUs that hold
+    it (KV shrinks to what is left if the GPU count is capped by the node).
     """
     usable = node.gpu.mem_bytes * engine.gpu_mem_util
-    want = model.weights_bytes * (1.0 + engine.kv_reserve_frac)
+    want = model.resident_bytes * (1.0 + engine.kv_reserve_frac)
     n = 1
     while n * usable < want and n < node.n_gpus:
         n *= 2
     n = min(n, node.n_gpus)
     total = min(want, n * usable)
-    kv = max(0.0, total - model.weights_bytes)
+    kv = max(0.0, total - model.resident_bytes)
     return n, total / n, kv
 
 

@@ -121,7 +121,8 @@ def engine_dtype_bytes(cfg: Mapping[str, Any]) -> int:
 
 
 def catalog_model_specs(entries: Sequence[CatalogEntry], dtype_bytes: int) -> dict[str, ModelSpec]:
-    """One ModelSpec per catalog checkpoint, from its config.json, sized in the engine's dtype."""
+    """One ModelSpec per catalog checkpoint, from its config.json: stored in its own dtype (what tiers hold and
+    loads move), resident in the engine's (what a node's memory budget holds)."""
     specs = {}
     for e in entries:
         try:

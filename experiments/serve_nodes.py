@@ -174,12 +174,12 @@ def check_memory_budget(node: NodeOptions, models: Mapping[str, ModelSpec]) -> N
     """A budget no catalog model fits in serves nothing: a ConfigError naming `node.memory_budget` and the bytes."""
     if node.memory_budget_bytes is None or not models:
         return
-    smallest = min(models.values(), key=lambda m: m.weights_bytes)
-    if node.memory_budget_bytes < smallest.weights_bytes:
+    smallest = min(models.values(), key=lambda m: m.resident_bytes)
+    if node.memory_budget_bytes < smallest.resident_bytes:
         raise ConfigError(
             f"node.memory_budget: {node.memory_budget_bytes} bytes is smaller than every catalog model (the smallest, "
-            f"{smallest.name}, holds {smallest.weights_bytes:.0f} bytes of weights in the engine's dtype)")
-    too_big = sorted(m.name for m in models.values() if m.weights_bytes > node.memory_budget_bytes)
+            f"{smallest.name}, holds {smallest.resident_bytes:.0f} bytes of weights in the engine's dtype)")
+    too_big = sorted(m.name for m in models.values() if m.resident_bytes > node.memory_budget_bytes)
     if too_big:
         log.warning("node.memory_budget: %d bytes cannot hold %s; requests for them will fail",
                     node.memory_budget_bytes, too_big)

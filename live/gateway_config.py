@@ -52,7 +52,7 @@ class GatewayConfig:
     The gateway plans with each node as its agent describes it (`live.gateway_nodes`): tier pacing, the store,
     the memory budget (`accelerator.memory_bytes`) and the engine's batch limit. `nominal_gpu` stands in for a
     node that reports no budget, `engine.max_num_seqs` for one that reports no batch limit, and `models` should
-    hold real `ModelSpec`s (their `weights_bytes` is what an instance takes of its node's budget: the mirror's
+    hold real `ModelSpec`s (their `resident_bytes` is what an instance takes of its node's budget: the mirror's
     engine spec has `gpu_mem_util = 1`, `kv_reserve_frac = 0`).
     """
 

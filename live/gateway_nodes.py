@@ -13,7 +13,7 @@ is the one the agents fetch through. An unpaced tier or store is planned at `UNP
 device, so that a policy ranks it first, as the real copy is as fast as the machine allows.
 
 Memory budget: the gateway's engine spec (`live_engine`) has `gpu_mem_util = 1` and `kv_reserve_frac = 0`, so an
-instance takes exactly its model's weight bytes (`ModelSpec.weights_bytes`) from its node's budget and the
+instance takes exactly its model's resident weight bytes (`ModelSpec.resident_bytes`) from its node's budget and the
 budget means what the user configured: the bytes of model weights the node's engines may hold at once.
 """
 
@@ -128,9 +128,9 @@ def check_budgets(reports: Mapping[str, NodeReport], models: Sequence[ModelSpec]
     """ConfigError if a node's memory budget is smaller than every model (nothing could ever start there)."""
     if not models:
         return
-    smallest = min(models, key=lambda m: m.weights_bytes)
+    smallest = min(models, key=lambda m: m.resident_bytes)
     for name, r in reports.items():
-        if r.spec.gpu.mem_bytes < smallest.weights_bytes:
+        if r.spec.gpu.mem_bytes < smallest.resident_bytes:
             raise ConfigError(
                 f"node {name!r}: memory budget {r.spec.gpu.mem_bytes:.0f} B (accelerator.memory_bytes) is smaller "
-                f"than every model; the smallest, {smallest.name!r}, needs {smallest.weights_bytes:.0f} B")
+                f"than every model; the smallest, {smallest.name!r}, needs {smallest.resident_bytes:.0f} B")

@@ -198,15 +198,23 @@ def tensor_shapes(c: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def model_spec(name: str, config: LlamaConfig, dtype_bytes: int) -> ModelSpec:
+CHECKPOINT_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def model_spec(name: str, config: LlamaConfig, resident_dtype_bytes: int) -> ModelSpec:
     """The `core.specs.ModelSpec` a policy plans with for a checkpoint of this architecture.
 
-    `dtype_bytes` is the dtype the ENGINE holds the weights in (a CPU engine computing in float32 holds a
-    bfloat16 checkpoint as 4 bytes per parameter), not the file's: memory accounting is about the engine.
-    The parameter count is the tensors' (`tensor_shapes`), so `weights_bytes` is their size in that dtype.
+    Its `weights_bytes` is the checkpoint's size (`config.torch_dtype`): what a tier holds and a load moves.
+    `resident_dtype_bytes` is the dtype the ENGINE holds the weights in (a CPU engine computing in float32 holds
+    a bfloat16 checkpoint as 4 bytes per parameter): `resident_bytes`, what an instance takes of its node's
+    memory. The parameter count is the tensors' (`tensor_shapes`).
     """
-    if not _is_int(dtype_bytes) or dtype_bytes <= 0:
-        raise ValueError(f"dtype_bytes must be a positive int, got {dtype_bytes!r}")
+    if not _is_int(resident_dtype_bytes) or resident_dtype_bytes <= 0:
+        raise ValueError(f"resident_dtype_bytes must be a positive int, got {resident_dtype_bytes!r}")
+    stored = CHECKPOINT_DTYPE_BYTES.get(config.torch_dtype)
+    if stored is None:
+        raise ValueError(f"config.json torch_dtype {config.torch_dtype!r} is not one of "
+                         f"{sorted(CHECKPOINT_DTYPE_BYTES)}")
     return ModelSpec(name=name, params_b=config.n_params / 1e9, n_layers=config.num_hidden_layers,
                      hidden_size=config.hidden_size, n_kv_heads=config.num_key_value_heads,
-                     head_dim=config.head_dim, dtype_bytes=dtype_bytes)
+                     head_dim=config.head_dim, dtype_bytes=stored, resident_dtype_bytes=resident_dtype_bytes)

@@ -25,7 +25,7 @@ def test_a_real_node_budget_makes_room_by_demoting(tmp_path) -> None:  # type: i
         info = generate_checkpoint(tmp_path / "ckpt" / name, "tiny", seed)
         Registry([store_url]).publish(name, info.path)
         specs[name] = model_spec(name, info.params, 4)  # the CPU engine holds float32 weights
-    budget = int(specs["x"].weights_bytes * 1.5)  # one model at a time
+    budget = int(specs["x"].resident_bytes * 1.5)  # one model at a time
     proc, url = start_agent(tmp_path, "r0", store_url, extra_args=(
         "--memory-budget", str(budget), "--max-num-seqs", "3", "--tier-bw", "sata=200e6:100e6:0.001"))
     try:
@@ -44,7 +44,7 @@ def test_a_real_node_budget_makes_room_by_demoting(tmp_path) -> None:  # type: i
 
             assert ask("x").status_code == 200
             (x,) = gw.state.instances.values()
-            assert x.max_num_seqs == 3 and x.gpu_bytes == specs["x"].weights_bytes
+            assert x.max_num_seqs == 3 and x.gpu_bytes == specs["x"].resident_bytes
             r = ask("y")
             assert r.status_code == 200, r.text
             assert [i.model.name for i in gw.state.instances.values()] == ["y"]

@@ -188,7 +188,7 @@ def test_default_memory_budget_forces_memory_pressure() -> None:
     budget = node_options(cfg).memory_budget_bytes
     dtype_bytes = engine_dtype_bytes(cfg)
     assert dtype_bytes == 4  # the CPU engine computes in float32
-    sizes = {name: model_spec(name, PRESETS[e["preset"]], dtype_bytes).weights_bytes
+    sizes = {name: model_spec(name, PRESETS[e["preset"]], dtype_bytes).resident_bytes
              for name, e in cfg["catalog"].items()}
     assert sum(sizes.values()) > budget  # all three at once: no
     assert sizes["small-a"] + sizes["tiny-a"] <= budget  # the biggest with a tiny: yes
@@ -279,7 +279,8 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def test_catalog_model_specs_are_the_checkpoints_real_sizes(tmp_path: Path) -> None:
-    """One ModelSpec per checkpoint, from its config.json; weights in the engine's dtype = the stored tensors."""
+    """One ModelSpec per checkpoint, from its config.json: stored bytes = the file's tensors (what tiers hold),
+    resident bytes = the tensors in the engine's dtype (what a node's memory budget holds)."""
     entries = build_catalog({"tiny-a": {"preset": "tiny", "seed": 0}}, tmp_path, progress=False)
     header = {k: v for k, v in _safetensors_header(entries[0].path / "model.safetensors").items()
               if k != "__metadata__"}
@@ -288,12 +289,14 @@ def test_catalog_model_specs_are_the_checkpoints_real_sizes(tmp_path: Path) -> N
     assert {t["dtype"] for t in header.values()} == {"BF16"} and stored == 2 * n_params
     specs = catalog_model_specs(entries, dtype_bytes=4)
     spec = specs["tiny-a"]
-    assert spec.weights_bytes == pytest.approx(4 * n_params, abs=0.5)  # float32 in the engine: twice the file
-    assert catalog_model_specs(entries, dtype_bytes=2)["tiny-a"].weights_bytes == pytest.approx(stored, abs=0.5)
+    assert spec.weights_bytes == pytest.approx(stored, abs=0.5)  # what a tier holds and a load moves
+    assert spec.resident_bytes == pytest.approx(4 * n_params, abs=0.5)  # float32 in the engine: twice the file
+    assert catalog_model_specs(entries, dtype_bytes=2)["tiny-a"].resident_bytes == pytest.approx(stored, abs=0.5)
     config = json.loads((entries[0].path / "config.json").read_text())
     assert (spec.n_layers, spec.hidden_size, spec.n_kv_heads) == (
         config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"])
-    assert spec.head_dim == config["hidden_size"] // config["num_attention_heads"] and spec.dtype_bytes == 4
+    assert spec.head_dim == config["hidden_size"] // config["num_attention_heads"]
+    assert (spec.dtype_bytes, spec.resident_dtype_bytes) == (2, 4)
     # the gateway plans with them instead of its nominal 1B stand-ins
     agents = [AgentRef("n0", "http://127.0.0.1:1", "t")]
     tenants = build_tenants([{"name": "d", "key": "k", "models": "*"}], ["tiny-a"])
