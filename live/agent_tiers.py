@@ -238,6 +238,8 @@ class HostStaging:
         """Remove every entry the agent makes here (host copies, fetch staging dirs); their names."""
         with self._lock:
             self._copies.clear()
+        if not self.path.is_dir():  # a second shutdown (server end, then serve()'s finally): already gone
+            return []
         swept = []
         for entry in os.scandir(self.path):
             if entry.name.startswith(STAGING_PREFIX):
