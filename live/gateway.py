@@ -107,6 +107,7 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         self._paced_store = False
         self._stopping: dict[str, int] = {}  # node -> stops under way (their memory is freed when they end)
         self._migrating: dict[str, int] = {}  # node -> 1 while a migration frees it
+        self._migration_dests: set[str] = set()  # instances a migration under way moves sequences onto
         self._tier_ops: dict[tuple[str, str], set[asyncio.Task[None]]] = {}  # evictions under way per tier
         self._http: httpx.AsyncClient | None = None
         self._agents: AgentClient = None  # type: ignore[assignment]  # built by start(), on the event loop

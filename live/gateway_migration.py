@@ -55,6 +55,8 @@ class MigrationMixin:
 
         if victim is None or vlv is None or victim.status != "ready" or victim.node != node:
             return skip(f"victim {mig.instance_id} is not a ready instance on {node}")
+        if victim.id in self._migration_dests:  # moving it on before its sequences arrive would ping-pong
+            return skip(f"victim {mig.instance_id} is the destination of a migration under way")
         if not vlv.url:
             return skip("victim has no engine URL")
         ns, why = self._node_for(mig.dest_node, model)
@@ -73,6 +75,11 @@ class MigrationMixin:
 
     async def _run_migration(self: Gateway, vlv: Live, dest: Live, t0: float, src: str) -> None:
         victim = vlv.inst
+        # the victim's sequences are on their way: the destination must not look idle between its load and their
+        # arrival, or a keep-alive / GPU-pressure stop takes it from under them (the simulator hands over at once)
+        dest.load_waiters += 1
+        self._sync_counts(dest)
+        self._migration_dests.add(dest.inst.id)
         try:
             outcome, why = await self._handover(vlv, dest)
         except Exception as e:  # never leave the victim stuck in "migrating"
@@ -80,6 +87,9 @@ class MigrationMixin:
             outcome, why = "failed", f"internal error: {e!r}"
         finally:
             self._migrating.pop(victim.node, None)
+            dest.load_waiters -= 1
+            self._sync_counts(dest)
+            self._migration_dests.discard(dest.inst.id)
         if outcome != "done" and victim.status == "migrating" and victim.id in self._state().instances:
             victim.status = "ready"  # it serves on
         self._record(t0, "migration", f"to {dest.inst.node}", victim.model.name, victim.node, src, victim.id,
