@@ -127,6 +127,35 @@ def serve(tmp: Path, overrides: Sequence[str], policy: str = "seed_tiered") -> I
             proc.wait()
 
 
+@dataclass(frozen=True)
+class Proc:
+    """A live (not zombie) process of this machine, as /proc shows it."""
+
+    pid: int
+    ppid: int
+    argv: list[str]
+
+    @property
+    def cmdline(self) -> str:
+        return " ".join(self.argv)
+
+
+def processes() -> list[Proc]:
+    """Every live process but this one (engines name their tier dir in --model-dir, agents theirs in --tier)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError):
+            continue
+        if stat[0] != "Z":
+            out.append(Proc(int(entry.name), int(stat[1]), [a for a in argv if a]))
+    return out
+
+
 def checkpoint_cache() -> Path:
     """Generated checkpoints shared by the e2e tests of one run (generation is deterministic)."""
     path = Path(os.environ.get("TIERLAB_TEST_CKPT_CACHE", "/tmp/tierlab-test-checkpoints"))

@@ -31,7 +31,7 @@ import openai  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from core.specs import TIER_RANK  # noqa: E402
-from tests.live_serve.serving import Served, checkpoint_cache, serve  # noqa: E402
+from tests.live_serve.serving import Served, checkpoint_cache, processes, serve  # noqa: E402
 
 TICK = ["policy.autoscaling.tick_s=0.25"]
 
@@ -115,18 +115,8 @@ def _local_dir_with_long_context(tmp: Path, seed: int) -> Path:
 def _engine_pids(roots: tuple[str, ...], *needles: str) -> list[int]:
     """Pids of live engine processes whose command line has --model-dir, one of `roots` (this run's own tier
     dirs: other people's stacks may run the same models on nodes of the same names) and every needle."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and "--model-dir" in cmd and any(r in cmd for r in roots) and all(n in cmd for n in needles):
-            found.append(int(entry.name))
-    return found
+    return [p.pid for p in processes() if "--model-dir" in p.argv and any(r in p.cmdline for r in roots)
+            and all(n in p.cmdline for n in needles)]
 
 
 # --------------------------------------------------------------------------- 1. sllm: tiers and the LRU pool

@@ -30,7 +30,7 @@ for _dep in ("torch", "safetensors", "tokenizers", "uvicorn", "openai"):
     pytest.importorskip(_dep)
 
 from scripts.burst import admin_rows, burst, summarize  # noqa: E402
-from tests.live_serve.serving import Served, serve  # noqa: E402
+from tests.live_serve.serving import Served, processes, serve  # noqa: E402
 
 MODEL = "small-a"
 N = 40
@@ -41,18 +41,8 @@ BATCH_LIMIT = 8  # serve.yaml's node.max_num_seqs
 def engine_ports(served: Served) -> dict[int, int]:
     """pid -> --port of each engine process of this run's agents (the agents' children, per /proc)."""
     agent_pids = {int(a["pid"]) for a in served.info["agents"]}
-    ports: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid in agent_pids and "--port" in argv and "live.engines.cpu_server" in argv:
-            ports[int(entry.name)] = int(argv[argv.index("--port") + 1])
-    return ports
+    return {p.pid: int(p.argv[p.argv.index("--port") + 1]) for p in processes()
+            if p.ppid in agent_pids and "--port" in p.argv and "live.engines.cpu_server" in p.argv}
 
 
 def engine_stats(served: Served) -> list[dict[str, Any]]:

@@ -5,7 +5,6 @@ loopback, with serve.yaml's paced tier hierarchy, driven by the real `openai` cl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,25 +21,14 @@ import pandas as pd  # noqa: E402
 from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA  # noqa: E402
 from experiments.simulate import run as simulate_run  # noqa: E402
 from tests.conftest import config  # noqa: E402
-from tests.live_serve.serving import Served, env, serve  # noqa: E402
+from tests.live_serve.serving import Served, env, processes, serve  # noqa: E402
 
 KEEP_ALIVE_S = 3.0
 
 
 def _processes_mentioning(*needles: str) -> list[int]:
     """Pids whose command line mentions any needle (engines carry their tier path in --model-dir)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and any(n in cmd for n in needles):
-            found.append(int(entry.name))
-    return found
+    return [p.pid for p in processes() if any(n in p.cmdline for n in needles)]
 
 
 @pytest.fixture(scope="module")
