@@ -186,6 +186,13 @@ class ForwardMixin:
             flight.engine_id = f"tl-{req.id}-{secrets.token_hex(4)}"
             flight.body = body = {**body, "tierlab_id": flight.engine_id}
             raw = json.dumps(body).encode()
+        elif stream and not synthesize and not usage_chunk:
+            # the record's token count comes from the engine's usage chunk, not from counting text events (a
+            # byte-level tokenizer may send several tokens as one event); the client, who did not ask, never sees it
+            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            flight.body = body = {**body, "stream_options": {**options, "include_usage": True}}
+            flight.strip_usage = True
+            raw = json.dumps(body).encode()
         self._begin(flight)
         upstream: httpx.Response | None = None
         try:
@@ -270,6 +277,8 @@ class ForwardMixin:
                                 # right after [DONE] (the openai client does) was served, not disconnected
                                 outcome, reason = "completed", ""
                             self._scan(out, req, t_arrival, flight)
+                            if flight.strip_usage and sse.USAGE in out:
+                                out = sse.drop_usage_events(out)
                             if flight.client_id is not None and flight.engine_id != flight.client_id:
                                 out = sse.with_id(out, flight.client_id)  # moved: keep the client's id
                             if out:

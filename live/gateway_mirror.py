@@ -53,6 +53,7 @@ class Flight:
     client_id: str | None = None  # the id the client saw first: kept on every event after a move
     move_to: Live | None = None  # set by a migration just before it detaches the sequence
     moved: asyncio.Event = field(default_factory=asyncio.Event)  # the relay resumed it (or gave up)
+    strip_usage: bool = False  # the gateway asked the engine for the usage chunk; the client did not
 
 
 @dataclass(eq=False)

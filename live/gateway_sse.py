@@ -13,6 +13,8 @@ from typing import Any
 DONE = b"data: [DONE]"
 #: Marks the event a detached stream ends with (token-based migration): `data: {"tierlab_detached": {...}}`.
 DETACHED = b'"tierlab_detached"'
+#: The usage chunk of a stream (`stream_options.include_usage`): `{"choices": [], "usage": {...}}`.
+USAGE = b'"usage"'
 _EVENT_SPLIT = re.compile(rb"(\r?\n\r?\n)")
 
 
@@ -21,6 +23,18 @@ def complete_end(buf: bytes) -> int:
     lf = buf.rfind(b"\n\n")
     crlf = buf.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def drop_usage_events(events: bytes) -> bytes:
+    """`events` (whole events) without the usage chunk: the one the gateway asked for and the client did not."""
+    parts = _EVENT_SPLIT.split(events)
+    out = []
+    for body, sep in zip(parts[0::2], [*parts[1::2], b""], strict=True):
+        messages = list(data_messages(body)) if USAGE in body else []
+        if any(m.get("usage") and not m.get("choices") for m in messages):
+            continue
+        out.append(body + sep)
+    return b"".join(out)
 
 
 def data_messages(events: bytes) -> Iterator[dict[str, Any]]:

@@ -96,6 +96,21 @@ def test_cold_from_cloud_warm_then_from_local_tier(served: Served) -> None:
     assert df.loc[1, "ttft_s"] < df.loc[0, "ttft_s"]
 
 
+def test_a_stream_is_recorded_with_the_engines_token_count(served: Served) -> None:
+    """A client that does not ask for the usage chunk never sees one, yet the gateway records the tokens the
+    engine generated (it asks the engine for usage and drops the chunk), not the number of text events: a
+    byte-level tokenizer may send several tokens as one event."""
+    n = 24
+    chunks = list(served.client().completions.create(model="tiny-b", prompt="count me", max_tokens=n, stream=True,
+                                                     extra_body={"ignore_eos": True}))
+    assert chunks and all(c.usage is None for c in chunks)
+    rid = chunks[0].id
+    text_events = sum(1 for c in chunks if c.choices and c.choices[0].text)
+    rows = served.wait_for("the stream's record", lambda: [r for r in served.records().to_dict("records")
+                                                          if r["model"] == "tiny-b" and r["output_tokens"] == n])
+    assert rows and rows[-1]["outcome"] == "completed", (rid, text_events)
+
+
 def test_replay_writes_records_and_the_simulators_summary_keys(served: Served, tmp_path: Path) -> None:
     out = tmp_path / "replay"
     argv = [sys.executable, "-m", "experiments.replay", f"serve_json={served.out_dir / 'serve.json'}",
