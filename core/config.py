@@ -21,7 +21,7 @@ from core.catalog import catalog_from_dict, deployments_for
 from core.errors import ConfigError
 from core.inference import MeasuredTable, measured_from_dict
 from core.policies.base import PolicyBundle
-from core.specs import ClusterSpec, EngineSpec, ModelSpec, cluster_from_dict, engine_from_dict
+from core.specs import ClusterSpec, EngineSpec, ModelSpec, cluster_from_dict, engine_from_dict, model_from_dict
 from core.workload.models import assign_models
 from core.workload.trace import UNASSIGNED, Workload
 
@@ -88,12 +88,15 @@ def models_for(cfg: Mapping[str, Any], wl: Workload, seed: int) -> tuple[list[Mo
     """The catalog (the `models` config group), and the workload with every request given a model of it.
 
     Workloads that name their own deployments (ServeGen clients) get one spec per deployment;
-    the others get model ids from a seeded Zipf law over the catalog.
+    the others get model ids from a seeded Zipf law over the catalog (the bases' deployments, then `extra`:
+    explicit `core.specs.model_from_dict` mappings).
     """
     named = sorted({m for m in wl.model.tolist() if m != UNASSIGNED})
     models = deployments_for(named, list(cfg.get("bases") or []), cfg.get("base_weights"), seed) if named else []
     if (wl.model == UNASSIGNED).any():
         catalog = catalog_from_dict(cfg, seed)
+        # explicit specs (e.g. experiments.calibrate's generated checkpoints), after the bases' deployments
+        catalog += [model_from_dict(m, f"models.extra[{i}]") for i, m in enumerate(cfg.get("extra") or [])]
         models = [*models, *catalog]
         wl = assign_models(wl, [m.name for m in catalog], float(cfg.get("zipf_s", 1.0)), seed)
     return models, wl

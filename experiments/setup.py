@@ -27,8 +27,8 @@ from core.workload.trace import Workload
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # kept importable from here (notebooks and tests use experiments.setup.build_policy, load_models, ...)
 _import = import_target
-__all__ = ["GENERATORS", "REPO_ROOT", "Setup", "build", "build_policy", "load_models", "load_workload",
-           "resolve_path"]
+__all__ = ["FROM_FILE_GROUPS", "GENERATORS", "REPO_ROOT", "Setup", "build", "build_policy", "load_models",
+           "load_workload", "resolve_from_file", "resolve_path"]
 GENERATORS = {"poisson": generators.poisson, "gamma": generators.gamma, "diurnal": generators.diurnal}
 
 
@@ -93,8 +93,37 @@ def load_workload(cfg: Mapping[str, Any], seed: int) -> Workload:
     return wl
 
 
+#: config groups whose block may say `from_file: PATH` (e.g. `cluster=calibrated`: experiments.calibrate's output)
+FROM_FILE_GROUPS: tuple[str, ...] = ("cluster", "engine", "inference", "models")
+
+
+def resolve_from_file(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`cfg` with every `FROM_FILE_GROUPS` block that says `from_file: PATH` replaced by the block of the same
+    name in that yaml file; the block's other keys (e.g. the `tiers` group's `tier_overrides`) are laid over it."""
+    import yaml
+
+    out = dict(cfg)
+    for group in FROM_FILE_GROUPS:
+        block = out.get(group)
+        if not isinstance(block, Mapping) or "from_file" not in block:
+            continue
+        source = block["from_file"]
+        if not source:
+            raise ConfigError(f"{group}.from_file: a yaml file is needed (e.g. +calibration=OUT/calibrated.yaml)")
+        path = resolve_path(str(source))
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{group}.from_file: cannot read {path} ({exc})") from None
+        if not isinstance(loaded, Mapping) or not isinstance(loaded.get(group), Mapping):
+            raise ConfigError(f"{group}.from_file: {path} has no {group!r} block")
+        out[group] = {**loaded[group], **{k: v for k, v in block.items() if k != "from_file"}}
+    return out
+
+
 def build(cfg: Mapping[str, Any]) -> Setup:
     """Validate and build a whole simulation from the composed config (specs: `core.config`; workload: here)."""
+    cfg = resolve_from_file(cfg)
     seed = int(cfg.get("seed", 0))
     specs = build_specs(cfg)
     wl = load_workload(cfg["workload"], seed)

@@ -1,0 +1,142 @@
+"""`python -m experiments.calibrate`: on a tiny catalog with paced tiers, the measured bandwidths are the configured
+paces (within 20%), the measured table loads, the simulator runs unchanged on the calibrated description; a tier
+that is full or unwritable is a clear error naming the tier and its path, with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+for _dep in ("torch", "safetensors", "tokenizers", "uvicorn"):
+    pytest.importorskip(_dep)
+
+from core.errors import ConfigError  # noqa: E402
+from core.inference import measured_from_dict  # noqa: E402
+from core.specs import cluster_from_dict, engine_from_dict  # noqa: E402
+from experiments.calibrate_probes import stream_rate_and_ttfb  # noqa: E402
+from experiments.setup import resolve_from_file  # noqa: E402
+from tests.live_serve.serving import REPO, checkpoint_cache, env, processes  # noqa: E402
+
+MB = 1e6
+NVME_R, NVME_W, SATA_R, SATA_W = 20.0, 15.0, 10.0, 8.0  # MB/s: a 10 MB checkpoint moves in 0.5 .. 1.3 s
+STREAMS, STREAM_MBPS = 2, 5.0
+TOLERANCE = 0.20
+TIMEOUT_S = 240
+BASE = ["~catalog.small-a", "~catalog.tiny-b", "progress=false",
+        f"tiers.nvme.read_MBps={NVME_R}", f"tiers.nvme.write_MBps={NVME_W}",
+        f"tiers.sata.read_MBps={SATA_R}", f"tiers.sata.write_MBps={SATA_W}",
+        f"cloud.streams={STREAMS}", f"cloud.stream_MBps={STREAM_MBPS}"]
+
+
+def _calibrate(tmp: Path, *overrides: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp / "run"
+    argv = [sys.executable, "-m", "experiments.calibrate", f"hydra.run.dir={out}",
+            f"checkpoint_cache={checkpoint_cache()}", *BASE, *overrides]
+    return subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=tmp, timeout=TIMEOUT_S), out
+
+
+def _shm_dirs() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("tierlab-calibrate-*")} if shm.is_dir() else set()
+
+
+def _assert_nothing_left(tmp: Path, out: Path, shm_before: set[str]) -> None:
+    assert _shm_dirs() <= shm_before, "a dram root was left in /dev/shm"
+    assert not list(out.glob("calibrate-work-*")), "a tier / store workdir was left"
+    left = [p.cmdline for p in processes() if str(tmp) in p.cmdline or "tierlab-calibrate-" in p.cmdline]
+    assert not left, f"processes left running: {left}"
+
+
+def _close(measured: float, expected_MBps: float) -> bool:
+    return abs(measured / (expected_MBps * MB) - 1.0) <= TOLERANCE
+
+
+def test_calibrate_measures_the_paces_and_the_simulator_loads_it(tmp_path: Path) -> None:
+    before = _shm_dirs()
+    proc, out = _calibrate(tmp_path, "probe.repeats=2", "probe.prefill_lengths=[16,64]", "probe.decode_batches=[1,2]",
+                           "probe.decode_tokens=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "calibrated:" in proc.stdout
+    _assert_nothing_left(tmp_path, out, before)
+
+    doc = yaml.safe_load((out / "calibrated.yaml").read_text())
+    raw = json.loads((out / "calibration.json").read_text())
+    assert raw["samples"]["tiers"] and raw["command"].startswith("python -m experiments.calibrate")
+    tiers = doc["cluster"]["node_groups"][0]["tiers"]
+    for name, read, write in (("nvme", NVME_R, NVME_W), ("sata", SATA_R, SATA_W)):
+        assert _close(tiers[name]["read_bw_Bps"], read), (name, tiers[name])
+        assert _close(tiers[name]["write_bw_Bps"], write), (name, tiers[name])
+    store = doc["cluster"]["store"]
+    assert store["streams"] == STREAMS and _close(store["per_stream_Bps"], STREAM_MBPS), store
+    assert 0 <= store["ttfb_s"] < 1.0
+    # every number is commented with its spread
+    text = (out / "calibrated.yaml").read_text()
+    assert "± " in text and "n=2" in text and "Calibrated by: python -m experiments.calibrate" in text
+
+    cluster = cluster_from_dict(doc["cluster"])
+    engine = engine_from_dict(doc["engine"])
+    assert cluster.nodes[0].n_gpus == 1 and engine.process_start_s > 0
+    table = measured_from_dict(doc["inference"]["measured"][0], "inference.measured[0]")
+    assert table.model == "tiny-a" and table.decode_batch == (1, 2) and table.prefill_tokens_per_s > 0
+
+    sim = subprocess.run(
+        [sys.executable, "-m", "experiments.simulate", "cluster=calibrated", "engine=calibrated",
+         "inference=calibrated", "models=calibrated", f"+calibration={out / 'calibrated.yaml'}", "workload=poisson",
+         "workload.max_requests=10", "workload.options.duration_s=10", f"hydra.run.dir={tmp_path / 'sim'}",
+         "output.plots=false", "progress=false"],
+        capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary["requests"] == 10 and summary["completed"] == 10, summary
+
+
+def test_a_full_tier_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    before = _shm_dirs()
+    proc, out = _calibrate(tmp_path, "tiers.sata.capacity=1M")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "tiers.sata" in proc.stderr and "full" in proc.stderr and "/n0/sata" in proc.stderr, proc.stderr
+    assert not (out / "calibrated.yaml").exists()
+    _assert_nothing_left(tmp_path, out, before)
+
+
+def test_an_unwritable_tier_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the tiers' workdir should be\n")
+    before = _shm_dirs()
+    proc, out = _calibrate(tmp_path, f"workdir={blocker}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "tiers.nvme" in proc.stderr and "not writable" in proc.stderr and str(blocker) in proc.stderr, proc.stderr
+    assert blocker.read_text().startswith("a file")
+    _assert_nothing_left(tmp_path, out, before)
+
+
+# --------------------------------------------------------------------------- the pure parts
+
+
+def test_stream_rate_and_ttfb_invert_the_fetch_model() -> None:
+    nbytes, rate, latency = 10e6, 5e6, 0.05
+    t1, t4 = latency + nbytes / rate, latency + nbytes / (4 * rate)
+    r, lat = stream_rate_and_ttfb(nbytes, t1, t4, 4)
+    assert math.isclose(r, rate) and math.isclose(lat, latency)
+    assert stream_rate_and_ttfb(nbytes, t1, t1, 1) == (nbytes / t1, 0.0)
+
+
+def test_from_file_replaces_a_block_and_keeps_its_other_keys(tmp_path: Path) -> None:
+    path = tmp_path / "calibrated.yaml"
+    path.write_text(yaml.safe_dump({"engine": {"name": "cpu", "process_start_s": 1.5}, "cluster": {"failover_s": 1}}))
+    cfg = {"engine": {"from_file": str(path)}, "cluster": {"from_file": str(path), "tier_overrides": {}},
+           "models": {"bases": ["llama-3.2-1b"]}}
+    out = resolve_from_file(cfg)
+    assert out["engine"] == {"name": "cpu", "process_start_s": 1.5}
+    assert out["cluster"] == {"failover_s": 1, "tier_overrides": {}}
+    assert out["models"] == cfg["models"]
+    with pytest.raises(ConfigError, match=r"inference\.from_file.*no 'inference' block"):
+        resolve_from_file({"inference": {"from_file": str(path)}})
+    with pytest.raises(ConfigError, match=r"engine\.from_file: a yaml file is needed"):
+        resolve_from_file({"engine": {"from_file": None}})
