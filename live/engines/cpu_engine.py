@@ -143,7 +143,7 @@ class Engine:
 
         # the loader reads one model.safetensors; a sharded checkpoint is read shard by shard instead
         if self.layer_delay_s > 0 or not (self.model_dir / WEIGHTS_FILE).is_file():
-            from live.engines.base import BackgroundSafetensorsLayerSource
+            from live.engines.layer_sources import BackgroundSafetensorsLayerSource
 
             if self.max_read_Bps is not None:
                 log.warning("--max-read-MBps applies to the loader only; ignored for %s", self.model_dir)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from live.engines.base import LayerSource, SafetensorsLayerSource
+from live.engines.layer_sources import LayerSource, SafetensorsLayerSource
 from live.llama_config import LlamaConfig, layer_tensor_shapes, tensor_shapes
 
 DTYPES: dict[str, torch.dtype] = {

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from live.engines.base import EventLayerSource, read_n_layers
+from live.engines.layer_sources import EventLayerSource, read_n_layers
 from live.pacing import Device, Flow, PaceSpec
 
 PACED_CHUNK_BYTES = 1 << 20  # paced reads land chunk by chunk: small chunks keep layers arriving one by one
