@@ -121,17 +121,25 @@ def prompt_text(n_tokens: int, seed: int) -> str:
     return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=max(1, n_tokens)))
 
 
-def plan(wl: Workload, opts: ReplayOptions, seed: int) -> list[ClientRow]:
-    """One row per trace request: its model, arrival, clipped token counts and whether it streams."""
-    rng = np.random.default_rng(seed)
-    streams = rng.random(len(wl)) < opts.stream_fraction
-    prompt, out = wl.prompt_tokens, wl.output_tokens
+def clip_lengths(wl: Workload, opts: ReplayOptions) -> Workload:
+    """The workload with prompt and output lengths clipped (at least 1 token each): the scaling to what CPU
+    engines serve, used by `plan` and by the twin's simulator side (`experiments.twin`)."""
+    prompt, out = np.asarray(wl.prompt_tokens), np.asarray(wl.output_tokens)
     if opts.max_prompt_tokens is not None:
         prompt = np.minimum(prompt, opts.max_prompt_tokens)
     if opts.max_output_tokens is not None:
         out = np.minimum(out, opts.max_output_tokens)
-    return [ClientRow(i, str(wl.model[i]), float(wl.arrival_s[i]), max(1, int(prompt[i])), max(1, int(out[i])),
-                      bool(streams[i])) for i in range(len(wl))]
+    return wl.with_columns(prompt_tokens=np.maximum(prompt, 1), output_tokens=np.maximum(out, 1))
+
+
+def plan(wl: Workload, opts: ReplayOptions, seed: int) -> list[ClientRow]:
+    """One row per trace request: its model, arrival, clipped token counts and whether it streams."""
+    rng = np.random.default_rng(seed)
+    streams = rng.random(len(wl)) < opts.stream_fraction
+    clipped = clip_lengths(wl, opts)
+    prompt, out = clipped.prompt_tokens, clipped.output_tokens
+    return [ClientRow(i, str(wl.model[i]), float(wl.arrival_s[i]), int(prompt[i]), int(out[i]), bool(streams[i]))
+            for i in range(len(wl))]
 
 
 def _error_reason(r: httpx.Response) -> str:

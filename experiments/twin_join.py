@@ -1,0 +1,143 @@
+"""The twin's join and fidelity metrics (pure: frames in, frames and dicts out).
+
+Live and sim request tables (REQUEST_SCHEMA) are joined by `request_id` (row i of the trace is request i in
+both worlds). A request missing on one side is kept in the join (outer join, `in_live` / `in_sim` flags),
+counted and listed, never silently dropped. Relative error per request = (sim - live) / live; a metric's
+fidelity is {median_abs_err, p90_abs_err, bias (median signed error), n} over the joined requests where both
+sides have a finite value and live's is > 0.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+#: the end-to-end metrics fidelity.json reports at its top level
+METRICS: tuple[str, ...] = ("cold_start_s", "ttft_s", "tpot_s", "e2e_s")
+#: per-request phases compared where both sides record them (REQUEST_SCHEMA's duration columns)
+PHASES: tuple[str, ...] = ("queue_s", "fetch_s", "to_gpu_s", "engine_init_s", "cold_start_s", "prefill_s")
+#: the decision columns compared by `decision_agreement`
+DECISION: tuple[str, ...] = ("cold_start", "node", "source_tier")
+#: columns carried from each side into twin.parquet (suffixed _live / _sim)
+CARRIED: tuple[str, ...] = ("model", "arrival_s", "outcome", "reason", "cold_start", "source_tier", "node",
+                            "prompt_tokens", "output_tokens", *sorted(set(METRICS) | set(PHASES)))
+
+
+def node_index(name: Any) -> int | None:
+    """A node's ordinal from its name's trailing digits ("n1" live, "calibrated-1" sim -> 1); None if unnamed."""
+    m = re.search(r"(\d+)$", str(name or ""))
+    return int(m.group(1)) if m else None
+
+
+def join(live: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
+    """One row per request id seen on either side: `<col>_live`, `<col>_sim`, `in_live`, `in_sim`, and for every
+    metric and phase its relative error `<col>_rel_err` (NaN where either side lacks it or live's is 0)."""
+    def side(df: pd.DataFrame, suffix: str) -> pd.DataFrame:
+        cols = [c for c in CARRIED if c in df.columns]
+        out = df.set_index("request_id")[cols].add_suffix(suffix)
+        out[f"in{suffix}"] = True
+        return out
+
+    j = side(live, "_live").join(side(sim, "_sim"), how="outer").sort_index()
+    for flag in ("in_live", "in_sim"):
+        j[flag] = j[flag].astype("boolean").fillna(False).astype(bool)
+    for c in sorted(set(METRICS) | set(PHASES)):
+        if f"{c}_live" in j and f"{c}_sim" in j:
+            lv = j[f"{c}_live"].astype(float).to_numpy()
+            sv = j[f"{c}_sim"].astype(float).to_numpy()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                err = np.where(np.isfinite(lv) & np.isfinite(sv) & (lv > 0), (sv - lv) / lv, np.nan)
+            j[f"{c}_rel_err"] = err
+    j.index.name = "request_id"
+    return j.reset_index()
+
+
+def error_stats(rel_err: Sequence[float] | np.ndarray) -> dict[str, float | int | None]:
+    """{median_abs_err, p90_abs_err, bias, n} of relative errors (NaNs ignored; None when there are none)."""
+    e = np.asarray(rel_err, dtype=float)
+    e = e[np.isfinite(e)]
+    if not e.size:
+        return {"median_abs_err": None, "p90_abs_err": None, "bias": None, "n": 0}
+    a = np.abs(e)
+    return {"median_abs_err": float(np.median(a)), "p90_abs_err": float(np.quantile(a, 0.9)),
+            "bias": float(np.median(e)), "n": int(e.size)}
+
+
+def _same(a: Any, b: Any, col: str) -> bool:
+    if col == "node":
+        return node_index(a) == node_index(b)
+    if col == "cold_start":
+        return bool(a) == bool(b)
+    return str(a) == str(b)
+
+
+def decisions(joined: pd.DataFrame) -> tuple[float | None, dict[str, Any] | None]:
+    """Share of requests present on both sides whose cold/warm, node (by ordinal) and source tier agree, and
+    the first divergence (lowest request id) with both decisions; (None, None) when nothing joined."""
+    both = joined[joined["in_live"] & joined["in_sim"]]
+    if not len(both):
+        return None, None
+    agree = 0
+    first: dict[str, Any] | None = None
+    for _, r in both.iterrows():
+        ok = all(_same(r[f"{c}_live"], r[f"{c}_sim"], c) for c in DECISION)
+        agree += ok
+        if not ok and first is None:
+            first = {"request_id": int(r["request_id"]), "model": str(r["model_live"]),
+                     "live": {c: _plain(r[f"{c}_live"]) for c in DECISION},
+                     "sim": {c: _plain(r[f"{c}_sim"]) for c in DECISION}}
+    return agree / len(both), first
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def cold_starts_by_tier(df: pd.DataFrame) -> dict[str, int]:
+    """Cold starts per source tier of one side's records."""
+    cold = df[df["cold_start"].astype(bool)]
+    return {str(k): int(v) for k, v in cold["source_tier"].value_counts().sort_index().items()}
+
+
+def fidelity(live: pd.DataFrame, sim: pd.DataFrame, joined: pd.DataFrame | None = None,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """fidelity.json's content: request counts (and ids missing or not completed on either side), the four
+    metrics' and the phases' error stats, cold starts by tier on each side, decision agreement and its first
+    divergence; `extra` (policy, workload, seed, scaling, ...) is laid over it."""
+    j = join(live, sim) if joined is None else joined
+    in_live, in_sim = j["in_live"], j["in_sim"]
+    both = j[in_live & in_sim]
+    agreement, first = decisions(j)
+    not_completed_live = j[in_live & (j["outcome_live"] != "completed")]
+    not_completed_sim = j[in_sim & (j["outcome_sim"] != "completed")]
+    out: dict[str, Any] = {
+        "requests": {"live": int(in_live.sum()), "sim": int(in_sim.sum()), "joined": len(both),
+                     "missing_live": [int(i) for i in j.loc[~in_live, "request_id"]],
+                     "missing_sim": [int(i) for i in j.loc[~in_sim, "request_id"]],
+                     "lost_live": {str(int(r.request_id)): str(r.reason_live or r.outcome_live)
+                                   for r in not_completed_live.itertuples()},
+                     "lost_sim": {str(int(r.request_id)): str(r.reason_sim or r.outcome_sim)
+                                  for r in not_completed_sim.itertuples()},
+                     # completed for the client but the gateway has no row: its phases are unknown
+                     "live_without_gateway_row": [int(i) for i in j.loc[
+                         in_live & (j["outcome_live"] == "completed") & (j["node_live"].fillna("") == ""),
+                         "request_id"]]},
+    }
+    for m in METRICS:
+        out[m] = error_stats(both[f"{m}_rel_err"])
+    out["phases"] = {p: error_stats(both[f"{p}_rel_err"]) for p in PHASES if f"{p}_rel_err" in both}
+    out["cold_starts_by_tier"] = {"live": cold_starts_by_tier(live), "sim": cold_starts_by_tier(sim)}
+    out["decision_agreement"] = agreement
+    out["first_divergence"] = first
+    if extra:
+        out.update(extra)
+    return out
