@@ -71,7 +71,8 @@ def measured_from_dict(data: Mapping[str, Any], where: str) -> MeasuredTable:
 class InferenceModel:
     """Prefill and decode timing for one model on `n_gpus` GPUs of one type under one engine."""
 
-    __slots__ = ("_attn_coef", "_compute_tok_s", "_kv_tok_bytes_s", "_measured", "_weights_s", "n_layers")
+    __slots__ = ("_attn_coef", "_compute_tok_s", "_kv_tok_bytes_s", "_measured", "_step_s", "_weights_s", "n_layers",
+                 "request_overhead_s")
 
     def __init__(
         self, model: ModelSpec, gpu: GpuSpec, n_gpus: int, engine: EngineSpec,
@@ -90,20 +91,27 @@ class InferenceModel:
         self._weights_s = model.weights_bytes / (hbm * engine.decode_hbm_eff)
         self._kv_tok_bytes_s = model.kv_bytes_per_token / (hbm * engine.decode_hbm_eff)
         self.n_layers = model.n_layers
+        # fixed costs on top of the roofline / table: x + 0.0 == x, so the defaults change no result
+        self._step_s = float(engine.step_overhead_s)
+        self.request_overhead_s = float(engine.request_overhead_s)
 
     def prefill_s(self, tokens: int) -> float:
-        """Time to prefill a prompt of `tokens` tokens."""
+        """Time to prefill a prompt of `tokens` tokens: one forward pass, so one `step_overhead_s`."""
         if self._measured is not None:
-            return tokens / self._measured.prefill_tokens_per_s
+            return tokens / self._measured.prefill_tokens_per_s + self._step_s
         compute = tokens * self._compute_tok_s + tokens * tokens * self._attn_coef
-        return max(compute, self._weights_s)
+        return max(compute, self._weights_s) + self._step_s
 
     def decode_iter_s(self, batch: int, ctx_tokens_total: float) -> float:
-        """One decode iteration for `batch` sequences holding `ctx_tokens_total` tokens of KV in all."""
+        """One decode iteration for `batch` sequences holding `ctx_tokens_total` tokens of KV in all.
+
+        Includes `step_overhead_s` once per iteration (not per sequence): the fluid model's token clock
+        advances one token per iteration, so the overhead slows every sequence in the batch.
+        """
         if batch <= 0:
-            return self._weights_s
+            return self._weights_s + self._step_s
         if self._measured is not None:
-            return self._measured.iter_s(batch)
+            return self._measured.iter_s(batch) + self._step_s
         memory = self._weights_s + ctx_tokens_total * self._kv_tok_bytes_s
         compute = batch * self._compute_tok_s
-        return memory if memory > compute else compute
+        return (memory if memory > compute else compute) + self._step_s

@@ -188,6 +188,9 @@ class EngineSpec:
     prefill_mfu: float = 0.5
     decode_hbm_eff: float = 0.7
     overlap_start_with_fetch: bool = True
+    # fixed costs the roofline / measured table leave out (0: the simulator as before, bit for bit)
+    step_overhead_s: float = 0.0  # per forward pass, every prefill and batched decode step (scheduling, sampling)
+    request_overhead_s: float = 0.0  # per request, added to its time to first token outside the batch (HTTP, tokenizer)
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,8 @@ def engine_from_dict(data: Mapping[str, Any], where: str = "engine") -> EngineSp
     e = _build(EngineSpec, data, where)
     for f in ("kv_alloc_Bps", "max_num_seqs", "prefill_mfu", "decode_hbm_eff", "gpu_mem_util"):
         _positive(f"{where}.{f}", getattr(e, f))
-    for f in ("process_start_s", "graph_capture_s", "compile_s", "kv_reserve_frac"):
+    for f in ("process_start_s", "graph_capture_s", "compile_s", "kv_reserve_frac", "step_overhead_s",
+              "request_overhead_s"):
         _non_negative(f"{where}.{f}", getattr(e, f))
     if e.gpu_mem_util > 1 or e.prefill_mfu > 1 or e.decode_hbm_eff > 1:
         raise ConfigError(f"{where}: gpu_mem_util, prefill_mfu and decode_hbm_eff must be <= 1")

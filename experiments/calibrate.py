@@ -58,6 +58,8 @@ from experiments.calibrate_report import (
     engine_block,
     measured_block,
     model_entry,
+    request_overhead,
+    step_overhead,
     tier_stats,
 )
 from experiments.entry import hydra_command
@@ -233,9 +235,12 @@ def summarize(cfg: Mapping[str, Any], node: NodeOptions, samples: Mapping[str, A
     process = Stat.of([s["stats"]["imports_done_at_s"] for _, s in engines])
     after = Stat.of([s["stats"]["ready_at_s"] - s["stats"]["weights_resident_at_s"] for _, s in engines])
     first = Stat.of([max(0.0, s["first_ttft_s"] - s["warm_ttft_s"]) for _, s in engines])
+    # fixed costs the table and roofline leave out: one per forward pass, one per request (outside the batch)
+    steps_by_model = {e.name: samples["steps"][e.name] for e in entries}
+    step_over, request_over = step_overhead(steps_by_model), request_overhead(steps_by_model)
     measured, prefill_flops, hbm = [], [], []
     for e in entries:
-        entry, rate, iter1 = measured_block(e.name, samples["steps"][e.name])
+        entry, rate, iter1 = measured_block(e.name, samples["steps"][e.name], step_over.value)
         measured.append(entry)
         prefill_flops.append(2.0 * specs[e.name].params_b * 1e9 * rate)
         hbm.append(specs[e.name].weights_bytes / iter1)
@@ -263,7 +268,7 @@ def summarize(cfg: Mapping[str, Any], node: NodeOptions, samples: Mapping[str, A
         header.append(f"  {e.name} ({specs[e.name].weights_bytes / 1e6:.1f} MB): " + ", ".join(
             phase(k) for k in ("imports_done_at_s", "read_s", "load_s", "weights_resident_at_s", "ready_at_s",
                                "first_token_at_s")))
-    blocks = {"cluster": cluster, "engine": engine_block(process, after, first, seqs, kv_frac),
+    blocks = {"cluster": cluster, "engine": engine_block(process, after, first, seqs, kv_frac, step_over, request_over),
               "inference": {"measured": measured},
               "models": {"bases": [], "extra": [model_entry(specs[e.name]) for e in entries]}}
     text, plain = document(header, blocks)
@@ -273,9 +278,11 @@ def summarize(cfg: Mapping[str, Any], node: NodeOptions, samples: Mapping[str, A
     line = ("calibrated: " + ", ".join(f"{t} r/w {read_mbps(t):.3g}/{tiers[t]['write_Bps'].mean / 1e6:.3g} MB/s"
                                        for t in node.tiers)
             + f"; cloud {Stat.of(rates).mean / 1e6:.3g} MB/s per stream x {streams}, ttfb "
-            f"{Stat.of(ttfbs).mean * 1e3:.3g} ms; engine start {process.mean:.2f} s; "
+            f"{Stat.of(ttfbs).mean * 1e3:.3g} ms; engine start {process.mean:.2f} s; overheads: step "
+            f"{step_over.value * 1e3:.3g} ms, request {request_over.value * 1e3:.3g} ms; "
             + ", ".join(f"{m['model']} prefill {m['prefill_tokens_per_s'].value:.0f} tok/s, decode "
-                        f"{m['decode_iter_s'].value[0] * 1e3:.2f} ms/step at B=1" for m in measured))
+                        f"{(m['decode_iter_s'].value[0] + step_over.value) * 1e3:.2f} ms/step at B=1"
+                        for m in measured))
     return text, plain, line
 
 

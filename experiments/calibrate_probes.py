@@ -211,9 +211,13 @@ def probe_steps(engine_url: str, model: str, vocab_size: int, prefill_lengths: S
     (`/stats` last_request.first_token_s, no HTTP). Decode: B concurrent requests of an 8-token prompt,
     timed with 2 and with 2 + `decode_tokens` output tokens (ignore_eos): the difference over
     `decode_tokens` is one decode step at batch B (prefill and HTTP cancel out).
-    Returns {"prefill": {L: [seconds...]}, "decode": {B: [seconds per step...]}}.
+    Each prefill request is also timed by the client (HTTP straight to the engine, no gateway): client - engine
+    time is the per-request overhead outside the engine's batch (`request_overheads_s`).
+    Returns {"prefill": {L: [seconds...]}, "decode": {B: [seconds per step...]},
+    "prefill_client": {L: [client-side seconds...]}}.
     """
     prefill: dict[int, list[float]] = {int(n): [] for n in prefill_lengths}
+    client: dict[int, list[float]] = {int(n): [] for n in prefill_lengths}
     decode: dict[int, list[float]] = {int(b): [] for b in decode_batches}
     short = prompt_ids(8, vocab_size)
 
@@ -226,13 +230,49 @@ def probe_steps(engine_url: str, model: str, vocab_size: int, prefill_lengths: S
 
     for _ in range(repeats):
         for n in prefill:
-            _completion(engine_url, model, prompt_ids(n, vocab_size), 1)
+            ids = prompt_ids(n, vocab_size)
+            t0 = time.perf_counter()
+            _completion(engine_url, model, ids, 1)  # max_tokens 1: the response is the first token
+            client[n].append(time.perf_counter() - t0)
             prefill[n].append(float(_stats(engine_url)["last_request"]["first_token_s"]))
         for b in decode:
             base = batch_wall_s(b, 2)
             longer = batch_wall_s(b, 2 + decode_tokens)
             decode[b].append(max(longer - base, 1e-9) / decode_tokens)
-    return {"prefill": prefill, "decode": decode}
+    return {"prefill": prefill, "decode": decode, "prefill_client": client}
+
+
+def request_overheads_s(steps: dict[str, Any]) -> list[float]:
+    """Client-side TTFT minus the engine's own arrival -> first token, per prefill sample (seconds, >= 0).
+
+    Empty for samples recorded before the client was timed (no "prefill_client").
+    """
+    client = steps.get("prefill_client") or {}
+    out: list[float] = []
+    for n, ts in steps["prefill"].items():
+        for c, e in zip(client.get(n, client.get(str(n), [])), ts, strict=False):
+            out.append(max(0.0, float(c) - float(e)))
+    return out
+
+
+def decode_intercept_s(decode: dict[int, list[float]]) -> tuple[float, float]:
+    """Fixed per-step time: the intercept of decode step time vs batch size (least squares over every sample),
+    and its standard error (seconds). (nan, nan) with fewer than two batch sizes or a slope <= 0.
+    """
+    pts = [(float(b), t) for b, ts in decode.items() for t in ts]
+    xs = [p[0] for p in pts]
+    if len(set(xs)) < 2:
+        return math.nan, math.nan
+    ys = [p[1] for p in pts]
+    slope, intercept = statistics.linear_regression(xs, ys)
+    if slope <= 0:  # noise swamped the batch dependence: the intercept means nothing
+        return math.nan, math.nan
+    if len(pts) < 3:
+        return intercept, 0.0
+    mx = statistics.fmean(xs)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    resid = math.sqrt(sum((y - intercept - slope * x) ** 2 for x, y in pts) / (len(pts) - 2))
+    return intercept, resid * math.sqrt(1.0 / len(pts) + mx * mx / sxx)
 
 
 def prefill_rate(prefill: dict[int, list[float]]) -> tuple[float, float]:

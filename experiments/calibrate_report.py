@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.specs import ModelSpec
-from experiments.calibrate_probes import Stat, prefill_rate
+from experiments.calibrate_probes import Stat, decode_intercept_s, prefill_rate, request_overheads_s
 from experiments.serve_nodes import NodeOptions
 
 ENGINE_NAME = "cpu"
@@ -152,10 +152,49 @@ def cluster_block(node: NodeOptions, nodes: int, tiers: Mapping[str, Mapping[str
     return {"failover_s": 0.0, "store": store, "node_groups": [group]}
 
 
+def step_overhead(steps_by_model: Mapping[str, Mapping[str, Any]]) -> C:
+    """`engine.step_overhead_s`: the fixed time of one forward pass, as the intercept of decode step time vs batch
+    size (the prefill intercept over prompt length where only one batch size was probed or the decode
+    step did not grow with batch size: noise).
+
+    Clamped per model to [0, 0.9 x its fastest decode step] so the measured table, which the simulator then
+    holds net of it, stays positive; the engine block takes the smallest over the models (one engine).
+    """
+    parts, values = [], []
+    for model, steps in steps_by_model.items():
+        decode = {int(k): [float(t) for t in v] for k, v in steps["decode"].items()}
+        cap = 0.9 * min(Stat.of(v).mean for v in decode.values())
+        b, se = decode_intercept_s(decode)
+        how = f"decode intercept {b:.3g} ± {se:.2g} s (± standard error)"
+        if not math.isfinite(b):
+            _, b = prefill_rate({int(k): list(v) for k, v in steps["prefill"].items()})
+            how = f"prefill intercept {b:.3g} s (decode: one batch size, or no growth with batch)"
+        values.append(min(max(b, 0.0), cap))
+        parts.append(f"{model}: {how}, clamped to [0, {cap:.3g}]")
+    value = min(values) if values else 0.0
+    return C(value, "per forward pass (every prefill and decode step), the smallest of: " + "; ".join(parts)
+             + "; the inference.measured decode_iter_s are net of it")
+
+
+def request_overhead(steps_by_model: Mapping[str, Mapping[str, Any]]) -> C:
+    """`engine.request_overhead_s`: client-side TTFT of a warm max_tokens=1 request over HTTP straight to the engine
+    (no gateway in the probe) minus the engine's own arrival -> first token (/stats last_request.first_token_s)."""
+    st = Stat.of([x for steps in steps_by_model.values() for x in request_overheads_s(dict(steps))])
+    value = st.mean if st.n else 0.0
+    return C(value, f"{_secs(st)}: warm client TTFT (HTTP, direct to the engine) - engine first_token_s, "
+                    "every prefill probe of every model")
+
+
 def engine_block(process: Stat, after_weights: Stat, first_forward: Stat, max_num_seqs: int,
-                 kv_reserve_frac: float) -> dict[str, Any]:
-    """The `engine` block; which live phase fed which EngineSpec field is in each comment."""
+                 kv_reserve_frac: float, step_overhead_s: C | None = None,
+                 request_overhead_s: C | None = None) -> dict[str, Any]:
+    """The `engine` block; which live phase fed which EngineSpec field is in each comment.
+
+    The overheads are written only when given (`step_overhead`, `request_overhead`); absent, the spec's 0 applies.
+    """
     capture = Stat.of([a + f for a, f in zip(after_weights.samples, first_forward.samples, strict=False)])
+    overheads = {k: v for k, v in (("step_overhead_s", step_overhead_s), ("request_overhead_s", request_overhead_s))
+                 if v is not None}
     return {
         "name": ENGINE_NAME,
         "process_start_s": C(process.mean, f"{_secs(process)}: spawn -> interpreter + torch imports done "
@@ -173,11 +212,17 @@ def engine_block(process: Stat, after_weights: Stat, first_forward: Stat, max_nu
         "prefill_mfu": C(1.0, "the gpu block's flops are the measured prefill rate already"),
         "decode_hbm_eff": C(1.0, "the gpu block's hbm_Bps is the measured decode rate already"),
         "overlap_start_with_fetch": C(False, "live, the agent fetches / copies before it starts the engine"),
+        **overheads,
     }
 
 
-def measured_block(model: str, steps: Mapping[str, Any]) -> tuple[dict[str, Any], float, float]:
-    """One `inference.measured` entry for `model`, its prefill tokens/s and decode step at batch 1."""
+def measured_block(model: str, steps: Mapping[str, Any],
+                   step_overhead_s: float = 0.0) -> tuple[dict[str, Any], float, float]:
+    """One `inference.measured` entry for `model`, its prefill tokens/s and decode step at batch 1.
+
+    The decode steps are written net of `step_overhead_s` (the simulator adds it back to every step, so the
+    sum is the measured step time); the returned batch-1 step is net of it too.
+    """
     prefill = {int(k): list(v) for k, v in steps["prefill"].items()}
     rate, fixed_s = prefill_rate(prefill)
     per_len = "; ".join(f"L={n}: {_secs(Stat.of(ts))}" for n, ts in sorted(prefill.items()))
@@ -189,10 +234,12 @@ def measured_block(model: str, steps: Mapping[str, Any]) -> tuple[dict[str, Any]
                                         f"per request dropped; the table has no prompt-length or batch axis for "
                                         f"prefill): {per_len}"),
         "decode_batch": C(batches, "batch sizes probed"),
-        "decode_iter_s": C([decode[b].mean for b in batches],
-                           "; ".join(f"B={b}: {_secs(decode[b])}" for b in batches)),
+        "decode_iter_s": C([decode[b].mean - step_overhead_s for b in batches],
+                           "; ".join(f"B={b}: {_secs(decode[b])}" for b in batches)
+                           + (f"; each minus engine.step_overhead_s {step_overhead_s:.3g} s" if step_overhead_s
+                              else "")),
     }
-    return entry, rate, decode[batches[0]].mean
+    return entry, rate, decode[batches[0]].mean - step_overhead_s
 
 
 def model_entry(spec: ModelSpec) -> dict[str, Any]:

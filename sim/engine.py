@@ -148,6 +148,8 @@ class SimEngine:
         else:
             req.prefill_start_s = now
         self.prefill_free_s = max(self.prefill_free_s, first_token_s)
+        # the per-request overhead (front end, tokenizer) delays this request only: the prefill slot is free
+        first_token_s += self.inf.request_overhead_s
         req.first_token_s = first_token_s
         ev = self.env.timeout(first_token_s - now)
         # `req.instance is self` fails only if the instance was lost meanwhile (`abort`)

@@ -19,7 +19,12 @@ for _dep in ("torch", "safetensors", "tokenizers", "uvicorn"):
 from core.errors import ConfigError  # noqa: E402
 from core.inference import measured_from_dict  # noqa: E402
 from core.specs import cluster_from_dict, engine_from_dict  # noqa: E402
-from experiments.calibrate_probes import stream_rate_and_ttfb  # noqa: E402
+from experiments.calibrate_probes import (  # noqa: E402
+    decode_intercept_s,
+    request_overheads_s,
+    stream_rate_and_ttfb,
+)
+from experiments.calibrate_report import measured_block, step_overhead  # noqa: E402
 from experiments.setup import resolve_from_file  # noqa: E402
 from tests.live_serve.serving import REPO, checkpoint_cache, env, processes  # noqa: E402
 
@@ -82,6 +87,12 @@ def test_calibrate_measures_the_paces_and_the_simulator_loads_it(tmp_path: Path)
     cluster = cluster_from_dict(doc["cluster"])
     engine = engine_from_dict(doc["engine"])
     assert cluster.nodes[0].n_gpus == 1 and engine.process_start_s > 0
+    # the fixed overheads are calibrated, finite and >= 0, and commented with their spread and source
+    for key in ("step_overhead_s", "request_overhead_s"):
+        assert key in doc["engine"] and math.isfinite(doc["engine"][key]) and doc["engine"][key] >= 0, doc["engine"]
+    assert engine.step_overhead_s == doc["engine"]["step_overhead_s"]
+    assert "intercept" in text and "engine first_token_s" in text
+    assert raw["samples"]["steps"]["tiny-a"]["prefill_client"]
     table = measured_from_dict(doc["inference"]["measured"][0], "inference.measured[0]")
     assert table.model == "tiny-a" and table.decode_batch == (1, 2) and table.prefill_tokens_per_s > 0
 
@@ -140,3 +151,26 @@ def test_from_file_replaces_a_block_and_keeps_its_other_keys(tmp_path: Path) -> 
         resolve_from_file({"inference": {"from_file": str(path)}})
     with pytest.raises(ConfigError, match=r"engine\.from_file: a yaml file is needed"):
         resolve_from_file({"engine": {"from_file": None}})
+
+
+def test_overheads_from_the_step_samples() -> None:
+    """Decode steps of 5 ms + 1 ms per sequence: a 5 ms intercept, taken out of the measured table."""
+    decode = {1: [0.006, 0.006], 2: [0.007, 0.007], 4: [0.009, 0.009]}
+    b, se = decode_intercept_s(decode)
+    assert math.isclose(b, 0.005) and se < 1e-12
+    assert math.isnan(decode_intercept_s({1: [0.006]})[0])
+    steps = {"prefill": {16: [0.010, 0.012], 64: [0.020]}, "decode": decode,
+             "prefill_client": {16: [0.030, 0.032], 64: [0.025]}}
+    assert [round(x, 9) for x in request_overheads_s(steps)] == [0.02, 0.02, 0.005]
+    assert request_overheads_s({"prefill": {16: [0.01]}, "decode": decode}) == []  # samples from before the change
+    over = step_overhead({"m": steps})
+    assert math.isclose(over.value, 0.005)
+    entry, _, iter1 = measured_block("m", steps, over.value)
+    assert [round(x, 9) for x in entry["decode_iter_s"].value] == [0.001, 0.002, 0.004] and math.isclose(iter1, 0.001)
+    # a negative intercept is clamped to 0; one that would leave the table non-positive to 0.9 x its fastest step
+    assert step_overhead({"m": {**steps, "decode": {1: [0.001], 2: [0.004]}}}).value == 0.0
+    assert math.isclose(step_overhead({"m": {**steps, "decode": {1: [0.010], 2: [0.0101]}}}).value, 0.009)
+    # decode not growing with batch (noise): the prefill intercept (0.010 - 16 x (0.010 / 48) here), clamped
+    assert math.isnan(decode_intercept_s({1: [0.004], 2: [0.003]})[0])
+    fallback = step_overhead({"m": {**steps, "decode": {1: [0.009], 2: [0.008]}}})
+    assert "prefill intercept" in fallback.comment and 0 < fallback.value <= 0.9 * 0.008
