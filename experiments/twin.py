@@ -14,6 +14,9 @@ In order (config `conf/live/twin.yaml`, which takes calibrate.yaml's and so serv
    cluster / engine / inference and the catalog's model specs, under the same policy and seed;
 5. joins by request id and writes twin.parquet, fidelity.json (`experiments.twin_join`) and twin.png
    (`experiments.twin_plot`) into the output dir.
+
+`python -m experiments.twin --report [overrides]` calibrates once, runs the twin for every policy x workload of
+the config's `report` block and writes docs/fidelity.md (`experiments.twin_run_report`, `experiments.twin_report`).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from sim.run import simulate
 
 log = logging.getLogger(__name__)
 #: config keys that belong to the twin, not to the serve it starts
-TWIN_ONLY_KEYS = ("workload", "replay", "probe", "twin", "calibration", "seed", "models")
+TWIN_ONLY_KEYS = ("workload", "replay", "probe", "twin", "calibration", "seed", "models", "report")
 SERVE_START_TIMEOUT_S = 180.0
 SERVE_STOP_TIMEOUT_S = 90.0
 
@@ -267,7 +270,12 @@ def _command(cfg: dict[str, Any], out_dir: Path) -> str:
 
 
 def main() -> None:
-    """Console-script style entry point."""
+    """Console-script style entry point; `--report` runs every policy x workload and writes docs/fidelity.md."""
+    if "--report" in sys.argv[1:]:
+        from experiments.twin_run_report import report_main
+
+        report_main([a for a in sys.argv[1:] if a != "--report"])
+        return
     hydra_command("live/twin", _command, prog="tierlab twin")
 
 
