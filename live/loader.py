@@ -18,7 +18,6 @@ layer order (as `live.checkpoint` writes it) that is as soon as group i itself h
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import json
@@ -34,6 +33,7 @@ import torch
 
 from live.manifest import WEIGHTS_FILE, Manifest, TensorRange, WeightLayout, read_layout, sha256_file
 from live.pacing import Flow
+from live.page_cache import resident_fraction
 
 ALIGN_BYTES = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -106,61 +106,6 @@ class LoadedCheckpoint:
 def default_device() -> str:
     """"cuda" when a GPU is usable, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def evict_page_cache(path: str | os.PathLike) -> str:
-    """Make the next read of `path` come from storage; returns the method used.
-
-    As root with a writable /proc/sys/vm/drop_caches: "drop_caches" (all clean caches dropped).
-    Otherwise (containers, non-root): "fadvise", POSIX_FADV_DONTNEED on the file after syncing it,
-    which drops its clean pages.
-    """
-    os.sync()  # dirty pages survive both methods; write them back first
-    if os.geteuid() == 0:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3")
-            return "drop_caches"
-        except OSError:  # PermissionError included: read-only /proc/sys in a container
-            pass
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return "fadvise"
-
-
-def resident_fraction(path: str | os.PathLike) -> float:
-    """Fraction of a file's pages in the page cache (mincore); 0.0 where that cannot be asked."""
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0.0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    except (OSError, AttributeError):
-        return 0.0
-    page = os.sysconf("SC_PAGE_SIZE")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED: maps, touches nothing
-        if addr in (None, ctypes.c_void_p(-1).value):
-            return 0.0
-        try:
-            vec = ctypes.create_string_buffer((size + page - 1) // page)
-            if libc.mincore(addr, size, vec) != 0:
-                return 0.0
-            return float((np.frombuffer(vec.raw, dtype=np.uint8) & 1).mean())
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
 
 
 def _round_up(n: int, to: int) -> int:

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from live.checkpoint import PRESETS, generate_checkpoint
-from live.loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, evict_page_cache, load, resident_fraction
+from live.loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, load
 from live.manifest import WEIGHTS_FILE
+from live.page_cache import evict_page_cache, resident_fraction
 
 BASELINE = "raw_readinto"
 METHODS = (BASELINE, "tierlab", "safetensors")

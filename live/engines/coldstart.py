@@ -70,7 +70,7 @@ def measure_cold_start(model_dir: str | os.PathLike[str], progressive: bool, *, 
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
     import httpx
 
-    from live.loader import evict_page_cache
+    from live.page_cache import evict_page_cache
 
     weights = Path(model_dir) / "model.safetensors"
     how = evict_page_cache(weights)

@@ -15,7 +15,8 @@ pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
 from live.checkpoint import generate_checkpoint  # noqa: E402
-from live.loader import evict_page_cache, load  # noqa: E402
+from live.loader import load  # noqa: E402
+from live.page_cache import evict_page_cache  # noqa: E402
 from scripts.bench_loader import compare_loaders  # noqa: E402
 
 MIN_RATIO = 0.6

@@ -25,13 +25,12 @@ from live.loader import (  # noqa: E402
     ChecksumError,
     alloc_buffer,
     default_device,
-    evict_page_cache,
     load,
-    resident_fraction,
     start_load,
 )
 from live.manifest import build_manifest  # noqa: E402
 from live.pacing import Device, Flow, PaceSpec, local_device  # noqa: E402
+from live.page_cache import evict_page_cache, resident_fraction  # noqa: E402
 
 # 6 layers of ~190 KB: with 64 KiB chunks every layer spans several chunks
 PARAMS = LlamaParams(hidden_size=128, intermediate_size=320, num_hidden_layers=6, num_attention_heads=4,
