@@ -13,31 +13,33 @@ import numpy as np
 from core.errors import ConfigError
 from core.specs import ModelSpec
 
-# params (billions), layers, hidden size, KV heads, head dim -- from each model's config.json
-ARCHITECTURES: dict[str, tuple[float, int, int, int, int]] = {
-    "llama-3.2-1b": (1.24, 16, 2048, 8, 64),
-    "llama-3.2-3b": (3.21, 28, 3072, 8, 128),
-    "llama-3.1-8b": (8.03, 32, 4096, 8, 128),
-    "qwen2.5-14b": (14.7, 48, 5120, 8, 128),
-    "qwen2.5-32b": (32.8, 64, 5120, 8, 128),
-    "qwen3-32b": (32.8, 64, 5120, 8, 128),
-    "llama-3.1-70b": (70.6, 80, 8192, 8, 128),
-    "llama-2-70b": (69.0, 80, 8192, 8, 128),
-    "opt-6.7b": (6.7, 32, 4096, 32, 128),
-    "opt-30b": (30.0, 48, 7168, 56, 128),
-    "opt-66b": (66.0, 64, 9216, 72, 128),
-    "falcon-40b": (41.8, 60, 8192, 8, 64),
+# params (billions), layers, hidden size, KV heads, head dim, vocabulary, tied input/output embeddings
+# -- from each model's config.json
+ARCHITECTURES: dict[str, tuple[float, int, int, int, int, int, bool]] = {
+    "llama-3.2-1b": (1.24, 16, 2048, 8, 64, 128256, True),
+    "llama-3.2-3b": (3.21, 28, 3072, 8, 128, 128256, True),
+    "llama-3.1-8b": (8.03, 32, 4096, 8, 128, 128256, False),
+    "qwen2.5-14b": (14.7, 48, 5120, 8, 128, 152064, False),
+    "qwen2.5-32b": (32.8, 64, 5120, 8, 128, 152064, False),
+    "qwen3-32b": (32.8, 64, 5120, 8, 128, 151936, False),
+    "llama-3.1-70b": (70.6, 80, 8192, 8, 128, 128256, False),
+    "llama-2-70b": (69.0, 80, 8192, 8, 128, 32000, False),
+    "opt-6.7b": (6.7, 32, 4096, 32, 128, 50272, True),
+    "opt-30b": (30.0, 48, 7168, 56, 128, 50272, True),
+    "opt-66b": (66.0, 64, 9216, 72, 128, 50272, True),
+    "falcon-40b": (41.8, 60, 8192, 8, 64, 65024, True),
 }
 
 
 def architecture(name: str, deployment: str | None = None, dtype_bytes: int = 2) -> ModelSpec:
     """The spec of base architecture `name`, deployed as `deployment` (defaults to the base name)."""
     try:
-        params, layers, hidden, kv_heads, head_dim = ARCHITECTURES[name]
+        params, layers, hidden, kv_heads, head_dim, vocab, tied = ARCHITECTURES[name]
     except KeyError:
         raise ConfigError(f"models.bases: unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
     return ModelSpec(name=deployment or name, params_b=params, n_layers=layers, hidden_size=hidden,
-                     n_kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes, base=name)
+                     n_kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes, base=name,
+                     vocab_size=vocab, tied_embeddings=tied)
 
 
 def variants(bases: Sequence[str], per_base: int, seed: int) -> list[ModelSpec]:

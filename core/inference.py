@@ -1,9 +1,22 @@
-"""Inference-time model: prefill and decode times from a GPU roofline, or from a measured table.
+"""Inference-time model: prefill and decode times from a structural GPU roofline, or from a measured table.
 
-Prefill is compute-bound (2 x params FLOPs per token plus attention), decode is bound by
-HBM traffic (weights plus the batch's KV cache read every iteration) or compute,
-whichever is slower, each scaled by an efficiency factor. A `MeasuredTable` for an
-(engine, model, GPU) triple overrides the roofline, so live measurements can calibrate it.
+A forward pass over T tokens (a prefill's prompt, or one token of each sequence in a decode step) on an instance
+of n GPUs (tensor parallel) is a sequence of kernels, each bound by compute or by HBM traffic, plus communication:
+
+- dense layers, per layer: max(2 x layer_params x T / (n x flops x prefill_mfu), layer_params x dtype /
+  (n x hbm x weight_read_eff)), plus the elementwise kernels' activation traffic (elementwise_passes x T x hidden
+  x dtype / hbm) and a fixed floor (layer_overhead_s);
+- attention: in a prefill, causal, 2 x layers x hidden x T^2 FLOPs (QK^T and AV over the lower triangle); in a
+  decode step, for the batch's ctx tokens of KV in all, max(4 x layers x hidden x ctx FLOPs, ctx x
+  kv_bytes_per_token / (n x hbm x kv_read_eff)): it grows with context;
+- logits for the sampled tokens only (the last token of a prefill, each sequence of a decode step): max(2 x vocab
+  x hidden FLOPs each, reading the LM head);
+- tensor parallelism: two all-reduces per layer (after attention, after the MLP) of T x hidden x dtype bytes,
+  `GpuSpec.allreduce_s` (ring algorithm over the interconnect's bus bandwidth, plus a launch latency);
+- `step_overhead_s` once per pass (scheduling, sampling, launch).
+
+Fitted to published GPU profiles by `python -m experiments.inference_fit` (docs/fidelity/inference.md). A
+`MeasuredTable` for an (engine, model, GPU) triple overrides all of it, so live measurements can calibrate it.
 """
 
 from __future__ import annotations
@@ -69,10 +82,11 @@ def measured_from_dict(data: Mapping[str, Any], where: str) -> MeasuredTable:
 
 
 class InferenceModel:
-    """Prefill and decode timing for one model on `n_gpus` GPUs of one type under one engine."""
+    """Prefill and decode timing for one model on `n_gpus` GPUs of one type (tensor parallel) under one engine."""
 
-    __slots__ = ("_attn_coef", "_compute_tok_s", "_kv_tok_bytes_s", "_measured", "_step_s", "_weights_s", "n_layers",
-                 "request_overhead_s")
+    __slots__ = ("_allreduce_fixed_s", "_allreduce_tok_s", "_attn_decode_tok_s", "_attn_prefill_coef",
+                 "_dense_flop_tok_s", "_dense_traffic_tok_s", "_head_flop_tok_s", "_head_read_s", "_kv_read_tok_s",
+                 "_layers_fixed_s", "_measured", "_step_s", "_weights_s", "n_layers", "request_overhead_s")
 
     def __init__(
         self, model: ModelSpec, gpu: GpuSpec, n_gpus: int, engine: EngineSpec,
@@ -83,24 +97,51 @@ class InferenceModel:
             if t.engine == engine.name and t.gpu == gpu.name and t.model in (model.name, model.base):
                 self._measured = t
                 break
-        flops = gpu.flops * n_gpus
-        hbm = gpu.hbm_Bps * n_gpus
-        self._compute_tok_s = model.flops_per_token / (flops * engine.prefill_mfu)
-        # attention score/value FLOPs grow with the square of the prompt: 4 * layers * d_model per token pair
-        self._attn_coef = 4.0 * model.n_layers * model.hidden_size / (flops * engine.prefill_mfu)
-        self._weights_s = model.weights_bytes / (hbm * engine.decode_hbm_eff)
-        self._kv_tok_bytes_s = model.kv_bytes_per_token / (hbm * engine.decode_hbm_eff)
-        self.n_layers = model.n_layers
+        n, layers, dt, hidden = n_gpus, model.n_layers, model.dtype_bytes, model.hidden_size
+        flops = gpu.flops * n * engine.prefill_mfu  # the instance's reachable matmul FLOP/s
+        weight_Bps = gpu.hbm_Bps * n * engine.weight_read_eff
+        # dense layers: FLOPs per token, the weights read once per pass, the elementwise kernels' traffic (norms
+        # and residual adds run on every GPU of a tensor-parallel group: not divided by n) and their floor
+        self._dense_flop_tok_s = 2.0 * model.layer_params * layers / flops
+        self._weights_s = model.layer_params * layers * dt / weight_Bps
+        self._dense_traffic_tok_s = layers * engine.elementwise_passes * hidden * dt / gpu.hbm_Bps
+        self._layers_fixed_s = layers * engine.layer_overhead_s
+        # LM head, for sampled tokens only (with vocab_size unknown, layer_params holds it: every token pays it)
+        self._head_flop_tok_s = 2.0 * model.head_params / flops
+        self._head_read_s = model.head_params * dt / weight_Bps
+        # attention: causal prefill FLOPs grow with the square of the prompt; a decode step reads the KV cache
+        self._attn_prefill_coef = 2.0 * layers * hidden / flops
+        self._attn_decode_tok_s = 4.0 * layers * hidden / flops
+        self._kv_read_tok_s = model.kv_bytes_per_token / (gpu.hbm_Bps * n * engine.kv_read_eff)
+        # tensor parallelism: 2 all-reduces per layer of (tokens x hidden x dtype) bytes each
+        self._allreduce_fixed_s = 2 * layers * gpu.allreduce_s(0.0, n)
+        self._allreduce_tok_s = 2 * layers * (gpu.allreduce_s(hidden * dt, n) - gpu.allreduce_s(0.0, n))
+        self.n_layers = layers
         # fixed costs on top of the roofline / table: x + 0.0 == x, so the defaults change no result
         self._step_s = float(engine.step_overhead_s)
         self.request_overhead_s = float(engine.request_overhead_s)
+
+    def dense_s(self, tokens: float) -> float:
+        """All dense layers (projections, MLP, elementwise kernels) for `tokens` tokens, no attention or comms."""
+        flop_s = tokens * self._dense_flop_tok_s
+        bound = flop_s if flop_s > self._weights_s else self._weights_s
+        return bound + tokens * self._dense_traffic_tok_s + self._layers_fixed_s
+
+    def logits_s(self, sampled: float) -> float:
+        """The LM head for `sampled` tokens (0 when the model's vocab_size is unknown: it is in `dense_s`)."""
+        flop_s = sampled * self._head_flop_tok_s
+        return flop_s if flop_s > self._head_read_s else self._head_read_s
+
+    def allreduce_s(self, tokens: float) -> float:
+        """Tensor-parallel communication of one pass over `tokens` tokens (0 on one GPU)."""
+        return self._allreduce_fixed_s + tokens * self._allreduce_tok_s
 
     def prefill_s(self, tokens: int) -> float:
         """Time to prefill a prompt of `tokens` tokens: one forward pass, so one `step_overhead_s`."""
         if self._measured is not None:
             return tokens / self._measured.prefill_tokens_per_s + self._step_s
-        compute = tokens * self._compute_tok_s + tokens * tokens * self._attn_coef
-        return max(compute, self._weights_s) + self._step_s
+        attention = tokens * tokens * self._attn_prefill_coef
+        return self.dense_s(tokens) + attention + self.logits_s(1) + self.allreduce_s(tokens) + self._step_s
 
     def decode_iter_s(self, batch: int, ctx_tokens_total: float) -> float:
         """One decode iteration for `batch` sequences holding `ctx_tokens_total` tokens of KV in all.
@@ -112,6 +153,12 @@ class InferenceModel:
             return self._weights_s + self._step_s
         if self._measured is not None:
             return self._measured.iter_s(batch) + self._step_s
-        memory = self._weights_s + ctx_tokens_total * self._kv_tok_bytes_s
-        compute = batch * self._compute_tok_s
-        return (memory if memory > compute else compute) + self._step_s
+        # dense_s + attention + logits_s + allreduce_s, inlined: the simulator calls this once per decode step
+        flop_s = batch * self._dense_flop_tok_s
+        dense = (flop_s if flop_s > self._weights_s else self._weights_s) + batch * self._dense_traffic_tok_s
+        kv_read = ctx_tokens_total * self._kv_read_tok_s
+        attn_flop = ctx_tokens_total * self._attn_decode_tok_s
+        head = batch * self._head_flop_tok_s
+        return (dense + self._layers_fixed_s + (kv_read if kv_read > attn_flop else attn_flop)
+                + (head if head > self._head_read_s else self._head_read_s)
+                + self._allreduce_fixed_s + batch * self._allreduce_tok_s + self._step_s)

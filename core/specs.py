@@ -41,6 +41,10 @@ class ModelSpec:
     dtype_bytes: int = 2  # bf16, as stored and moved between tiers
     base: str = ""  # the architecture this deployment is a copy of
     resident_dtype_bytes: int | None = None  # bytes per parameter once loaded, if the engine converts (None: same)
+    # the LM head (vocab_size x hidden_size): its logits are computed only for the tokens that sample (the last one
+    # of a prefill, every sequence of a decode step); 0 = unknown, the head then counts as part of every token's FLOPs
+    vocab_size: int = 0
+    tied_embeddings: bool = False  # the input embedding is the LM head (one matrix counted in params_b, not two)
 
     @property
     def weights_bytes(self) -> float:
@@ -64,18 +68,44 @@ class ModelSpec:
 
     @property
     def flops_per_token(self) -> float:
+        """Dense FLOPs of one token through the whole model, LM head included (2 x parameters)."""
         return 2.0 * self.params_b * 1e9
+
+    @property
+    def head_params(self) -> float:
+        """Parameters of the LM head (0 when `vocab_size` is unknown)."""
+        return float(self.vocab_size * self.hidden_size)
+
+    @property
+    def layer_params(self) -> float:
+        """Parameters of one transformer layer: params_b less the LM head and an untied input embedding (a lookup,
+        no FLOPs), split evenly over the layers (norms are in there too: a rounding error)."""
+        embeddings = self.head_params * (1 if self.tied_embeddings else 2)
+        return (self.params_b * 1e9 - embeddings) / self.n_layers
 
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """One GPU type: memory, HBM bandwidth, dense bf16 FLOP/s, host-to-device copy bandwidth."""
+    """One GPU type: memory, HBM bandwidth, dense bf16 FLOP/s, host-to-device copy bandwidth, and the all-reduce
+    among the node's GPUs of this type (what tensor parallelism pays per layer).
+
+    An all-reduce of B bytes over n GPUs takes `allreduce_latency_s + 2 (n-1)/n x B / allreduce_bus_Bps` (ring
+    algorithm; `allreduce_bus_Bps` is NCCL's "bus bandwidth"). The defaults (inf, 0) make it free, as before.
+    """
 
     name: str
     mem_bytes: float
     hbm_Bps: float
     flops: float
     h2d_Bps: float
+    allreduce_bus_Bps: float = math.inf
+    allreduce_latency_s: float = 0.0
+
+    def allreduce_s(self, nbytes: float, n_gpus: int) -> float:
+        """One all-reduce of `nbytes` (each GPU's buffer) over `n_gpus` GPUs; 0 on one GPU."""
+        if n_gpus <= 1:
+            return 0.0
+        return self.allreduce_latency_s + 2.0 * (n_gpus - 1) / n_gpus * nbytes / self.allreduce_bus_Bps
 
 
 @dataclass(frozen=True)
@@ -185,12 +215,22 @@ class EngineSpec:
     gpu_mem_util: float = 0.9
     kv_reserve_frac: float = 0.5  # KV cache reserved per instance, as a fraction of weights
     max_num_seqs: int = 256
+    # roofline efficiencies (core/inference.py): matmul FLOP/s share (prefill, compute-bound decode, attention,
+    # logits), and the HBM bandwidth share reached reading weights and reading the KV cache
     prefill_mfu: float = 0.5
-    decode_hbm_eff: float = 0.7
+    weight_read_eff: float = 0.7
+    kv_read_eff: float = 0.7
+    # per transformer layer and forward pass: small kernels' floor (norms, rotary, activation, adds run ~5-10 us
+    # each however few the tokens) and the activation traffic of those elementwise kernels, in passes of
+    # tokens x hidden_size x dtype_bytes over HBM (0: ignored, the simulator as before)
+    layer_overhead_s: float = 0.0
+    elementwise_passes: float = 0.0
     overlap_start_with_fetch: bool = True
     # fixed costs the roofline / measured table leave out (0: the simulator as before, bit for bit)
     step_overhead_s: float = 0.0  # per forward pass, every prefill and batched decode step (scheduling, sampling)
     request_overhead_s: float = 0.0  # per request, added to its time to first token outside the batch (HTTP, tokenizer)
+    stop_s: float = 0.0  # engine stop (process teardown): a stopping instance keeps its memory this long (sim.stopping)
+    demote_before_stop: bool = False  # a stop with demote_to keeps the memory until its demote copy is done
 
 
 @dataclass(frozen=True)
@@ -251,6 +291,10 @@ def model_from_dict(data: Mapping[str, Any], where: str = "models") -> ModelSpec
     m = _build(ModelSpec, data, where)
     for f in ("params_b", "n_layers", "hidden_size", "n_kv_heads", "head_dim", "dtype_bytes"):
         _positive(f"{where}.{f}", getattr(m, f))
+    _non_negative(f"{where}.vocab_size", m.vocab_size)
+    if m.layer_params <= 0:
+        raise ConfigError(f"{where}: vocab_size x hidden_size ({m.head_params:.3g} parameters) leaves nothing of"
+                          f" params_b ({m.params_b}e9) for the layers")
     return m
 
 
@@ -258,6 +302,9 @@ def gpu_from_dict(data: Mapping[str, Any], where: str) -> GpuSpec:
     g = _build(GpuSpec, data, where)
     for f in ("mem_bytes", "hbm_Bps", "flops", "h2d_Bps"):
         _positive(f"{where}.{f}", getattr(g, f))
+    if g.allreduce_bus_Bps != math.inf:  # inf: no all-reduce cost (one GPU per instance, or not modelled)
+        _positive(f"{where}.allreduce_bus_Bps", g.allreduce_bus_Bps)
+    _non_negative(f"{where}.allreduce_latency_s", g.allreduce_latency_s)
     return g
 
 
@@ -302,15 +349,27 @@ def store_from_dict(data: Mapping[str, Any], where: str = "cluster.store") -> Ob
     return s
 
 
+#: Efficiencies of an EngineSpec: shares of a peak, in (0, 1].
+EFFICIENCIES: tuple[str, ...] = ("gpu_mem_util", "prefill_mfu", "weight_read_eff", "kv_read_eff")
+
+
 def engine_from_dict(data: Mapping[str, Any], where: str = "engine") -> EngineSpec:
+    """An engine from its config mapping. `decode_hbm_eff` (before weight and KV reads had their own factors)
+    is read as both `weight_read_eff` and `kv_read_eff` unless they are given."""
+    data = dict(data)
+    if "decode_hbm_eff" in data:
+        legacy = data.pop("decode_hbm_eff")
+        data.setdefault("weight_read_eff", legacy)
+        data.setdefault("kv_read_eff", legacy)
     e = _build(EngineSpec, data, where)
-    for f in ("kv_alloc_Bps", "max_num_seqs", "prefill_mfu", "decode_hbm_eff", "gpu_mem_util"):
+    for f in ("kv_alloc_Bps", "max_num_seqs", *EFFICIENCIES):
         _positive(f"{where}.{f}", getattr(e, f))
     for f in ("process_start_s", "graph_capture_s", "compile_s", "kv_reserve_frac", "step_overhead_s",
-              "request_overhead_s"):
+              "request_overhead_s", "layer_overhead_s", "elementwise_passes", "stop_s"):
         _non_negative(f"{where}.{f}", getattr(e, f))
-    if e.gpu_mem_util > 1 or e.prefill_mfu > 1 or e.decode_hbm_eff > 1:
-        raise ConfigError(f"{where}: gpu_mem_util, prefill_mfu and decode_hbm_eff must be <= 1")
+    over = [f for f in EFFICIENCIES if getattr(e, f) > 1]
+    if over:
+        raise ConfigError(f"{where}: {', '.join(over)} must be <= 1 (a share of the peak)")
     return e
 
 

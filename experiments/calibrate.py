@@ -202,7 +202,11 @@ def measure(cfg: Mapping[str, Any], node: NodeOptions, probe: ProbeOptions, entr
                     agent.evict_everywhere(e.name)
                     samples["tiers"].append(probe_tiers(agent, e.name, list(node.tiers), dest))
                 finally:
+                    # what a stop costs: the gateway frees an engine's memory only when POST /unload returns
+                    # (live.gateway_actions._run_stop), i.e. once the engine's process group is gone
+                    t_stop = time.perf_counter()
                     agent.unload(eng["instance"])
+                    eng["stop_s"] = time.perf_counter() - t_stop
                 samples["engine"][e.name].append(eng)
                 bar.update()
         bar.close()
@@ -235,6 +239,7 @@ def summarize(cfg: Mapping[str, Any], node: NodeOptions, samples: Mapping[str, A
     process = Stat.of([s["stats"]["imports_done_at_s"] for _, s in engines])
     after = Stat.of([s["stats"]["ready_at_s"] - s["stats"]["weights_resident_at_s"] for _, s in engines])
     first = Stat.of([max(0.0, s["first_ttft_s"] - s["warm_ttft_s"]) for _, s in engines])
+    stop = Stat.of([s["stop_s"] for _, s in engines if s.get("stop_s") is not None])
     # fixed costs the table and roofline leave out: one per forward pass, one per request (outside the batch)
     steps_by_model = {e.name: samples["steps"][e.name] for e in entries}
     step_over, request_over = step_overhead(steps_by_model), request_overhead(steps_by_model)
@@ -268,7 +273,8 @@ def summarize(cfg: Mapping[str, Any], node: NodeOptions, samples: Mapping[str, A
         header.append(f"  {e.name} ({specs[e.name].weights_bytes / 1e6:.1f} MB): " + ", ".join(
             phase(k) for k in ("imports_done_at_s", "read_s", "load_s", "weights_resident_at_s", "ready_at_s",
                                "first_token_at_s")))
-    blocks = {"cluster": cluster, "engine": engine_block(process, after, first, seqs, kv_frac, step_over, request_over),
+    blocks = {"cluster": cluster,
+              "engine": engine_block(process, after, first, seqs, kv_frac, step_over, request_over, stop),
               "inference": {"measured": measured},
               "models": {"bases": [], "extra": [model_entry(specs[e.name]) for e in entries]}}
     text, plain = document(header, blocks)
@@ -278,7 +284,8 @@ def summarize(cfg: Mapping[str, Any], node: NodeOptions, samples: Mapping[str, A
     line = ("calibrated: " + ", ".join(f"{t} r/w {read_mbps(t):.3g}/{tiers[t]['write_Bps'].mean / 1e6:.3g} MB/s"
                                        for t in node.tiers)
             + f"; cloud {Stat.of(rates).mean / 1e6:.3g} MB/s per stream x {streams}, ttfb "
-            f"{Stat.of(ttfbs).mean * 1e3:.3g} ms; engine start {process.mean:.2f} s; overheads: step "
+            f"{Stat.of(ttfbs).mean * 1e3:.3g} ms; engine start {process.mean:.2f} s, stop {stop.mean:.2f} s; "
+            f"overheads: step "
             f"{step_over.value * 1e3:.3g} ms, request {request_over.value * 1e3:.3g} ms; "
             + ", ".join(f"{m['model']} prefill {m['prefill_tokens_per_s'].value:.0f} tok/s, decode "
                         f"{(m['decode_iter_s'].value[0] + step_over.value) * 1e3:.2f} ms/step at B=1"

@@ -187,10 +187,11 @@ def request_overhead(steps_by_model: Mapping[str, Mapping[str, Any]]) -> C:
 
 def engine_block(process: Stat, after_weights: Stat, first_forward: Stat, max_num_seqs: int,
                  kv_reserve_frac: float, step_overhead_s: C | None = None,
-                 request_overhead_s: C | None = None) -> dict[str, Any]:
+                 request_overhead_s: C | None = None, stop: Stat | None = None) -> dict[str, Any]:
     """The `engine` block; which live phase fed which EngineSpec field is in each comment.
 
-    The overheads are written only when given (`step_overhead`, `request_overhead`); absent, the spec's 0 applies.
+    The overheads are written only when given (`step_overhead`, `request_overhead`), the stop only when measured
+    (`stop`: POST /unload durations); absent, the spec's 0 applies.
     """
     capture = Stat.of([a + f for a, f in zip(after_weights.samples, first_forward.samples, strict=False)])
     overheads = {k: v for k, v in (("step_overhead_s", step_overhead_s), ("request_overhead_s", request_overhead_s))
@@ -210,9 +211,21 @@ def engine_block(process: Stat, after_weights: Stat, first_forward: Stat, max_nu
                                               "largest over the probed checkpoints (from their config.json)"),
         "max_num_seqs": C(max_num_seqs, "node.max_num_seqs (the engine's batch limit), as configured"),
         "prefill_mfu": C(1.0, "the gpu block's flops are the measured prefill rate already"),
-        "decode_hbm_eff": C(1.0, "the gpu block's hbm_Bps is the measured decode rate already"),
+        "weight_read_eff": C(1.0, "the gpu block's hbm_Bps is the measured decode rate already"),
+        "kv_read_eff": C(1.0, "the gpu block's hbm_Bps is the measured decode rate already"),
         "overlap_start_with_fetch": C(False, "live, the agent fetches / copies before it starts the engine"),
         **overheads,
+        **(stop_fields(stop) if stop is not None and stop.n else {}),
+    }
+
+
+def stop_fields(stop: Stat) -> dict[str, C]:
+    """`stop_s` (the measured engine stop) and `demote_before_stop` (how the live gateway orders a demoting stop)."""
+    return {
+        "stop_s": C(stop.mean, f"{_secs(stop)}: POST /unload round trip (SIGTERM -> the engine's process group "
+                               "reaped); the gateway frees the memory only then"),
+        "demote_before_stop": C(True, "live.gateway_actions._run_stop copies a demoted engine's weights, then "
+                                      "unloads it: the memory stays held for the copy"),
     }
 
 

@@ -997,8 +997,10 @@ def claim_throughput(ctx: Context) -> ClaimResult:
            f"{prefill_ms:.0f} ms) and its outputs short (median {int(np.median(trace.output_tokens))} tokens): "
            "prefill, which runs one request at a time on an instance, bounds the gain; batching pays on decode."],
         assumptions=[
-            "Roofline inference model (conf/inference/roofline.yaml: H100 989 TFLOP/s dense bf16, 3.35 TB/s HBM; "
-            "prefill at 50% MFU, decode at 70% of HBM bandwidth), not a measured engine.",
+            "Structural roofline inference model (core/inference.py; H100 989 TFLOP/s dense bf16, 3.35 TB/s HBM; "
+            f"matmuls at {engine.prefill_mfu:.0%} of peak, weight and KV reads at {engine.weight_read_eff:.0%} / "
+            f"{engine.kv_read_eff:.0%} of HBM bandwidth, fitted to Vidur's H100 operator profiles: "
+            "docs/fidelity/inference.md), not a measured engine.",
             "Baseline = the same engine admitting one request at a time; the seed's 24x (vLLM vs HF Transformers) "
             "also counts a slower baseline engine, which tierlab does not model.",
         ],

@@ -89,7 +89,8 @@ class ClientRow:
     output_tokens: int
     stream: bool
     gateway_id: int | None = None
-    sent_s: float = math.nan
+    woke_s: float = math.nan  # when the client's timer fired for it (trace clock): arrival_s + the timer's lateness
+    sent_s: float = math.nan  # when it was sent: woke_s + the wait for a free client slot (max_in_flight)
     ttft_s: float = math.nan
     e2e_s: float = math.nan
     in_tokens: int = 0
@@ -217,6 +218,7 @@ async def send_all(target: Target, rows: Sequence[ClientRow], opts: ReplayOption
 
         async def one(row: ClientRow) -> None:
             await asyncio.sleep(max(0.0, start + row.arrival_s - time.monotonic()))
+            row.woke_s = time.monotonic() - start
             async with gate:
                 row.sent_s = time.monotonic() - start
                 await _send(client, target, row, opts, seed)
@@ -238,26 +240,49 @@ def fetch_gateway_records(target: Target) -> pd.DataFrame | None:
     return pd.DataFrame(data["rows"], columns=data["columns"])
 
 
+def client_wait_s(row: ClientRow) -> float:
+    """The client-side queue of `row`: its wait for a free slot (`max_in_flight`), from its timer to its send.
+
+    The timer's own lateness (woke_s - arrival_s: the event loop waking this task late, a few ms on a loaded
+    machine, more when a burst of arrivals wakes at once) is the replayer's error in issuing the trace, not a queue
+    of the system under test; the simulator issues every arrival exactly, so it is left out of queue_s, TTFT and e2e
+    alike (the summary reports it as `send_late_s`). Rows without a timer reading count from arrival_s, as before.
+    """
+    if math.isnan(row.sent_s):
+        return 0.0
+    since = row.arrival_s if math.isnan(row.woke_s) else row.woke_s
+    return max(0.0, row.sent_s - since)
+
+
+def send_lateness(rows: Sequence[ClientRow]) -> dict[str, float | None]:
+    """{p50, max} of the client timer's lateness (woke_s - arrival_s) over the rows that were sent; None if none."""
+    late = [max(0.0, r.woke_s - r.arrival_s) for r in rows if not math.isnan(r.woke_s)]
+    if not late:
+        return {"p50": None, "max": None}
+    return {"p50": float(np.median(late)), "max": float(max(late))}
+
+
 def merge_records(rows: Sequence[ClientRow], gateway: pd.DataFrame | None) -> pd.DataFrame:
     """One row per trace request in REQUEST_SCHEMA: the client's arrival, TTFT, e2e, tokens and outcome,
-    the gateway's phases where its row is known. Client-side waiting for a free slot counts as queueing."""
+    the gateway's phases where its row is known. Client-side waiting for a free slot counts as queueing (and in
+    TTFT and e2e); the client timer's lateness does not (`client_wait_s`)."""
     by_id = gateway.set_index("request_id") if gateway is not None and len(gateway) else None
     cols: dict[str, list[Any]] = {c: [] for c in REQUEST_SCHEMA}
     for row in rows:
         g = by_id.loc[row.gateway_id] if by_id is not None and row.gateway_id in by_id.index else None
-        client_wait_s = max(0.0, row.sent_s - row.arrival_s) if not math.isnan(row.sent_s) else 0.0
+        wait_s = client_wait_s(row)
         values: dict[str, Any] = {
             "request_id": row.index, "tenant": "", "model": row.model, "arrival_s": row.arrival_s,
-            "queue_s": client_wait_s, "cold_start": False, "source_tier": "", "fetch_s": math.nan,
+            "queue_s": wait_s, "cold_start": False, "source_tier": "", "fetch_s": math.nan,
             "to_gpu_s": math.nan, "engine_init_s": math.nan, "cold_start_s": math.nan, "prefill_s": math.nan,
-            "ttft_s": row.ttft_s + client_wait_s, "tpot_s": math.nan, "e2e_s": row.e2e_s + client_wait_s,
+            "ttft_s": row.ttft_s + wait_s, "tpot_s": math.nan, "e2e_s": row.e2e_s + wait_s,
             "prompt_tokens": row.in_tokens or row.prompt_tokens, "output_tokens": row.out_tokens,
             "node": "", "instance": "", "outcome": row.outcome, "reason": row.reason, "cost_usd": math.nan,
         }
         if g is not None:
             for c in GATEWAY_COLUMNS:
                 values[c] = g[c]
-            values["queue_s"] = client_wait_s + float(g["queue_s"])
+            values["queue_s"] = wait_s + float(g["queue_s"])
             if not row.reason:
                 values["reason"] = g["reason"] or ""
         if row.stream and (g is None or math.isnan(g["tpot_s"])):
@@ -293,7 +318,8 @@ def run(cfg: Mapping[str, Any], out_dir: Path | None) -> tuple[pd.DataFrame, dic
     records = merge_records(rows, fetch_gateway_records(target))
     summary = live_summary(records, wall_s=wall_s, ttft_slo_s=float(cfg.get("ttft_slo_s", 10.0)),
                            extra={"policy": target.policy, "workload": wl.name, "seed": seed, "models": len(models),
-                                  "gateway_phases": target.admin_token is not None})
+                                  "gateway_phases": target.admin_token is not None,
+                                  "send_late_s": send_lateness(rows)})
     if out_dir is not None:
         write_outputs(out_dir, records, summary)
     return records, summary

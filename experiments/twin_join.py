@@ -36,7 +36,8 @@ def node_index(name: Any) -> int | None:
 
 def join(live: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
     """One row per request id seen on either side: `<col>_live`, `<col>_sim`, `in_live`, `in_sim`, and for every
-    metric and phase its relative error `<col>_rel_err` (NaN where either side lacks it or live's is 0)."""
+    metric and phase its relative error `<col>_rel_err` (NaN where either side lacks it, did not complete the
+    request, or live's is 0)."""
     def side(df: pd.DataFrame, suffix: str) -> pd.DataFrame:
         cols = [c for c in CARRIED if c in df.columns]
         out = df.set_index("request_id")[cols].add_suffix(suffix)
@@ -46,12 +47,18 @@ def join(live: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
     j = side(live, "_live").join(side(sim, "_sim"), how="outer").sort_index()
     for flag in ("in_live", "in_sim"):
         j[flag] = j[flag].astype("boolean").fillna(False).astype(bool)
+    # a request lost on either side (timed out, failed, rejected) has no error: its e2e is when the client gave
+    # up, not a latency the other world could match
+    completed = np.ones(len(j), dtype=bool)
+    for suffix in ("_live", "_sim"):
+        if f"outcome{suffix}" in j:
+            completed &= (j[f"outcome{suffix}"] == "completed").fillna(False).to_numpy(dtype=bool)
     for c in sorted(set(METRICS) | set(PHASES)):
         if f"{c}_live" in j and f"{c}_sim" in j:
             lv = j[f"{c}_live"].astype(float).to_numpy()
             sv = j[f"{c}_sim"].astype(float).to_numpy()
             with np.errstate(divide="ignore", invalid="ignore"):
-                err = np.where(np.isfinite(lv) & np.isfinite(sv) & (lv > 0), (sv - lv) / lv, np.nan)
+                err = np.where(completed & np.isfinite(lv) & np.isfinite(sv) & (lv > 0), (sv - lv) / lv, np.nan)
             j[f"{c}_rel_err"] = err
     j.index.name = "request_id"
     return j.reset_index()
@@ -92,6 +99,14 @@ def decisions(joined: pd.DataFrame) -> tuple[float | None, dict[str, Any] | None
                      "live": {c: _plain(r[f"{c}_live"]) for c in DECISION},
                      "sim": {c: _plain(r[f"{c}_sim"]) for c in DECISION}}
     return agree / len(both), first
+
+
+def decision_agrees(joined: pd.DataFrame) -> np.ndarray:
+    """Per request present on both sides (in join order): whether its cold/warm, node (by ordinal) and source
+    tier agree; the per-request form of `decisions`, for intervals over requests."""
+    both = joined[joined["in_live"] & joined["in_sim"]]
+    return np.array([all(_same(r[f"{c}_live"], r[f"{c}_sim"], c) for c in DECISION) for _, r in both.iterrows()],
+                    dtype=bool)
 
 
 def _plain(v: Any) -> Any:

@@ -1,11 +1,13 @@
-"""`python -m experiments.twin --report [overrides]`: calibrate once, run the twin per policy x workload, write
-docs/fidelity.md.
+"""`python -m experiments.twin --report [overrides]`: calibrate once, run the twin per policy x workload x seed,
+write docs/fidelity.md.
 
 The `report` block of `conf/live/twin.yaml` says what to run (policies, workloads and their overrides, the
 overrides shared by all) and where to write. The user's overrides (`calibration=PATH`, `report.policies=[mvp]`,
 `checkpoint_cache=...`) come last. Calibration and every run are subprocesses (`python -m experiments.calibrate`,
 `python -m experiments.twin`) bounded by `report.timeout_s`, so one stuck run ends with a clear error instead of
-hanging the report. The markdown itself is `experiments.twin_report.render` (pure, unit-tested).
+hanging the report. Each policy x workload runs once per `report.seeds` seed; `experiments.twin_seeds.summarize`
+pools the seeds and bootstraps the intervals, `experiments.twin_report.render` writes the markdown (both pure,
+unit-tested).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +30,9 @@ import yaml
 from core.errors import ConfigError
 from experiments.entry import CONF_DIR
 from experiments.setup import REPO_ROOT
-from experiments.twin_report import render, run_percentiles
+from experiments.twin_plot import twin_figure
+from experiments.twin_report import render
+from experiments.twin_seeds import summarize
 
 #: user overrides that only the twin runs take (not the calibration)
 RUN_ONLY_PREFIXES = ("workload", "replay", "twin", "policy", "seed", "calibration", "report", "progress")
@@ -88,18 +91,27 @@ def calibration_summary(path: Path, line: str | None) -> dict[str, str]:
     return out
 
 
-def _label_dir(runs_dir: Path, workload: str, policy: str) -> Path:
-    return runs_dir / workload / policy
+def run_dir(runs_dir: Path, workload: str, policy: str, seed: int) -> Path:
+    """Where one seed's run of a policy x workload goes: runs_dir/<workload>/<policy>/seed<k>."""
+    return runs_dir / workload / policy / f"seed{seed}"
+
+
+def load_run(out: Path, workload: str) -> tuple[dict[str, Any], pd.DataFrame]:
+    """One finished run: its fidelity.json (labelled with the report's workload name) and its twin.parquet."""
+    fid = json.loads((out / "fidelity.json").read_text())
+    fid["report_workload"] = workload
+    return fid, pd.read_parquet(out / "twin.parquet")
 
 
 def report(user: Sequence[str]) -> Path:
-    """Calibrate (unless `calibration=`), run every policy x workload, write the report; its path."""
+    """Calibrate (unless `calibration=`), run every policy x workload x seed, write the report; its path."""
     t0 = time.monotonic()
     cfg = compose(user)
     rep = cfg["report"]
     runs_dir = (REPO_ROOT / str(rep["runs_dir"])).resolve()
     timeout_s = float(rep.get("timeout_s", 300))
     shared = [str(o) for o in rep.get("overrides") or []]
+    seeds = [int(s) for s in rep.get("seeds") or [int(cfg.get("seed", 0))]]
     calib_user = [o for o in user if not o.lstrip("+~").startswith(RUN_ONLY_PREFIXES)]
     line = None
     reuse = bool(rep.get("reuse", False))  # a rerun that only re-renders (or resumes): keep what is there
@@ -118,29 +130,36 @@ def report(user: Sequence[str]) -> Path:
                      *shared, *calib_user], runs_dir / "calibrate.log", timeout_s)
         calibration = out / "calibrated.yaml"
     run_user = [o for o in user if not o.startswith(("report.", "calibration="))]
-    fids: list[dict[str, Any]] = []
+    groups: list[dict[str, Any]] = []
+    figure_runs: list[pd.DataFrame] = []
+    fig_wl, fig_policy = rep["figure"]
     workloads: Mapping[str, Any] = rep["workloads"]
+    if fig_wl not in workloads or fig_policy not in rep["policies"]:  # before hours of runs, not after
+        raise ConfigError(f"report.figure: {fig_wl} / {fig_policy} is not among the workloads and policies run")
     for wl_name, wl in workloads.items():
         for policy in rep["policies"]:
-            out = _label_dir(runs_dir, wl_name, policy)
-            t = time.monotonic()
-            if reuse and (out / "fidelity.json").is_file():
-                print(f"reusing {out}", flush=True)
-            else:
-                result = _run([sys.executable, "-m", "experiments.twin", f"hydra.run.dir={out}", "progress=false",
-                               f"calibration={calibration}", f"policy={policy}", *shared,
-                               *[str(o) for o in wl.get("overrides") or []], *run_user], out.with_suffix(".log"),
-                              timeout_s)
-                print(f"[{time.monotonic() - t:.0f} s] {result}", flush=True)
-            fid = json.loads((out / "fidelity.json").read_text())
-            fid["report_workload"] = wl_name
-            fid["percentiles"] = run_percentiles(pd.read_parquet(out / "twin.parquet"))
-            fids.append(fid)
+            runs = []
+            for seed in seeds:
+                out = run_dir(runs_dir, wl_name, policy, seed)
+                t = time.monotonic()
+                if reuse and (out / "fidelity.json").is_file():
+                    print(f"reusing {out}", flush=True)
+                else:  # seed= last: each run gets its report seed whatever the user's overrides say
+                    result = _run([sys.executable, "-m", "experiments.twin", f"hydra.run.dir={out}",
+                                   "progress=false", f"calibration={calibration}", f"policy={policy}", *shared,
+                                   *[str(o) for o in wl.get("overrides") or []], *run_user, f"seed={seed}"],
+                                  out.with_suffix(".log"), timeout_s)
+                    print(f"[{time.monotonic() - t:.0f} s] {result}", flush=True)
+                runs.append(load_run(out, wl_name))
+            groups.append(summarize(runs))
+            if (wl_name, policy) == (fig_wl, fig_policy):
+                figure_runs = [j for _, j in runs]
     out_md = (REPO_ROOT / str(rep["out"])).resolve()
     fig_dir = (REPO_ROOT / str(rep["figure_dir"])).resolve()
-    fig_wl, fig_policy = rep["figure"]
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_label_dir(runs_dir, fig_wl, fig_policy) / "twin.png", fig_dir / "twin.png")
+    # the figure pools the seeds' requests, as the tables do
+    twin_figure(pd.concat(figure_runs, ignore_index=True), fig_dir / "twin.png",
+                f"twin: {fig_policy}, {fig_wl}, seeds {', '.join(map(str, seeds))} pooled")
+    runs_shown = runs_dir.relative_to(REPO_ROOT) if runs_dir.is_relative_to(REPO_ROOT) else runs_dir
     meta = {
         "command": shlex.join(["python", "-m", "experiments.twin", "--report", *user]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -151,16 +170,18 @@ def report(user: Sequence[str]) -> Path:
         "workloads": {k: v.get("about", "") for k, v in workloads.items()},
         "calibration": calibration_summary(calibration, line),
         "figure": os.path.relpath(fig_dir / "twin.png", out_md.parent),
-        "figure_caption": f"The `{fig_policy}` / `{fig_wl}` run: per request sim vs live cold-start latency and "
-                          "TTFT (top, y = x dashed), and their CDFs (bottom).",
-        "notes": [f"Shared overrides (calibration and every run): `{' '.join(shared)}`",
-                  f"Runs: `{runs_dir.relative_to(REPO_ROOT) if runs_dir.is_relative_to(REPO_ROOT) else runs_dir}"
-                  "/<workload>/<policy>` (twin.parquet, fidelity.json, twin.png, live/serve.log)",
+        "figure_caption": f"The `{fig_policy}` / `{fig_wl}` runs, all seeds pooled: per request sim vs live "
+                          "cold-start latency and TTFT (top, y = x dashed), and their CDFs (bottom).",
+        "notes": [f"Seeds: {', '.join(map(str, seeds))} (`report.seeds`), one run per policy x workload x seed",
+                  f"Shared overrides (calibration and every run): `{' '.join(shared)}`",
+                  f"Runs: `{runs_shown}/<workload>/<policy>/seed<k>` (twin.parquet, fidelity.json, twin.png, "
+                  "live/serve.log)",
                   f"Wall time of this invocation: {time.monotonic() - t0:.0f} s" + (
                       " (report.reuse=true: the runs and calibration above were reused, not rerun)" if reuse else "")],
         "discussion": _discussion_file(fig_dir),
     }
-    out_md.write_text(render(fids, meta))
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(render(groups, meta))
     return out_md
 
 

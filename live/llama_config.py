@@ -217,4 +217,5 @@ def model_spec(name: str, config: LlamaConfig, resident_dtype_bytes: int) -> Mod
                          f"{sorted(CHECKPOINT_DTYPE_BYTES)}")
     return ModelSpec(name=name, params_b=config.n_params / 1e9, n_layers=config.num_hidden_layers,
                      hidden_size=config.hidden_size, n_kv_heads=config.num_key_value_heads,
-                     head_dim=config.head_dim, dtype_bytes=stored, resident_dtype_bytes=resident_dtype_bytes)
+                     head_dim=config.head_dim, dtype_bytes=stored, resident_dtype_bytes=resident_dtype_bytes,
+                     vocab_size=config.vocab_size, tied_embeddings=config.tie_word_embeddings)

@@ -140,8 +140,9 @@ def request_columns(world: World) -> dict[str, Any]:
         wait = (r.prefill_start_s - r.arrival_s) if done else nan
         if r.cold and inst_id in loads:
             ld = loads[inst_id]
-            # the wait the load caused, counted from when the request was placed on the loading instance
-            cs = max(0.0, ft - r.placed_s - prefill) if done else nan
+            # the wait the load caused, counted from when the request was placed on the loading instance; the
+            # request overhead is in TTFT, not in the load's wait (live: placement -> instance ready)
+            cs = max(0.0, ft - r.placed_s - prefill - eng.inf.request_overhead_s) if done else nan
             cols["source_tier"][k] = ld.source_tier
             cols["fetch_s"][k] = ld.fetch_s
             cols["to_gpu_s"][k] = ld.to_gpu_s

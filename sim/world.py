@@ -42,6 +42,7 @@ from sim.engine import SimEngine
 from sim.fabric import Fabric, Flow
 from sim.faults import FaultInjector, StorePath
 from sim.request import Request
+from sim.stopping import Stops
 
 
 class PolicyError(RuntimeError):
@@ -135,6 +136,7 @@ class World:
         self._no_node_since: float | None = None
         self._migrations: dict[str, str] = {}
         self._open_from = 0  # requests before this index are all resolved
+        self.stops = Stops(self)  # engine stops that hold memory for a while (EngineSpec.stop_s)
 
     # =========================================================================== running
     def run(self, arrival_s: np.ndarray, model: Sequence[str], tenant: Sequence[str],
@@ -276,7 +278,8 @@ class World:
         if gpu_ids is None and migrate is not None:
             self._migrate(migrate, node, waiting)
             return None
-        if gpu_ids is None and reason != "prewarm":
+        # a stop under way frees memory soon: no second round of stops (as the live gateway does)
+        if gpu_ids is None and reason != "prewarm" and not self.stops.under_way(node):
             self._execute(self.policy.on_gpu_pressure(node, model_name, self.view))
             gpu_ids = ns.gpu_fit(per_gpu * n, per_gpu)
         if gpu_ids is None:
@@ -438,7 +441,7 @@ class World:
             victim.status = "draining"
             for req in src_eng.take_queue():
                 self._submit(req, dest)
-            src_eng.migrate_to(dest, a, b, lambda: self._remove_instance(victim, "migrated"))
+            src_eng.migrate_to(dest, a, b, lambda: self.stops.stop(victim, "migrated"))
 
         self._on_ready.setdefault(dest.state.id, []).append(handover)
 
@@ -456,29 +459,29 @@ class World:
             elif kind is StopInstance:
                 inst = self.state.instances.get(a.instance_id)
                 if inst is not None and inst.idle:
-                    if a.demote_to:
-                        self._copy(Copy(inst.model.name, inst.node, a.demote_to, kind="demote"), src="gpu")
-                    self._remove_instance(inst, a.reason)
+                    self.stops.stop(inst, a.reason, a.demote_to)
             else:
                 raise PolicyError(f"policy {self.policy.name!r} returned {a!r}, not an action")
 
-    def _copy(self, mv: Copy, src: str | None = None) -> None:
+    def _copy(self, mv: Copy, src: str | None = None, on_done: Callable[[], None] | None = None) -> bool:
+        """Start the copy `mv` (from `src`, or the fastest holder); False if it is not needed or cannot start.
+        `on_done` runs when it lands (not if its node is lost meanwhile)."""
         ns = self.state.nodes.get(mv.node)
         if ns is None or mv.to_tier not in ns.tiers or mv.model not in self.state.models:
             raise PolicyError(f"policy {self.policy.name!r}: cannot execute {mv}")
         tier = ns.tiers[mv.to_tier]
         model = self.state.models[mv.model]
         if not ns.up or tier.holds(mv.model) or tier.incoming(mv.model) or tier.free_bytes < model.weights_bytes:
-            return
+            return False
         if src is None:
             src = ns.tier_holding(mv.model) or "cloud"
             if src == mv.to_tier:
-                return
+                return False
         store = self.cluster.store
         if src == "cloud":
             current = self.stores.current
             if current is None:
-                return  # no store serves right now: a cache copy is optional, skip it
+                return False  # no store serves right now: a cache copy is optional, skip it
             store = current
             self._event("cloud_fetch", node=mv.node, store=store.name, detail=mv.kind)
         tier.reserve(mv.model, model.weights_bytes)
@@ -499,8 +502,11 @@ class World:
                 self.stats.cloud_bytes += hop.nbytes
                 self.stats.cloud_bytes_by_route[(store.name, ns.spec.cloud)] += hop.nbytes
             self.moves.append((t0, now, mv.model, mv.node, src, mv.to_tier, mv.kind, hop.nbytes, now - t0))
+            if on_done is not None:
+                on_done()
 
         self.fabric.transfer(mv.node, hop.links, hop.nbytes, hop.cap_Bps, hop.latency_s, done)
+        return True
 
     def _evict(self, ev: Evict) -> None:
         ns = self.state.nodes.get(ev.node)
@@ -693,6 +699,7 @@ class World:
                 req.finish_s = self.end_s
                 self.outstanding -= 1
         self.pending.clear()
+        self.stops.finish_all()
         for inst in list(self.state.instances.values()):
             eng = self.engines.get(inst.id)
             if eng is not None:

@@ -249,52 +249,7 @@ def _inf(model=M8, n=1, measured=()):
     return InferenceModel(model, H100, n, ENGINE, measured)
 
 
-def test_roofline_prefill_by_hand():
-    im = _inf()
-    c = 16.06e9 / (989e12 * 0.5)  # 2 x params FLOPs per token at 50% MFU
-    a = 4 * 32 * 4096 / (989e12 * 0.5)  # attention per token pair
-    w = 16.06e9 / (3.35e12 * 0.7)  # weights read once from HBM
-    assert im.prefill_s(1000) == pytest.approx(1000 * c + 1000**2 * a)
-    assert im.prefill_s(1) == pytest.approx(w)  # a tiny prompt is bound by reading the weights
-    # the quadratic attention term: doubling the prompt more than doubles the time
-    assert im.prefill_s(2000) - 2 * im.prefill_s(1000) == pytest.approx(2000**2 * a - 2 * 1000**2 * a)
-    assert im.prefill_s(8000) > 8 * im.prefill_s(1000)
-
-
-def test_roofline_prefill_grows_with_tokens():
-    im = _inf()
-    times = [im.prefill_s(t) for t in (300, 600, 1200, 4800, 32000)]
-    assert times == sorted(times) and len(set(times)) == len(times)
-
-
-def test_roofline_decode_by_hand_and_bound_switch():
-    im = _inf()
-    w = 16.06e9 / (3.35e12 * 0.7)
-    kv_tok = M8.kv_bytes_per_token / (3.35e12 * 0.7)
-    c = 16.06e9 / (989e12 * 0.5)
-    assert M8.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
-    # memory-bound: weights plus the KV cache of the batch
-    assert im.decode_iter_s(8, 8000) == pytest.approx(w + 8000 * kv_tok)
-    # with no context and a huge batch, compute (2 x params FLOPs per sequence) dominates
-    assert 1024 * c > w
-    assert im.decode_iter_s(1024, 0) == pytest.approx(1024 * c)
-    assert im.decode_iter_s(64, 0) == pytest.approx(w)  # 64 x c < w: still memory-bound
-    assert im.decode_iter_s(0, 0) == pytest.approx(w)
-
-
-def test_roofline_decode_grows_with_batch_and_context():
-    im = _inf()
-    by_ctx = [im.decode_iter_s(16, ctx) for ctx in (0, 1e4, 1e5, 1e6)]
-    assert by_ctx == sorted(by_ctx) and len(set(by_ctx)) == 4
-    by_batch = [im.decode_iter_s(b, b * 2000) for b in (1, 8, 64, 256)]  # 2000 tokens of context each
-    assert by_batch == sorted(by_batch) and len(set(by_batch)) == 4
-
-
-def test_tensor_parallel_halves_memory_time():
-    one, two = _inf(M70, 1), _inf(M70, 2)
-    assert two.decode_iter_s(4, 1000) == pytest.approx(one.decode_iter_s(4, 1000) / 2)
-    assert two.prefill_s(4000) == pytest.approx(one.prefill_s(4000) / 2)
-    assert one.n_layers == 80
+# the roofline's structure (dense / attention / logits / all-reduce): tests/test_inference_structure.py
 
 
 # =========================================================================== inference: measured tables

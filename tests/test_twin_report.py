@@ -1,51 +1,70 @@
-"""`experiments.twin_report`: docs/fidelity.md from hand-made fidelity dicts; the tables show the values and the
-met / not-met verdicts follow the targets; per-run percentiles from a hand-made join."""
+"""The twin report across seeds: `experiments.twin_seeds` pools each metric over seeds with a deterministic
+bootstrap interval and judges it met / missed / inside the noise; `experiments.twin_report.render` shows value,
+interval and n per row; `experiments.twin_run_report.report` (report.reuse=true) re-renders from run dirs laid
+out as runs_dir/<workload>/<policy>/seed<k>, made here from hand-made records through the real join."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from experiments.twin_report import misses, pct, render, run_percentiles, verdict
+from core.records import REQUEST_SCHEMA, frame
+from experiments.twin_join import fidelity, join
+from experiments.twin_report import interval, misses, pct, render, run_percentiles
+from experiments.twin_run_report import report, run_dir
+from experiments.twin_seeds import MET, MISSED, NA, NOISE, estimate, judge, summarize
 
-
-def _stat(med: float | None, p90: float | None, bias: float | None, n: int) -> dict[str, Any]:
-    return {"median_abs_err": med, "p90_abs_err": p90, "bias": bias, "n": n}
-
-
-def _fid(policy: str, workload: str, *, cold: tuple[float, float], agree: float, tiers: dict[str, Any],
-         ttft_p50_err: float, tpot_p50_err: float, fetch_med: float) -> dict[str, Any]:
-    return {
-        "policy": policy, "workload": workload, "report_workload": workload, "seed": 0, "live_wall_s": 21.5,
-        "requests": {"live": 10, "sim": 10, "joined": 10, "lost_live": {}, "missing_live": []},
-        "cold_start_s": _stat(cold[0], cold[1], -0.02, 4),
-        "ttft_s": _stat(0.12, 0.3, 0.05, 10), "tpot_s": _stat(0.5, 0.9, -0.4, 10), "e2e_s": _stat(0.08, 0.2, 0.01, 10),
-        "phases": {"fetch_s": _stat(fetch_med, 0.3, -fetch_med, 4), "engine_init_s": _stat(0.04, 0.06, 0.04, 4),
-                   "to_gpu_s": _stat(None, None, None, 0)},
-        "cold_starts_by_tier": tiers,
-        "decision_agreement": agree,
-        "first_divergence": {"request_id": 7, "model": "tiny-b",
-                             "live": {"cold_start": True, "node": "n0", "source_tier": "nvme"},
-                             "sim": {"cold_start": True, "node": "calibrated-1", "source_tier": "cloud"}},
-        "percentiles": {"ttft_s": {"p50": {"live": 0.1, "sim": 0.1 * (1 + ttft_p50_err), "rel_err": ttft_p50_err},
-                                   "p90": {"live": 2.0, "sim": 2.1, "rel_err": 0.05}},
-                        "tpot_s": {"p50": {"live": 0.004, "sim": 0.004 * (1 + tpot_p50_err),
-                                           "rel_err": tpot_p50_err}}},
-    }
+# --------------------------------------------------------------------------- hand-made runs
 
 
-GOOD = _fid("mvp", "steady", cold=(0.05, 0.15), agree=0.95, tiers={"live": {"cloud": 4}, "sim": {"cloud": 4}},
-            ttft_p50_err=0.10, tpot_p50_err=-0.05, fetch_med=0.03)
-BAD = _fid("sllm", "steady", cold=(0.25, 0.60), agree=0.70,
-           tiers={"live": {"cloud": 10, "nvme": 2}, "sim": {"cloud": 10, "sata": 1}},
-           ttft_p50_err=-0.30, tpot_p50_err=0.55, fetch_med=0.40)
-META = {"command": "python -m experiments.twin --report", "date": "2026-12-02 14:00 UTC", "machine": "2 cores",
-        "steady": "steady", "workloads": {"steady": "poisson 0.5/s"}, "calibration": {"engine": "start 1.39 s"},
-        "figure": "fidelity/twin.png"}
+def _records(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    base = {"tenant": "t", "model": "tiny-a", "arrival_s": 0.0, "queue_s": 0.0, "cold_start": False,
+            "source_tier": "gpu", "fetch_s": math.nan, "to_gpu_s": math.nan, "engine_init_s": math.nan,
+            "cold_start_s": math.nan, "prefill_s": math.nan, "ttft_s": math.nan, "tpot_s": math.nan,
+            "e2e_s": math.nan, "prompt_tokens": 4, "output_tokens": 2, "node": "n0", "instance": "",
+            "outcome": "completed", "reason": "", "cost_usd": 0.0}
+    full = [{**base, **r} for r in rows]
+    return frame(REQUEST_SCHEMA, {c: [r[c] for r in full] for c in REQUEST_SCHEMA})
+
+
+def _run(seed: int, cold_err: float, ttft_err: float, n: int = 12, lost: int = 0,
+         spread: float = 0.0) -> tuple[pd.DataFrame, ...]:
+    """Live and sim records of one seed: every 2nd request a cloud cold start whose sim latency is off by
+    `cold_err` (+ / - `spread` alternately; the sign alternates too), every TTFT off by `ttft_err`; the last
+    `lost` requests time out live."""
+    live, sim = [], []
+    for i in range(n):
+        cold = i % 2 == 0
+        c_live = 2.0 + 0.1 * i + 0.01 * seed
+        sign = 1 if i % 4 == 0 else -1
+        row = {"request_id": i, "arrival_s": float(i), "cold_start": cold, "source_tier": "cloud" if cold else "gpu",
+               "node": f"n{i % 2}"}
+        lv = {**row, "cold_start_s": c_live if cold else math.nan, "fetch_s": 1.0 if cold else math.nan,
+              "ttft_s": (c_live if cold else 0.1) + 0.05, "tpot_s": 0.004, "e2e_s": 3.0}
+        sv = {**row, "node": f"calibrated-{i % 2}",
+              "cold_start_s": c_live * (1 + sign * (cold_err + (spread if i % 4 == 0 else -spread)))
+              if cold else math.nan,
+              "fetch_s": 1.0 if cold else math.nan, "ttft_s": lv["ttft_s"] * (1 + ttft_err), "tpot_s": 0.004,
+              "e2e_s": 3.0}
+        if i >= n - lost:
+            lv = {**lv, "outcome": "failed", "reason": "client_timeout", "ttft_s": math.nan, "e2e_s": 1.0}
+        live.append(lv)
+        sim.append(sv)
+    return _records(live), _records(sim)
+
+
+def _fid(seed: int, workload: str, policy: str, **kw: Any) -> tuple[dict[str, Any], pd.DataFrame]:
+    live, sim = _run(seed, **kw)
+    j = join(live, sim)
+    f = fidelity(live, sim, j, extra={"policy": policy, "workload": workload, "seed": seed, "live_wall_s": 12.0})
+    return json.loads(json.dumps(f)), j  # as read back from fidelity.json
 
 
 def _row(md: str, *cells: str) -> str:
@@ -55,49 +74,95 @@ def _row(md: str, *cells: str) -> str:
     return rows[0]
 
 
-def test_verdicts_follow_the_targets() -> None:
-    assert verdict(0.10, 0.10) == "yes" and verdict(0.11, 0.10) == "**no**" and verdict(None, 0.1) == "n/a"
-    assert verdict(0.9, 0.9, at_least=True) == "yes" and verdict(0.89, 0.9, at_least=True) == "**no**"
-    assert pct(0.1234) == "12.3%" and pct(math.nan) == "n/a"
+META = {"command": "python -m experiments.twin --report", "date": "2026-12-02 14:00 UTC", "machine": "2 cores",
+        "steady": "steady", "workloads": {"steady": "poisson 0.5/s"}, "calibration": {"engine": "start 1.39 s"},
+        "figure": "fidelity/twin.png", "discussion": ["Hand-written text."]}
+
+# --------------------------------------------------------------------------- estimates and verdicts
 
 
-def test_tables_show_the_values_and_the_verdicts() -> None:
-    md = render([GOOD, BAD], META)
-    # cold start: n, median, p90, bias, verdicts of both targets
-    assert _row(md, "mvp", "steady", "4", "5.0%", "15.0%", "-2.0%").endswith("| yes / yes |")
-    assert _row(md, "sllm", "steady", "4", "25.0%", "60.0%", "-2.0%").endswith("| **no** / **no** |")
-    # per-run percentiles: TTFT p50 within 15%, TPOT p50 within 10%
-    assert _row(md, "mvp", "steady", "TTFT p50").endswith("| +10.0% | <= 15.0% | yes |")
-    assert _row(md, "sllm", "steady", "TTFT p50").endswith("| -30.0% | <= 15.0% | **no** |")
-    assert _row(md, "sllm", "steady", "TPOT p50").endswith("| +55.0% | <= 10.0% | **no** |")
-    assert _row(md, "mvp", "steady", "TPOT p50").endswith("| yes |")
-    # phases: fetch 40% misses, engine_init 4% is fine, a phase with no samples is not judged
-    assert _row(md, "mvp", "steady", "4.0% (n=4)", "3.0% (n=4)").endswith("| yes |")
-    assert "to_gpu_s" not in md.split("### Phases")[1].split("###")[0]
-    assert _row(md, "sllm", "steady", "4.0% (n=4)", "40.0% (n=4)").endswith("| **no** (1 of 2) |")
-    # tiers: equal counts met, a tier live has and sim lacks (or the reverse) not met
-    assert _row(md, "mvp", "steady", "cloud", "4", "4").endswith("| 0.0% | yes |")
-    assert _row(md, "sllm", "steady", "nvme", "2", "0").endswith("| 100.0% | **no** |")
-    assert _row(md, "sllm", "steady", "sata", "0", "1").endswith("| **no** (live 0) |")
-    # agreement on the steady workload
-    # one cell for the divergence: its "live | sim" pipe is escaped, so the row keeps the header's 6 columns
-    assert ("| mvp | steady | 95.0% | >= 90% | yes | #7 tiny-b: cold=True, node=n0, tier=nvme \\| cold=True, "
-            "node=calibrated-1, tier=cloud |") in md
-    assert _row(md, "sllm", "steady", "70.0%").startswith("| sllm | steady | 70.0% | >= 90% | **no** |")
-    assert "![twin](fidelity/twin.png)" in md and "python -m experiments.twin --report" in md
+def test_verdicts_compare_the_interval_with_the_limit() -> None:
+    est = lambda v, lo, hi, n=20: {"value": v, "lo": lo, "hi": hi, "n": n}  # noqa: E731
+    assert judge(est(0.05, 0.02, 0.08), 0.10) == MET
+    assert judge(est(0.05, 0.02, 0.10), 0.10) == MET  # the limit itself is allowed
+    assert judge(est(0.30, 0.12, 0.50), 0.10) == MISSED
+    assert judge(est(0.09, 0.04, 0.15), 0.10) == NOISE  # value under the limit, interval straddles it
+    assert judge(est(0.05, 0.02, 0.08, n=3), 0.10, min_n=5) == NOISE  # too few to tell
+    assert judge(est(-0.05, -0.12, 0.02), 0.15, two_sided=True) == MET
+    assert judge(est(-0.30, -0.40, -0.20), 0.15, two_sided=True) == MISSED
+    assert judge(est(-0.10, -0.20, 0.01), 0.15, two_sided=True) == NOISE
+    assert judge(est(0.95, 0.91, 1.0), 0.9, at_least=True) == MET
+    assert judge(est(0.70, 0.50, 0.85), 0.9, at_least=True) == MISSED
+    assert judge(est(0.0, 0.0, math.inf), 0.1) == NOISE and judge(est(math.inf, math.inf, math.inf), 0.1) == MISSED
+    assert judge({"value": None}, 0.1) == judge(None, 0.1) == NA
+    assert pct(0.1234) == "12.3%" and pct(math.nan) == "n/a" and pct(math.inf) == "inf"
 
 
-def test_the_discussion_lists_every_miss_and_only_misses() -> None:
-    found = misses([GOOD, BAD], "steady")
-    assert not [m for m in found if "mvp" in m]
-    text = "\n".join(found)
-    for piece in ("cold-start median |err| <= 10% missed: 25.0%", "cold-start p90 |err| <= 20% missed: 60.0%",
-                  "fetch_s 40.0%", "run TTFT p50 within 15% missed", "run TPOT p50 within 10% missed",
-                  "cold starts by tier differ", "decision agreement 70.0% < 90%"):
-        assert piece in text, piece
-    assert "Every target is met." in render([GOOD], META)
-    # agreement is only judged on the steady workload
-    assert not [m for m in misses([{**BAD, "report_workload": "bursty"}], "steady") if "agreement" in m]
+def test_estimates_pool_the_seeds_and_are_deterministic() -> None:
+    rng = np.random.default_rng(1)
+    seeds = [rng.normal(0.1, 0.05, 15), rng.normal(0.2, 0.05, 25)]
+    stat = lambda x: np.median(x[..., 0], axis=-1)  # noqa: E731
+    a, b = estimate(seeds, stat), estimate(seeds, stat)
+    assert a == b  # a fixed generator: the same runs give the same interval
+    assert a["value"] == pytest.approx(np.median(np.concatenate(seeds))) and a["n"] == 40
+    assert a["per_seed"] == pytest.approx([np.median(seeds[0]), np.median(seeds[1])])
+    assert a["lo"] < a["value"] < a["hi"] and a["hi"] - a["lo"] < 0.1
+    constant = estimate([np.full(5, 0.3), np.full(4, 0.3)], stat)
+    assert constant["lo"] == constant["hi"] == pytest.approx(0.3)  # nothing to resample: no spread
+    empty = estimate([np.array([]), np.array([])], stat)
+    assert empty["value"] is None and empty["n"] == 0
+
+
+# --------------------------------------------------------------------------- pooling real joins
+
+
+def test_summarize_pools_counts_metrics_and_excludes_lost_requests() -> None:
+    runs = [_fid(s, "steady", "mvp", cold_err=0.05, ttft_err=0.02, lost=2 if s == 1 else 0) for s in (0, 1, 2)]
+    g = summarize(runs)
+    assert g["seeds"] == [0, 1, 2] and (g["policy"], g["workload"]) == ("mvp", "steady")
+    assert g["requests"] == {"live": 36, "sim": 36, "joined": 36, "lost_live": 2}
+    cs = g["metrics"]["cold_start_s"]["median_abs_err"]
+    # 18 cold starts, one of them (seed 1, request 10) lost live: not compared
+    assert cs["n"] == 17 and cs["value"] == pytest.approx(0.05) and cs["lo"] == pytest.approx(0.05)
+    assert g["metrics"]["cold_start_s"]["bias"]["lo"] < 0 < g["metrics"]["cold_start_s"]["bias"]["hi"]
+    # the two requests lost live (seed 1) have no TTFT or e2e error: 36 - 2 requests compared
+    assert g["metrics"]["ttft_s"]["median_abs_err"]["n"] == 34 and g["metrics"]["e2e_s"]["median_abs_err"]["n"] == 34
+    assert g["metrics"]["ttft_s"]["median_abs_err"]["value"] == pytest.approx(0.02)
+    p50 = g["percentiles"]["ttft_s"]["p50"]
+    assert p50["rel_err"]["value"] == pytest.approx((p50["sim"] - p50["live"]) / p50["live"])
+    assert p50["rel_err"]["n"] == 34  # over the same requests on both sides: the lost ones are left out
+    assert g["tiers"]["live"] == g["tiers"]["sim"] == {"cloud": 18}
+    assert g["tiers"]["rel_err"]["cloud"]["value"] == 0.0
+    assert g["agreement"]["value"] == 1.0 and g["agreement"]["n"] == 36 and g["first_divergence"] == []
+    assert summarize(runs) == g
+
+
+def test_tables_show_value_interval_n_and_the_three_verdicts() -> None:
+    good = summarize([_fid(s, "steady", "mvp", cold_err=0.05, ttft_err=0.02) for s in (0, 1, 2)])
+    bad = summarize([_fid(s, "steady", "sllm", cold_err=0.40, ttft_err=-0.30) for s in (0, 1, 2)])
+    # cold-start errors of 15%, 5%, 15% per seed: the median's interval [5%, 15%] straddles the 10% limit
+    noisy = summarize([_fid(s, "bursty", "sllm", cold_err=0.10, ttft_err=0.15, n=6, spread=0.05) for s in (0, 1)])
+    md = render([good, bad, noisy], META)
+    cs = good["metrics"]["cold_start_s"]
+    assert _row(md, "mvp", "steady", "18", interval(cs["median_abs_err"])).endswith("| met | met |")
+    assert _row(md, "sllm", "steady", "18", "40.0% [40.0%, 40.0%]").endswith("| **missed** | **missed** |")
+    assert _row(md, "sllm", "bursty", "6").endswith("| inside the noise | met |")
+    ttft = bad["percentiles"]["ttft_s"]["p50"]["rel_err"]
+    assert _row(md, "sllm", "steady", "TTFT p50").endswith(
+        f"| {interval(ttft, signed=True)} | -30.0%, -30.0%, -30.0% | 36 | within 15.0% | **missed** |")
+    assert _row(md, "mvp", "steady", "TTFT p50").endswith("| met |")
+    assert _row(md, "mvp", "steady", "cloud", "18", "18").endswith("| 0.0% [0.0%, 0.0%] | met |")
+    assert _row(md, "mvp", "steady", "fetch_s", "18", "0.0% [0.0%, 0.0%]").endswith("| met |")
+    assert _row(md, "mvp", "steady", "0, 1, 2", "36", "36", "36", "0")
+    glance = md.split("### Verdicts at a glance")[1].split("###")[0]
+    assert "| cold-start median \\|err\\| <= 10% | 1 | 1 | 1 | 0 |" in glance
+    assert "Hand-written text." in md and "![twin](fidelity/twin.png)" in md and "bootstrap" in md
+    missed, noisy_lines = misses([good, bad, noisy], "steady")
+    assert not [m for m in missed + noisy_lines if "mvp" in m]
+    assert any("sllm / steady**: cold start median: 40.0% [40.0%, 40.0%]" in m for m in missed)
+    assert any("sllm / bursty**: cold start median" in m for m in noisy_lines)
+    assert not [m for m in missed + noisy_lines if "bursty" in m and "agreement" in m]  # steady only
+    assert "Every target missed" in md and "inside the noise (the interval straddles" in md
 
 
 def test_run_percentiles_from_a_join() -> None:
@@ -108,3 +173,39 @@ def test_run_percentiles_from_a_join() -> None:
     assert p["ttft_s"]["p50"]["live"] == pytest.approx(0.25)
     assert p["ttft_s"]["p90"]["sim"] == pytest.approx(np.quantile([0.2] * 4 + [9.0], 0.9))
     assert p["tpot_s"]["p50"]["rel_err"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- the runner, reusing run dirs
+
+
+def _calibrated(path: Path) -> Path:
+    """The keys of a calibrated.yaml that the report summarizes."""
+    tier = {"read_bw_Bps": 2e7, "write_bw_Bps": 1.5e7, "capacity_bytes": 25 * 2**20}
+    path.write_text(yaml.safe_dump({
+        "cluster": {"store": {"per_stream_Bps": 5e6, "streams": 2, "ttfb_s": 0.05},
+                    "node_groups": [{"gpu": {"h2d_Bps": 2.3e8}, "tiers": {"nvme": tier}}]},
+        "engine": {"process_start_s": 1.3, "request_overhead_s": 0.025, "step_overhead_s": 0.003}}))
+    return path
+
+
+def test_report_reuses_seed_run_dirs_and_renders(tmp_path: Path) -> None:
+    runs_dir = tmp_path / "runs"
+    for wl in ("steady", "bursty"):
+        for s in (0, 1):
+            fid, j = _fid(s, wl, "mvp", cold_err=0.05, ttft_err=0.02, lost=1 if (wl, s) == ("bursty", 1) else 0)
+            out = run_dir(runs_dir, wl, "mvp", s)
+            out.mkdir(parents=True)
+            (out / "fidelity.json").write_text(json.dumps(fid))
+            j.to_parquet(out / "twin.parquet")
+    (tmp_path / "fig").mkdir()
+    (tmp_path / "fig" / "discussion.md").write_text("Kept by hand.\n")
+    md_path = report([f"calibration={_calibrated(tmp_path / 'calibrated.yaml')}", "report.reuse=true",
+                      f"report.runs_dir={runs_dir}", f"report.out={tmp_path / 'fidelity.md'}",
+                      f"report.figure_dir={tmp_path / 'fig'}", "report.policies=[mvp]", "report.seeds=[0,1]",
+                      "report.figure=[bursty,mvp]"])
+    md = md_path.read_text()
+    assert _row(md, "mvp", "steady", "0, 1", "24", "24", "24", "0")
+    assert _row(md, "mvp", "bursty", "0, 1", "24", "24", "24", "1")
+    assert _row(md, "mvp", "bursty", "TTFT p50")
+    assert "Kept by hand." in md and "seed<k>" in md and "report.reuse=true" in md
+    assert (tmp_path / "fig" / "twin.png").stat().st_size > 10_000

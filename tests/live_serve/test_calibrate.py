@@ -91,6 +91,11 @@ def test_calibrate_measures_the_paces_and_the_simulator_loads_it(tmp_path: Path)
     for key in ("step_overhead_s", "request_overhead_s"):
         assert key in doc["engine"] and math.isfinite(doc["engine"][key]) and doc["engine"][key] >= 0, doc["engine"]
     assert engine.step_overhead_s == doc["engine"]["step_overhead_s"]
+    # the engine stop: every probed engine's POST /unload was timed, and their mean is the simulator's stop_s
+    stops = [s["stop_s"] for runs in raw["samples"]["engine"].values() for s in runs]
+    assert len(stops) == 2 and all(0 < x < 30 for x in stops), stops
+    assert math.isclose(engine.stop_s, sum(stops) / len(stops), rel_tol=1e-3) and engine.demote_before_stop
+    assert "POST /unload round trip" in text and "stop " in proc.stdout
     assert "intercept" in text and "engine first_token_s" in text
     assert raw["samples"]["steps"]["tiny-a"]["prefill_client"]
     table = measured_from_dict(doc["inference"]["measured"][0], "inference.measured[0]")
