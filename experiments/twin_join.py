@@ -3,8 +3,10 @@
 Live and sim request tables (REQUEST_SCHEMA) are joined by `request_id` (row i of the trace is request i in
 both worlds). A request missing on one side is kept in the join (outer join, `in_live` / `in_sim` flags),
 counted and listed, never silently dropped. Relative error per request = (sim - live) / live; a metric's
-fidelity is {median_abs_err, p90_abs_err, bias (median signed error), n} over the joined requests where both
-sides have a finite value and live's is > 0.
+fidelity is {median_abs_err, p90_abs_err, bias (median signed error), n} over the joined requests both sides
+completed, with a finite value on each side, live's > 0 and the larger of the two at least the column's
+`REL_ERR_FLOOR_S` (a relative error between two sub-millisecond queue times is noise, not fidelity), plus
+`abs_err_s` {median, p90} of |sim - live| in seconds over the same requests without the floor.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ METRICS: tuple[str, ...] = ("cold_start_s", "ttft_s", "tpot_s", "e2e_s")
 PHASES: tuple[str, ...] = ("queue_s", "fetch_s", "to_gpu_s", "engine_init_s", "cold_start_s", "prefill_s")
 #: the decision columns compared by `decision_agreement`
 DECISION: tuple[str, ...] = ("cold_start", "node", "source_tier")
+#: below this (seconds, on both sides) a column's relative error is undefined: the gateway's queue_s is the
+#: policy's compute time when nothing waits (0.02-0.3 ms live, exactly 0 in the simulator)
+REL_ERR_FLOOR_S: dict[str, float] = {"queue_s": 0.01}
 #: columns carried from each side into twin.parquet (suffixed _live / _sim)
 CARRIED: tuple[str, ...] = ("model", "arrival_s", "outcome", "reason", "cold_start", "source_tier", "node",
                             "prompt_tokens", "output_tokens", *sorted(set(METRICS) | set(PHASES)))
@@ -57,22 +62,32 @@ def join(live: pd.DataFrame, sim: pd.DataFrame) -> pd.DataFrame:
         if f"{c}_live" in j and f"{c}_sim" in j:
             lv = j[f"{c}_live"].astype(float).to_numpy()
             sv = j[f"{c}_sim"].astype(float).to_numpy()
+            valid = completed & np.isfinite(lv) & np.isfinite(sv)
+            big = np.maximum(np.where(valid, lv, 0.0), np.where(valid, sv, 0.0)) >= REL_ERR_FLOOR_S.get(c, 0.0)
             with np.errstate(divide="ignore", invalid="ignore"):
-                err = np.where(completed & np.isfinite(lv) & np.isfinite(sv) & (lv > 0), (sv - lv) / lv, np.nan)
-            j[f"{c}_rel_err"] = err
+                j[f"{c}_rel_err"] = np.where(valid & (lv > 0) & big, (sv - lv) / lv, np.nan)
+            j[f"{c}_abs_err_s"] = np.where(valid, np.abs(sv - lv), np.nan)
     j.index.name = "request_id"
     return j.reset_index()
 
 
-def error_stats(rel_err: Sequence[float] | np.ndarray) -> dict[str, float | int | None]:
-    """{median_abs_err, p90_abs_err, bias, n} of relative errors (NaNs ignored; None when there are none)."""
+def error_stats(rel_err: Sequence[float] | np.ndarray,
+                abs_err_s: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
+    """{median_abs_err, p90_abs_err, bias, n} of relative errors (NaNs ignored; None when there are none), and
+    with `abs_err_s` also {abs_err_s: {median, p90, n}} of the absolute errors in seconds."""
     e = np.asarray(rel_err, dtype=float)
     e = e[np.isfinite(e)]
-    if not e.size:
-        return {"median_abs_err": None, "p90_abs_err": None, "bias": None, "n": 0}
-    a = np.abs(e)
-    return {"median_abs_err": float(np.median(a)), "p90_abs_err": float(np.quantile(a, 0.9)),
-            "bias": float(np.median(e)), "n": int(e.size)}
+    out: dict[str, Any] = {"median_abs_err": None, "p90_abs_err": None, "bias": None, "n": 0}
+    if e.size:
+        a = np.abs(e)
+        out = {"median_abs_err": float(np.median(a)), "p90_abs_err": float(np.quantile(a, 0.9)),
+               "bias": float(np.median(e)), "n": int(e.size)}
+    if abs_err_s is not None:
+        d = np.asarray(abs_err_s, dtype=float)
+        d = d[np.isfinite(d)]
+        out["abs_err_s"] = ({"median": float(np.median(d)), "p90": float(np.quantile(d, 0.9)), "n": int(d.size)}
+                            if d.size else {"median": None, "p90": None, "n": 0})
+    return out
 
 
 def _same(a: Any, b: Any, col: str) -> bool:
@@ -83,10 +98,20 @@ def _same(a: Any, b: Any, col: str) -> bool:
     return str(a) == str(b)
 
 
+def decided(joined: pd.DataFrame) -> pd.DataFrame:
+    """The joined requests whose decision is known on both sides: present in both, and live placed them (a
+    request the client gave up on before the gateway's response headers has no gateway row, so no node or
+    source tier: counting it as a disagreement would blame the simulator for a lost request)."""
+    both = joined["in_live"] & joined["in_sim"]
+    if "node_live" in joined:
+        both &= joined["node_live"].fillna("").astype(str) != ""
+    return joined[both]
+
+
 def decisions(joined: pd.DataFrame) -> tuple[float | None, dict[str, Any] | None]:
-    """Share of requests present on both sides whose cold/warm, node (by ordinal) and source tier agree, and
-    the first divergence (lowest request id) with both decisions; (None, None) when nothing joined."""
-    both = joined[joined["in_live"] & joined["in_sim"]]
+    """Share of the `decided` requests whose cold/warm, node (by ordinal) and source tier agree, and the first
+    divergence (lowest request id) with both decisions; (None, None) when there are none."""
+    both = decided(joined)
     if not len(both):
         return None, None
     agree = 0
@@ -102,9 +127,9 @@ def decisions(joined: pd.DataFrame) -> tuple[float | None, dict[str, Any] | None
 
 
 def decision_agrees(joined: pd.DataFrame) -> np.ndarray:
-    """Per request present on both sides (in join order): whether its cold/warm, node (by ordinal) and source
-    tier agree; the per-request form of `decisions`, for intervals over requests."""
-    both = joined[joined["in_live"] & joined["in_sim"]]
+    """Per `decided` request (in join order): whether its cold/warm, node (by ordinal) and source tier agree;
+    the per-request form of `decisions`, for intervals over requests."""
+    both = decided(joined)
     return np.array([all(_same(r[f"{c}_live"], r[f"{c}_sim"], c) for c in DECISION) for _, r in both.iterrows()],
                     dtype=bool)
 
@@ -145,11 +170,18 @@ def fidelity(live: pd.DataFrame, sim: pd.DataFrame, joined: pd.DataFrame | None 
                      # completed for the client but the gateway has no row: its phases are unknown
                      "live_without_gateway_row": [int(i) for i in j.loc[
                          in_live & (j["outcome_live"] == "completed") & (j["node_live"].fillna("") == ""),
-                         "request_id"]]},
+                         "request_id"]],
+                     # lost before the gateway answered: their decision (and whether they cold-started) is
+                     # unknown live, so live's cold starts by tier may undercount by up to this many
+                     "lost_live_undecided": [int(i) for i in j.loc[
+                         in_live & (j["outcome_live"] != "completed") & (j["node_live"].fillna("") == ""),
+                         "request_id"]],
+                     "decided": len(decided(j))},
     }
     for m in METRICS:
-        out[m] = error_stats(both[f"{m}_rel_err"])
-    out["phases"] = {p: error_stats(both[f"{p}_rel_err"]) for p in PHASES if f"{p}_rel_err" in both}
+        out[m] = error_stats(both[f"{m}_rel_err"], both.get(f"{m}_abs_err_s"))
+    out["phases"] = {p: error_stats(both[f"{p}_rel_err"], both.get(f"{p}_abs_err_s"))
+                     for p in PHASES if f"{p}_rel_err" in both}
     out["cold_starts_by_tier"] = {"live": cold_starts_by_tier(live), "sim": cold_starts_by_tier(sim)}
     out["decision_agreement"] = agreement
     out["first_divergence"] = first

@@ -337,6 +337,29 @@ def _worst_phase(g: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- the document
 
 
+def inference_section(fit: Mapping[str, Any] | None, doc: str) -> list[str]:
+    """The GPU inference model's error against each published measurement (experiments.inference_fit's result):
+    the twin above runs CPU engines, whose step times the calibration measures directly, so the GPU model's
+    fidelity has its own sources."""
+    title = ["## Inference-time model against GPU measurements", ""]
+    if not fit:
+        return [*title, "Not available: run `python -m experiments.inference_fit` first.", ""]
+    rows = []
+    for g in fit["gpus"].values():
+        name = g["peak"]["name"]
+        for label, s in (("one layer's dense operators, fitted", g["dense"]["all"]),
+                         ("the same, each model held out of its fit", g["dense"]["held_out_by_model"]),
+                         ("NCCL all-reduce, 2-8 GPUs", g["allreduce_err"]["all"])):
+            rows.append([name, label, str(s["n"]), pct(s["median_abs_err"]), pct(s["p90_abs_err"]), spct(s["bias"]),
+                         MET if s["median_abs_err"] <= 0.10 else f"**{MISSED}**"])
+    return [
+        *title,
+        f"Source: {fit['source']}. Target: median |err| <= 10% against measured step times. Details, by regime, "
+        f"tensor-parallel degree and model, and what is not measured (the attention kernel, whole engine steps "
+        f"on a GPU): [{doc}]({doc}).", "",
+        *_table(["GPU", "what", "n", "median |err|", "p90 |err|", "bias", "median target"], rows), ""]
+
+
 def render(groups: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
     """The whole docs/fidelity.md from `experiments.twin_seeds.summarize` entries. `meta`: command, date, machine,
     steady (workload label), workloads ({label: description}), calibration ({key: value}), figure (relative path),
@@ -373,6 +396,7 @@ def render(groups: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
     for metric, title in METRIC_TABLES:
         lines += metric_section(groups, metric, title)
     lines += phase_section(groups) + tier_section(groups) + agreement_section(groups, steady)
+    lines += inference_section(meta.get("inference"), str(meta.get("inference_doc", "")))
     if meta.get("figure"):
         lines += ["## Figure", "", f"![twin]({meta['figure']})", "", str(meta.get("figure_caption", "")), ""]
     lines += ["## Discussion of the errors above target", ""]

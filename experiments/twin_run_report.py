@@ -179,6 +179,8 @@ def report(user: Sequence[str]) -> Path:
                   f"Wall time of this invocation: {time.monotonic() - t0:.0f} s" + (
                       " (report.reuse=true: the runs and calibration above were reused, not rerun)" if reuse else "")],
         "discussion": _discussion_file(fig_dir),
+        "inference": _inference_fit(fig_dir),
+        "inference_doc": os.path.relpath(fig_dir / "inference.md", out_md.parent),
     }
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(render(groups, meta))
@@ -189,6 +191,12 @@ def _discussion_file(fig_dir: Path) -> list[str]:
     """Hand-written discussion kept beside the figure (discussion.md), if any: reruns keep it, numbers regenerate."""
     p = fig_dir / "discussion.md"
     return p.read_text().rstrip().splitlines() if p.is_file() else []
+
+
+def _inference_fit(fig_dir: Path) -> dict[str, Any] | None:
+    """`python -m experiments.inference_fit`'s result kept beside the figure (inference.json), if any."""
+    p = fig_dir / "inference.json"
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def report_main(argv: Sequence[str]) -> None:

@@ -209,3 +209,18 @@ def test_report_reuses_seed_run_dirs_and_renders(tmp_path: Path) -> None:
     assert _row(md, "mvp", "bursty", "TTFT p50")
     assert "Kept by hand." in md and "seed<k>" in md and "report.reuse=true" in md
     assert (tmp_path / "fig" / "twin.png").stat().st_size > 10_000
+
+
+def test_inference_section_reports_each_gpu_source_against_the_target() -> None:
+    from experiments.inference_fit import analyse
+    from experiments.twin_report import inference_section
+
+    fit = analyse()
+    lines = inference_section(fit, "fidelity/inference.md")
+    rows = [ln for ln in lines if ln.startswith("| H100") or ln.startswith("| A100")]
+    assert len(rows) == 6  # 2 GPUs x (fitted, held out, all-reduce)
+    for ln in rows:
+        median = float(ln.split("|")[4].strip().rstrip("%")) / 100
+        assert (MET in ln) == (median <= 0.10)
+    assert "[fidelity/inference.md](fidelity/inference.md)" in "\n".join(lines)
+    assert "Not available" in "\n".join(inference_section(None, ""))

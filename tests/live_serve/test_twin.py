@@ -161,3 +161,28 @@ def test_a_slice_the_live_stack_cannot_serve_in_time_fails_before_starting(tmp_p
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "twin.max_live_s" in proc.stderr and "60 s" in proc.stderr, proc.stderr
     assert not (out / "calibrate").exists() and not (out / "live").exists()
+
+
+def test_sub_floor_queues_have_no_relative_error_and_undecided_losses_are_not_disagreements() -> None:
+    live = _records([
+        {"request_id": 0, "node": "n0", "queue_s": 0.0002, "ttft_s": 0.1, "e2e_s": 0.2},   # policy compute time
+        {"request_id": 1, "node": "n0", "queue_s": 0.5, "ttft_s": 0.6, "e2e_s": 0.7},      # a real wait
+        {"request_id": 2, "node": "", "outcome": "failed", "reason": "client_timeout"},    # lost before placement
+    ])
+    sim = _records([
+        {"request_id": 0, "node": "calibrated-0", "queue_s": 0.0, "ttft_s": 0.1, "e2e_s": 0.2},
+        {"request_id": 1, "node": "calibrated-0", "queue_s": 0.4, "ttft_s": 0.5, "e2e_s": 0.6},
+        {"request_id": 2, "cold_start": True, "source_tier": "cloud", "node": "calibrated-1", "ttft_s": 2.0,
+         "e2e_s": 2.1},
+    ])
+    j = join(live, sim)
+    assert math.isnan(j.loc[0, "queue_s_rel_err"])  # both below REL_ERR_FLOOR_S: undefined, not -100%
+    assert j.loc[0, "queue_s_abs_err_s"] == pytest.approx(0.0002)
+    assert j.loc[1, "queue_s_rel_err"] == pytest.approx(-0.2)
+    fid = fidelity(live, sim)
+    q = fid["phases"]["queue_s"]
+    assert q["n"] == 1 and q["median_abs_err"] == pytest.approx(0.2)
+    assert q["abs_err_s"]["n"] == 2 and q["abs_err_s"]["median"] == pytest.approx((0.0002 + 0.1) / 2)
+    # request 2: the live client gave up before the gateway answered, so its live decision is unknown
+    assert fid["requests"]["lost_live_undecided"] == [2] and fid["requests"]["decided"] == 2
+    assert fid["decision_agreement"] == 1.0
