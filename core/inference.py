@@ -29,6 +29,9 @@ from typing import Any
 from core.errors import ConfigError
 from core.specs import EngineSpec, GpuSpec, ModelSpec
 
+#: the shortest decode step a measured table may hold: a GPU kernel launch alone takes a few microseconds
+MIN_STEP_S = 1e-6
+
 
 @dataclass(frozen=True)
 class MeasuredTable:
@@ -36,7 +39,8 @@ class MeasuredTable:
 
     `prefill_tokens_per_s` is the prefill throughput; `decode_batch` / `decode_iter_s` give
     the decode iteration time at several batch sizes (linearly interpolated; below the first
-    size clamped, above the last extrapolated along the last segment).
+    size clamped, above the last extrapolated along the last segment, never downwards: a noisy
+    table whose last step is faster than the one before stays flat instead of reaching 0).
     """
 
     engine: str
@@ -54,7 +58,7 @@ class MeasuredTable:
             # beyond the table, extrapolate along the last segment (decode grows ~linearly with batch)
             if len(xs) == 1:
                 return ys[0]
-            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
             return ys[-1] + slope * (batch - xs[-1])
         i = bisect.bisect_left(xs, batch)
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
@@ -78,6 +82,9 @@ def measured_from_dict(data: Mapping[str, Any], where: str) -> MeasuredTable:
         raise ConfigError(f"{where}: decode_batch must be strictly increasing and as long as decode_iter_s")
     if table.prefill_tokens_per_s <= 0 or min(iters) <= 0:
         raise ConfigError(f"{where}: prefill_tokens_per_s and decode_iter_s must be positive")
+    if min(iters) < MIN_STEP_S:
+        raise ConfigError(f"{where}.decode_iter_s: {min(iters):.3g} s is below {MIN_STEP_S:g} s, faster than any "
+                          "engine steps: a failed measurement (recalibrate), not a table to simulate")
     return table
 
 

@@ -344,3 +344,14 @@ def test_measured_from_dict_rejects_bad_tables(change, match):
 def test_measured_from_dict_names_a_non_numeric_field(change, field):
     with pytest.raises(ConfigError, match=rf"inference\.measured\[0\].*{field}"):
         measured_from_dict({**_GOOD, **change}, "inference.measured[0]")
+
+
+def test_measured_table_never_extrapolates_downwards_and_rejects_impossible_steps():
+    noisy = MeasuredTable("e", "m", "g", 1000.0, (1, 2), (0.004, 0.00002))  # batch 2 measured absurdly fast
+    assert noisy.iter_s(3) == noisy.iter_s(64) == 0.00002  # flat beyond the table, never negative
+    rising = MeasuredTable("e", "m", "g", 1000.0, (1, 2), (0.004, 0.005))
+    assert rising.iter_s(4) == pytest.approx(0.007)
+    bad = {"engine": "e", "model": "m", "gpu": "g", "prefill_tokens_per_s": 1000, "decode_batch": [1, 2],
+           "decode_iter_s": [1.25e-10, 0.004]}
+    with pytest.raises(ConfigError, match=r"inference.measured\[0\].decode_iter_s: 1.25e-10 s is below"):
+        measured_from_dict(bad, "inference.measured[0]")
