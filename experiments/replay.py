@@ -36,6 +36,7 @@ from core.workload.trace import Workload
 from experiments.entry import hydra_command
 from experiments.setup import load_workload
 from live.gateway_records import tpot
+from live.gateway_sse import token_choice
 from live.outputs import live_summary, one_line, write_outputs
 
 REQUEST_ID_HEADER = "x-tierlab-request-id"
@@ -91,8 +92,9 @@ class ClientRow:
     gateway_id: int | None = None
     woke_s: float = math.nan  # when the client's timer fired for it (trace clock): arrival_s + the timer's lateness
     sent_s: float = math.nan  # when it was sent: woke_s + the wait for a free client slot (max_in_flight)
-    ttft_s: float = math.nan
+    ttft_s: float = math.nan  # sent -> the first chunk standing for a token (empty text included)
     e2e_s: float = math.nan
+    last_token_s: float = math.nan  # sent -> the last such chunk (streams)
     in_tokens: int = 0
     out_tokens: int = 0
     outcome: str = "failed"
@@ -200,9 +202,12 @@ async def _read_stream(r: httpx.Response, row: ClientRow, t0: float) -> None:
         if msg.get("usage"):
             row.in_tokens = int(msg["usage"].get("prompt_tokens", 0))
             row.out_tokens = int(msg["usage"].get("completion_tokens", 0))
-        choices = msg.get("choices") or []
-        if choices and choices[0].get("text") and math.isnan(row.ttft_s):
-            row.ttft_s = time.monotonic() - t0
+        # a chunk with a choice is a token even when its text is "" (held back by the engine's detokenizer):
+        # timing chunks with text would time text arrival, not generation (`live.gateway_sse.token_choice`)
+        if token_choice(msg) is not None:
+            row.last_token_s = time.monotonic() - t0
+            if math.isnan(row.ttft_s):
+                row.ttft_s = row.last_token_s
     row.outcome, row.reason = ("completed", "") if done else ("failed", "stream_ended_without_done")
 
 
@@ -286,7 +291,7 @@ def merge_records(rows: Sequence[ClientRow], gateway: pd.DataFrame | None) -> pd
             if not row.reason:
                 values["reason"] = g["reason"] or ""
         if row.stream and (g is None or math.isnan(g["tpot_s"])):
-            values["tpot_s"] = tpot(row.e2e_s, row.ttft_s, row.out_tokens)
+            values["tpot_s"] = tpot(row.last_token_s, row.ttft_s, row.out_tokens)
         for c in REQUEST_SCHEMA:
             cols[c].append(values[c])
     return frame(REQUEST_SCHEMA, cols)

@@ -252,7 +252,7 @@ class ForwardMixin:
     async def _relay(self: Gateway, flight: Flight, upstream: httpx.Response, first: bytes,
                      chunks: AsyncIterator[bytes], req: RequestInfo, t_arrival: float,
                      deadline: float) -> AsyncIterator[bytes]:
-        """Yield the engine's SSE events whole, as they come (TTFT is the first event carrying text); a detached
+        """Yield the engine's SSE events whole, as they come (TTFT is the first event standing for a token); a detached
         sequence continues from the engine it moved to. If the engine fails mid-stream, or the request's time is
         up, end with an SSE error event instead."""
         outcome, reason, pending = "failed", "client_disconnected", b""
@@ -388,7 +388,12 @@ class ForwardMixin:
 
     @staticmethod
     def _scan(events: bytes, req: RequestInfo, t_arrival: float, flight: Flight | None = None) -> None:
-        """Read whole SSE events for text (TTFT, tokens), usage, and the engine's response id."""
+        """Read whole SSE events for tokens (the first's and last's times), usage, and the engine's response id.
+
+        A token is a chunk with a choice, empty text included (`sse.token_choice`): engines stream one chunk
+        per generated token and send "" while its text is held back, so timing chunks with text would time
+        text arrival (late TTFT, near-zero TPOT when the text comes at the end) instead of generation."""
+        now = time.monotonic() - t_arrival
         for msg in sse.data_messages(events):
             rid = msg.get("id")
             if flight is not None and isinstance(rid, str) and rid != flight.engine_id:
@@ -399,15 +404,15 @@ class ForwardMixin:
             if isinstance(usage, dict):
                 req.in_tokens = int(usage.get("prompt_tokens", 0) or 0)
                 req.out_tokens = int(usage.get("completion_tokens", 0) or 0)
-            choices = msg.get("choices")
-            choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-            delta = choice.get("delta")
-            text = choice.get("text") or (delta.get("content") if isinstance(delta, dict) else None)
-            if text:
-                if math.isnan(req.ttft_s):
-                    req.ttft_s = time.monotonic() - t_arrival
-                if not usage:
-                    req.out_tokens += 1  # one chunk per token, until the usage chunk says otherwise
+            choice = sse.token_choice(msg)
+            if choice is None:
+                continue
+            if math.isnan(req.ttft_s):
+                req.ttft_s = now
+            req.last_token_s = now
+            if not usage and (choice.get("finish_reason") is None or sse.choice_text(choice)):
+                # one chunk per token (a bare finish chunk is none), until the usage chunk says otherwise
+                req.out_tokens += 1
 
     def _fail(self: Gateway, req: RequestInfo, t_arrival: float, status: int, message: str, code: str) -> Response:
         self._finish(req, t_arrival, "failed", code)
@@ -421,7 +426,7 @@ class ForwardMixin:
         req.outcome, req.reason = outcome, reason
         req.e2e_s = time.monotonic() - t_arrival
         if req.token_stream:
-            req.tpot_s = tpot(req.e2e_s, req.ttft_s, req.out_tokens)
+            req.tpot_s = tpot(req.last_token_s, req.ttft_s, req.out_tokens)
         self.metrics.request_done(outcome, req.ttft_s, req.tpot_s)
         self._rows.append(request_row(req))
         lv = self.live.get(req.instance) if req.cold_start else None

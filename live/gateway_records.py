@@ -44,9 +44,10 @@ class RequestInfo:
     engine_init_s: float = math.nan
     cold_start_s: float = math.nan
     prefill_s: float = math.nan
-    ttft_s: float = math.nan
+    ttft_s: float = math.nan  # arrival -> the first chunk standing for a token (`gateway_sse.token_choice`)
     tpot_s: float = math.nan
     e2e_s: float = math.nan
+    last_token_s: float = math.nan  # arrival -> the last such chunk (streams only; not a REQUEST_SCHEMA column)
     out_tokens: int = 0
     in_tokens: int = 0
     node: str = ""
@@ -57,11 +58,12 @@ class RequestInfo:
     finished: bool = False
 
 
-def tpot(e2e_s: float, ttft_s: float, out_tokens: int) -> float:
-    """Mean time per output token after the first, (e2e - ttft) / (tokens - 1); NaN when not measurable."""
-    if out_tokens < 2 or math.isnan(ttft_s) or math.isnan(e2e_s):
+def tpot(last_token_s: float, ttft_s: float, out_tokens: int) -> float:
+    """Mean time per output token after the first, (last token - first token) / (tokens - 1), both times from
+    arrival (the first and last chunks that stand for tokens); NaN when not measurable."""
+    if out_tokens < 2 or math.isnan(ttft_s) or math.isnan(last_token_s):
         return math.nan
-    return max(0.0, e2e_s - ttft_s) / (out_tokens - 1)
+    return max(0.0, last_token_s - ttft_s) / (out_tokens - 1)
 
 
 def apply_load_timings(req: RequestInfo, timings: Mapping[str, Any]) -> None:

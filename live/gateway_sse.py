@@ -53,6 +53,33 @@ def data_messages(events: bytes) -> Iterator[dict[str, Any]]:
             yield msg
 
 
+def token_choice(msg: dict[str, Any]) -> dict[str, Any] | None:
+    """The first choice of a stream chunk if the chunk stands for a generated token, else None.
+
+    A token's chunk is any chunk with a choice, even with empty text: an engine streams one chunk per token
+    and sends "" while the token's text is held back (part of a UTF-8 character, a possible stop string), so
+    chunk times are token times, as TTFT and TPOT mean them (vLLM's benchmarks time chunks the same way).
+    Not tokens: the usage chunk (`choices: []`), errors, and a chat stream's opening role chunk (role, no
+    content), which an engine may send before it has generated anything.
+    """
+    choices = msg.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    delta = choice.get("delta")
+    if (isinstance(delta, dict) and "role" in delta and not delta.get("content")
+            and choice.get("finish_reason") is None):
+        return None
+    return choice
+
+
+def choice_text(choice: dict[str, Any]) -> str:
+    """The text a completions or chat chunk's choice carries ("" if none)."""
+    delta = choice.get("delta")
+    text = choice.get("text") if not isinstance(delta, dict) else delta.get("content")
+    return text if isinstance(text, str) else ""
+
+
 def event(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()

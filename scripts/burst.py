@@ -6,7 +6,7 @@
 Reads the gateway's URL, the first tenant's API key and the admin token from serve.json, sends `-n` chat
 completions at once (one asyncio task each over a shared httpx connection pool, SSE streaming; `ignore_eos`,
 so that every answer is `--max-tokens` long and runs compare like for like), and prints the
-TTFT quantiles (the client's clock: from sending the request to the first chunk carrying content), the total
+TTFT quantiles (the client's clock: from sending the request to the first token's chunk, text or not), the total
 time (first send to last byte), and how the gateway spread the requests over instances: each response's
 `x-tierlab-request-id` joined with the `instance` column of GET /admin/records. `--json OUT` writes the same
 numbers (and one row per request) as JSON. Exit status 1 if any request did not complete.
@@ -38,7 +38,7 @@ class Result:
     index: int
     status: int = 0
     request_id: int | None = None
-    ttft_s: float = math.nan  # send -> first content chunk
+    ttft_s: float = math.nan  # send -> first token chunk (empty text included; not the role chunk)
     e2e_s: float = math.nan  # send -> end of stream
     chunks: int = 0  # content chunks received (about one per token)
     text_chars: int = 0
@@ -94,10 +94,14 @@ async def one_request(client: httpx.AsyncClient, base_url: str, key: str, body: 
                 if event.get("usage"):
                     res.completion_tokens = event["usage"].get("completion_tokens")
                 for choice in event.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content")
+                    # a chunk with a choice is a token even with "" (the engine holds its text back), but the
+                    # opening role chunk is not (as `live.gateway_sse.token_choice`): TTFT times generation
+                    role_only = "role" in delta and not content and choice.get("finish_reason") is None
+                    if math.isnan(res.ttft_s) and not role_only:
+                        res.ttft_s = time.perf_counter() - sent
                     if content:
-                        if res.chunks == 0:
-                            res.ttft_s = time.perf_counter() - sent
                         res.chunks += 1
                         res.text_chars += len(content)
     except (httpx.HTTPError, json.JSONDecodeError) as e:

@@ -81,7 +81,7 @@ def _gateway(ids: list[int], queue_s: float) -> pd.DataFrame:
 
 def test_replay_queue_excludes_the_client_timers_lateness() -> None:
     late = ClientRow(0, "m", 1.0, 5, 3, stream=True, gateway_id=1, woke_s=1.006, sent_s=1.006, ttft_s=0.2,
-                     e2e_s=0.4, out_tokens=3, outcome="completed")
+                     e2e_s=0.45, last_token_s=0.4, out_tokens=3, outcome="completed")
     slot = ClientRow(1, "m", 2.0, 5, 3, stream=False, gateway_id=2, woke_s=2.004, sent_s=2.504, ttft_s=0.3,
                      e2e_s=0.3, out_tokens=3, outcome="completed")
     old = ClientRow(2, "m", 3.0, 5, 3, stream=False, gateway_id=None, sent_s=3.25, ttft_s=0.1, e2e_s=0.1,
@@ -91,8 +91,10 @@ def test_replay_queue_excludes_the_client_timers_lateness() -> None:
     df = merge_records([late, slot, old], _gateway([1, 2], queue_s=0.0002)).set_index("request_id")
     # 6 ms late: none of it is queueing, nor in TTFT / e2e; the gateway's placement wait is
     assert df.loc[0, "queue_s"] == pytest.approx(0.0002)
-    assert df.loc[0, "ttft_s"] == pytest.approx(0.2) and df.loc[0, "e2e_s"] == pytest.approx(0.4)
-    assert df.loc[0, "tpot_s"] == pytest.approx(0.1)  # streamed: (e2e - ttft) / (3 - 1)
+    assert df.loc[0, "ttft_s"] == pytest.approx(0.2) and df.loc[0, "e2e_s"] == pytest.approx(0.45)
+    # streamed: (last token - first token) / (3 - 1), the client's token chunks (the end of the stream, after
+    # its last token, is not a token: TPOT used e2e until it timed token chunks)
+    assert df.loc[0, "tpot_s"] == pytest.approx(0.1)
     # 0.5 s waiting for a free client slot is a queue the request really saw
     assert df.loc[1, "queue_s"] == pytest.approx(0.5002) and df.loc[1, "ttft_s"] == pytest.approx(0.8)
     assert math.isnan(df.loc[1, "tpot_s"])  # not streamed: its tokens came together, no TPOT

@@ -11,8 +11,11 @@ detached sequence frees its slot at once.
 Generated token k of a sequence is drawn with `position_generator(seed, k)`: a sequence resumed on
 another engine (prompt + generated ids prefilled again) draws exactly what it would have drawn here.
 
-Events go back through each request's `emit(kind, payload)`: ("text", str), ("done", {"finish_reason",
-"usage"}), ("detached", {"prompt_ids", "token_ids", "emitted_chars"}) or ("error", ApiError). Importing
+Events go back through each request's `emit(kind, payload)`: ("token", str) once per generated token, at
+the step that generated it, with the text it releases ("" while the text is held back: a partial UTF-8
+character or a possible stop string, see `TextStream`), so that a stream's chunks time the generation, not
+the text; ("done", {"finish_reason", "usage", "text"}) where "text" is what the end released (held-back text,
+"" if none); ("detached", {"prompt_ids", "token_ids", "emitted_chars"}) or ("error", ApiError). Importing
 this module does not import torch (the server must listen before torch loads); `serve()` brings it in.
 """
 
@@ -340,9 +343,8 @@ class Scheduler:
             self._finish(seq, "stop")
             return
         seq.tokens.append(token)
-        delta = seq.text.push(token)
-        if delta:
-            req.emit("text", delta)
+        # one event per token even when its text is held back (delta ""): the client times tokens, as with vLLM
+        req.emit("token", seq.text.push(token))
         if seq.text.stopped:
             self._finish(seq, "stop")
         elif len(seq.tokens) >= seq.budget_tokens:
@@ -353,10 +355,8 @@ class Scheduler:
         self._running.remove(seq)
         req = seq.req
         cancelled = reason == "cancelled"
-        if not cancelled:
-            rest = seq.text.flush()
-            if rest:
-                req.emit("text", rest)
+        # the held-back text rides on "done" (not a "token" event of its own): one token event per token
+        rest = "" if cancelled else seq.text.flush()
         done = time.perf_counter()
         usage = {
             "prompt_tokens": len(req.prompt_ids),
@@ -374,4 +374,4 @@ class Scheduler:
             "cancelled": cancelled,
             "resumed": req.resume is not None,
         }
-        req.emit("done", {"finish_reason": finish_reason, "usage": usage})
+        req.emit("done", {"finish_reason": finish_reason, "usage": usage, "text": rest})

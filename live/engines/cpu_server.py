@@ -8,6 +8,12 @@ POST /v1/completions and /v1/chat/completions (non-streaming, or SSE with `strea
 (start-up phase timings, batching counters, the last request), and POST /v1/tierlab/detach (live
 migration, below).
 
+A stream sends one chunk per generated token as the step that generated it ends, as vLLM does: a token whose
+text is held back (part of a UTF-8 character, or maybe the start of a stop string) gets a chunk with empty
+text, and its text comes in a later chunk. A client timing TTFT and TPOT by chunks with a choice then times
+token generation, not text arrival. A chat stream opens with a role chunk at once (before any token), and
+every stream ends with a finish chunk carrying the finish_reason and any text still held back.
+
 The server listens before torch is even imported; the model loads in a thread (`cpu_engine.Engine`).
 Inference is continuously batched (`batching.Scheduler`): up to --max-num-seqs sequences decode together,
 one forward pass per step; newcomers join between steps, their prefill chunked to --prefill-chunk-tokens
@@ -273,10 +279,11 @@ def create_app(engine: Engine) -> Starlette:
                 yield _sse(_chunk(request_id, created, chat, [_choice(chat, "", None, first=True)]))
             while True:
                 kind, payload = await channel.events.get()
-                if kind == "text":
+                if kind == "token":  # one chunk per token, "" included (a valid OpenAI delta)
                     yield _sse(_chunk(request_id, created, chat, [_choice(chat, payload, None)]))
                 elif kind == "done":
-                    yield _sse(_chunk(request_id, created, chat, [_choice(chat, None, payload["finish_reason"])]))
+                    rest = payload["text"] or None  # text held back until the end
+                    yield _sse(_chunk(request_id, created, chat, [_choice(chat, rest, payload["finish_reason"])]))
                     if params.include_usage:
                         yield _sse({**_chunk(request_id, created, chat, []), "usage": payload["usage"]})
                     break
@@ -304,9 +311,10 @@ def create_app(engine: Engine) -> Starlette:
         try:
             while True:
                 kind, payload = await channel.events.get()
-                if kind == "text":
+                if kind == "token":
                     parts.append(payload)
                 elif kind == "done":
+                    parts.append(payload["text"])
                     break
                 elif kind == "detached":
                     return JSONResponse({"id": req.request_id, "tierlab_detached": payload})

@@ -63,8 +63,10 @@ def test_cold_then_warm_then_stream(gateway_server: GatewayServer) -> None:
     streams = df.iloc[2:]
     measurable = streams["output_tokens"] >= 2
     assert (streams["tpot_s"][measurable] > 0).all() and streams["tpot_s"][~measurable].isna().all()
-    expected_tpot = (streams["e2e_s"] - streams["ttft_s"]) / (streams["output_tokens"] - 1)
-    assert np.allclose(streams["tpot_s"][measurable], expected_tpot[measurable])
+    # TPOT runs from the first to the last token's chunk (not to the end of the request, which the finish and
+    # usage chunks and [DONE] close later), so it is at most (e2e - ttft) / (tokens - 1)
+    upper = (streams["e2e_s"] - streams["ttft_s"]) / (streams["output_tokens"] - 1)
+    assert (streams["tpot_s"][measurable] <= upper[measurable] + 1e-9).all()
     assert list(df["outcome"]) == ["completed"] * 4
     assert list(df["source_tier"]) == ["cloud", "gpu", "gpu", "gpu"]
     assert list(df["cold_start"]) == [True, False, False, False]

@@ -25,7 +25,9 @@ from tests.live_gateway.conftest import ADMIN_TOKEN, KEYS, MODEL, static_config
 
 
 def test_tpot_is_time_after_the_first_token_per_later_token() -> None:
-    assert tpot(e2e_s=1.0, ttft_s=0.2, out_tokens=5) == pytest.approx(0.2)
+    # from the first token's chunk to the last token's (the argument was e2e_s until TPOT stopped counting the
+    # request's tail after its last token)
+    assert tpot(last_token_s=1.0, ttft_s=0.2, out_tokens=5) == pytest.approx(0.2)
     for tokens in (0, 1):
         assert math.isnan(tpot(1.0, 0.2, tokens))
     assert math.isnan(tpot(1.0, math.nan, 5))
@@ -92,6 +94,41 @@ def test_synthesized_completion_stream() -> None:
     answer = {"id": "x", "choices": [{"index": 0, "text": "hi", "finish_reason": "length"}], "usage": None}
     msgs = list(sse.data_messages(sse.synthesize_stream(answer, chat=False, include_usage=True)))
     assert [(m["choices"][0]["text"], m["choices"][0]["finish_reason"]) for m in msgs] == [("hi", None), ("", "length")]
+
+
+def test_a_chunk_with_a_choice_is_a_token_even_with_empty_text() -> None:
+    def chunk(*choices: dict[str, object], **extra: object) -> dict[str, object]:
+        return {"id": "c", "choices": list(choices), **extra}
+
+    held_back = {"index": 0, "text": "", "finish_reason": None}  # a token whose text the engine holds back
+    assert sse.token_choice(chunk(held_back)) == held_back
+    assert sse.token_choice(chunk({"index": 0, "delta": {"content": ""}, "finish_reason": None})) is not None
+    assert sse.token_choice(chunk({"index": 0, "delta": {}, "finish_reason": "length"})) is not None
+    # not tokens: a chat stream's opening role chunk (sent before any token), the usage chunk, an error
+    assert sse.token_choice(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                   "finish_reason": None})) is None
+    assert sse.token_choice(chunk(usage={"completion_tokens": 3})) is None
+    assert sse.token_choice({"error": {"message": "x"}}) is None
+    first = sse.token_choice(chunk({"index": 0, "delta": {"role": "assistant", "content": "hi"},
+                                    "finish_reason": None}))
+    assert first is not None and sse.choice_text(first) == "hi"  # an engine that sends its role with a token
+
+
+def test_scan_times_the_first_and_last_token_chunks_and_takes_usage() -> None:
+    from live.gateway_forward import ForwardMixin
+
+    req = RequestInfo(1, MODEL, "t", 2, 3, 0.0)
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    ForwardMixin._scan(sse.event(role), req, t_arrival=0.0)
+    assert math.isnan(req.ttft_s) and req.out_tokens == 0
+    token = {"choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}
+    ForwardMixin._scan(sse.event(token) * 2, req, t_arrival=0.0)
+    first = req.ttft_s
+    assert first == req.last_token_s and req.out_tokens == 2  # counted until the usage chunk says
+    ForwardMixin._scan(sse.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}), req, -1.0)
+    assert req.ttft_s == first < req.last_token_s and req.out_tokens == 2  # a bare finish chunk: no token
+    ForwardMixin._scan(sse.event({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}}), req, 0.0)
+    assert (req.in_tokens, req.out_tokens) == (2, 3)
 
 
 def test_histogram_is_cumulative_and_ignores_nan() -> None:

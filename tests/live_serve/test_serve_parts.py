@@ -127,8 +127,9 @@ def _gateway_rows(ids: list[int]) -> pd.DataFrame:
 
 
 def test_merge_keeps_client_view_and_joins_gateway_phases() -> None:
-    rows = [ClientRow(0, "m", 0.0, 5, 3, stream=True, gateway_id=7, sent_s=0.25, ttft_s=2.0, e2e_s=2.4, in_tokens=5,
-                      out_tokens=3, outcome="completed"),
+    # the client's TPOT runs from its first to its last token chunk (last_token_s), no longer to e2e
+    rows = [ClientRow(0, "m", 0.0, 5, 3, stream=True, gateway_id=7, sent_s=0.25, ttft_s=2.0, e2e_s=2.45,
+                      last_token_s=2.4, in_tokens=5, out_tokens=3, outcome="completed"),
             ClientRow(1, "m", 1.0, 5, 3, stream=False, gateway_id=8, sent_s=1.0, ttft_s=0.3, e2e_s=0.3, in_tokens=5,
                       out_tokens=3, outcome="completed"),
             ClientRow(2, "m", 2.0, 5, 3, stream=False, gateway_id=None, sent_s=2.0, e2e_s=0.01, outcome="failed",
