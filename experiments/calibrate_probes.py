@@ -208,9 +208,11 @@ def probe_steps(engine_url: str, model: str, vocab_size: int, prefill_lengths: S
     """Prefill and decode step times of a warm engine.
 
     Prefill: a request of L prompt tokens and max_tokens 1; the engine's own arrival -> first token time
-    (`/stats` last_request.first_token_s, no HTTP). Decode: B concurrent requests of an 8-token prompt,
-    timed with 2 and with 2 + `decode_tokens` output tokens (ignore_eos): the difference over
-    `decode_tokens` is one decode step at batch B (prefill and HTTP cancel out).
+    (`/stats` last_request.first_token_s, no HTTP). Decode: B concurrent requests of an 8-token prompt and
+    2 + `decode_tokens` output tokens (ignore_eos); one decode step at batch B is the engine's own mean loop
+    period over its pure decode steps at batch B during them (`/stats` decode_steps, before / after). An engine
+    without those counters is timed from the client instead: the same requests with 2 output tokens, the
+    difference over `decode_tokens` (noisy: HTTP and the machine's load do not always cancel out).
     Each prefill request is also timed by the client (HTTP straight to the engine, no gateway): client - engine
     time is the per-request overhead outside the engine's batch (`request_overheads_s`).
     Returns {"prefill": {L: [seconds...]}, "decode": {B: [seconds per step...]},
@@ -236,10 +238,24 @@ def probe_steps(engine_url: str, model: str, vocab_size: int, prefill_lengths: S
             client[n].append(time.perf_counter() - t0)
             prefill[n].append(float(_stats(engine_url)["last_request"]["first_token_s"]))
         for b in decode:
-            base = batch_wall_s(b, 2)
+            before = _decode_steps(engine_url, b)
             longer = batch_wall_s(b, 2 + decode_tokens)
-            decode[b].append(max(longer - base, 1e-9) / decode_tokens)
+            after = _decode_steps(engine_url, b)
+            if before is not None and after is not None and after[0] > before[0]:
+                decode[b].append((after[1] - before[1]) / (after[0] - before[0]))
+            else:
+                base = batch_wall_s(b, 2)
+                decode[b].append(max(longer - base, 1e-9) / decode_tokens)
     return {"prefill": prefill, "decode": decode, "prefill_client": client}
+
+
+def _decode_steps(engine_url: str, batch: int) -> tuple[int, float] | None:
+    """The engine's (steps, seconds) of pure decode steps at `batch` so far; None if it does not count them."""
+    counters = _stats(engine_url).get("decode_steps")
+    if counters is None:
+        return None
+    c = counters.get(str(batch)) or {"steps": 0, "seconds": 0.0}
+    return int(c["steps"]), float(c["seconds"])
 
 
 def request_overheads_s(steps: dict[str, Any]) -> list[float]:

@@ -129,6 +129,12 @@ class Scheduler:
         self.requests_detached = 0
         self.first_token_perf: float | None = None
         self.last_request: dict[str, Any] | None = None
+        # pure decode steps (no prefill chunk in them) by batch size: {B: [steps, seconds]}, each timed from its
+        # start to the next step's start when the worker went straight on (the whole loop iteration: admission,
+        # forward pass, sampling, handing tokens out, the GIL shared with the streaming threads): what a
+        # calibration probe reads as one decode step at batch B, free of the client-side noise of HTTP timing
+        self.decode_step_s: dict[int, list[float]] = {}
+        self._open_decode_step: tuple[int, float] | None = None  # (batch, start) of a decode step to close
 
     # -- the other threads' side
 
@@ -210,6 +216,8 @@ class Scheduler:
             "requests_failed": self.requests_failed,
             "requests_detached": self.requests_detached,
             "last_request": self.last_request,
+            "decode_steps": {str(b): {"steps": int(n), "seconds": t}
+                             for b, (n, t) in sorted(self.decode_step_s.items())},
             "sequences": sequences,
         }
 
@@ -301,13 +309,22 @@ class Scheduler:
             self._running.append(seq)
 
     def _step(self) -> None:
+        t0 = time.perf_counter()
+        if self._open_decode_step is not None:
+            batch, start = self._open_decode_step
+            acc = self.decode_step_s.setdefault(batch, [0, 0.0])
+            acc[0] += 1
+            acc[1] += t0 - start
+            self._open_decode_step = None
         segments: list[tuple[list[int], Any]] = []
         sampled: list[_Seq | None] = []  # per segment: the sequence that samples from its logits, if any
         budget = self.prefill_chunk_tokens
+        prefill_in_step = False
         for seq in self._running:
             if seq.prefilling:
                 if budget <= 0:
                     continue  # its turn comes in a later step
+                prefill_in_step = True
                 n = min(budget, len(seq.pending) - seq.fed)
                 chunk = seq.pending[seq.fed : seq.fed + n]
                 budget -= n
@@ -328,6 +345,8 @@ class Scheduler:
                 self._take_token(seq, logits[row])
         if self.step_delay_s > 0:
             time.sleep(self.step_delay_s)
+        # closed by the next step, if the worker goes straight on to it (a sequence still running)
+        self._open_decode_step = (len(segments), t0) if not prefill_in_step and self._running else None
 
     def _take_token(self, seq: _Seq, logits: Any) -> None:
         req = seq.req

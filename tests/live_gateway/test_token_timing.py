@@ -13,6 +13,7 @@ the gateway (uvicorn in a thread) over it, and the replay client's own sending c
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import itertools
 import json
 import math
@@ -186,3 +187,26 @@ def test_the_replay_client_times_the_first_token_chunk(engine: CpuEngineProcess)
     merged = merge_records([row], records).iloc[0]
     assert math.isclose(merged["tpot_s"], records.iloc[0]["tpot_s"])  # the gateway's, itself ~ the step
     assert merged["tpot_s"] == pytest.approx(engine_tpot_s, rel=0.25)
+
+
+def test_engine_counts_its_decode_steps_by_batch_size(engine: CpuEngineProcess) -> None:
+    """`/stats` decode_steps: the calibration probe's decode step at batch B is the engine's own loop period over
+    its pure decode steps at B (each at least the step delay, and not much more on a 30 ms step)."""
+    stats_url = f"{engine.url}/stats"
+
+    def counters() -> dict[str, dict[str, float]]:
+        return httpx.get(stats_url, timeout=10).json()["decode_steps"]
+
+    before = counters()
+    payload = {**body(False), "stream": False}
+    with httpx.Client(timeout=60) as c, cf.ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(c.post, f"{engine.url}/v1/completions", json=payload) for _ in range(2)]:
+            assert f.result().status_code == 200
+    after = counters()
+    steps = sum(int(after[k]["steps"]) - int(before.get(k, {"steps": 0})["steps"]) for k in after)
+    assert TOKENS - 3 <= steps <= 2 * TOKENS  # every decode step of the two requests, at batch 1 or 2
+    two = after.get("2")
+    assert two is not None and two["steps"] - before.get("2", {"steps": 0})["steps"] >= TOKENS // 2
+    gained = two["seconds"] - before.get("2", {"seconds": 0.0})["seconds"]
+    mean = gained / (two["steps"] - before.get("2", {"steps": 0})["steps"])
+    assert STEP_DELAY_S <= mean < STEP_DELAY_S + 0.05
