@@ -93,7 +93,8 @@ class InferenceModel:
 
     __slots__ = ("_allreduce_fixed_s", "_allreduce_tok_s", "_attn_decode_tok_s", "_attn_prefill_coef",
                  "_dense_flop_tok_s", "_dense_traffic_tok_s", "_head_flop_tok_s", "_head_read_s", "_kv_read_tok_s",
-                 "_layers_fixed_s", "_measured", "_step_s", "_weights_s", "n_layers", "request_overhead_s")
+                 "_layers_fixed_s", "_measured", "_step_s", "_weights_s", "n_layers", "prefill_stalls_decode",
+                 "request_overhead_s")
 
     def __init__(
         self, model: ModelSpec, gpu: GpuSpec, n_gpus: int, engine: EngineSpec,
@@ -127,6 +128,7 @@ class InferenceModel:
         # fixed costs on top of the roofline / table: x + 0.0 == x, so the defaults change no result
         self._step_s = float(engine.step_overhead_s)
         self.request_overhead_s = float(engine.request_overhead_s)
+        self.prefill_stalls_decode = bool(engine.prefill_stalls_decode)
 
     def dense_s(self, tokens: float) -> float:
         """All dense layers (projections, MLP, elementwise kernels) for `tokens` tokens, no attention or comms."""

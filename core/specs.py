@@ -231,6 +231,9 @@ class EngineSpec:
     request_overhead_s: float = 0.0  # per request, added to its time to first token outside the batch (HTTP, tokenizer)
     stop_s: float = 0.0  # engine stop (process teardown): a stopping instance keeps its memory this long (sim.stopping)
     demote_before_stop: bool = False  # a stop with demote_to keeps the memory until its demote copy is done
+    # a prefill runs in the same forward passes as the running sequences' decode tokens (mixed batches, as the CPU
+    # engine and vLLM-style schedulers do), so decoding stalls while an instance prefills (False: they overlap)
+    prefill_stalls_decode: bool = False
 
 
 @dataclass(frozen=True)

@@ -293,8 +293,44 @@ def summarize(cfg: Mapping[str, Any], node: NodeOptions, samples: Mapping[str, A
     return text, plain, line
 
 
+def rerender(cfg: dict[str, Any], out_dir: Path, source: Path) -> str:
+    """calibrated.yaml from the samples an earlier calibration measured (its calibration.json in `source`),
+    described by this code, with no probe run: after a change to how samples become a description (a new
+    field, a new estimator) the measurements stay the same. The node options must match the earlier run's."""
+    try:
+        raw = json.loads((source / "calibration.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"rerender: cannot read {source / 'calibration.json'} ({e})") from None
+    node = node_options(cfg)
+    entries = build_catalog(cfg.get("catalog") or {}, str(cfg.get("checkpoint_cache", "~/.cache/tierlab")), False)
+    specs = catalog_model_specs(entries, engine_dtype_bytes(cfg))
+    entries = one_per_size(entries, specs)
+    probed = set(raw.get("models") or {})
+    if probed != {e.name for e in entries}:
+        raise ConfigError(f"rerender: {source} probed {sorted(probed)}, this catalog has {[e.name for e in entries]}")
+    samples = _int_keys(raw["samples"])
+    text, plain, line = summarize(cfg, node, samples, entries, specs, str(raw.get("command", "")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "calibrated.yaml").write_text(text)
+    (out_dir / "calibration.json").write_text(json.dumps({**raw, "calibrated": plain, "rerendered_from": str(source)},
+                                                         indent=2, default=str))
+    return line + f" (re-rendered from {source}, written to {out_dir / 'calibrated.yaml'})"
+
+
+def _int_keys(obj: Any) -> Any:
+    """JSON's string keys back to ints where they were ints (batch sizes, prompt lengths)."""
+    if isinstance(obj, dict):
+        return {(int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k): _int_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_int_keys(v) for v in obj]
+    return obj
+
+
 def run(cfg: dict[str, Any], out_dir: Path) -> str:
-    """Check, probe, write calibrated.yaml and calibration.json into `out_dir`; the one-line summary."""
+    """Check, probe, write calibrated.yaml and calibration.json into `out_dir`; the one-line summary.
+    With `rerender=DIR`, no probe: the description of DIR's samples (`rerender`)."""
+    if cfg.get("rerender"):
+        return rerender(cfg, out_dir, Path(str(cfg["rerender"])).expanduser())
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = bool(cfg.get("progress", True))
     node = node_options(cfg)

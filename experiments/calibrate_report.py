@@ -214,6 +214,8 @@ def engine_block(process: Stat, after_weights: Stat, first_forward: Stat, max_nu
         "weight_read_eff": C(1.0, "the gpu block's hbm_Bps is the measured decode rate already"),
         "kv_read_eff": C(1.0, "the gpu block's hbm_Bps is the measured decode rate already"),
         "overlap_start_with_fetch": C(False, "live, the agent fetches / copies before it starts the engine"),
+        "prefill_stalls_decode": C(True, "the CPU engine runs a newcomer's prefill chunk in the same forward pass as "
+                                         "the running sequences' decode tokens (live/engines/batching.py _step)"),
         **overheads,
         **(stop_fields(stop) if stop is not None and stop.n else {}),
     }

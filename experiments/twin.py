@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -205,6 +207,25 @@ def run_sim(cfg: Mapping[str, Any], calibration: Path, wl: Workload, specs: Mapp
 # --------------------------------------------------------------------------- the twin
 
 
+def reused_live(run_dir: Path, wl: Workload) -> tuple[pd.DataFrame, float]:
+    """The live half of an earlier twin run of the same slice (`reuse_live=RUN_DIR`): its records and live wall
+    time. Only the simulated half and the join run again, e.g. after a simulator change. A run of another slice
+    (different request ids, models or arrivals) is an error naming `reuse_live`."""
+    path = run_dir / "live" / "records.parquet"
+    if not path.is_file():
+        raise ConfigError(f"reuse_live: no live records at {path}")
+    live = pd.read_parquet(path)
+    mine = pd.DataFrame({"request_id": np.arange(len(wl)), "model": wl.model, "arrival_s": wl.arrival_s})
+    theirs = live.set_index("request_id").reindex(mine["request_id"])
+    if len(live) != len(wl) or not (theirs["model"].to_numpy() == mine["model"].to_numpy()).all() \
+            or not np.allclose(theirs["arrival_s"].to_numpy(dtype=float), mine["arrival_s"].to_numpy()):
+        raise ConfigError(f"reuse_live: {path} holds another slice ({len(live)} requests) than this run's "
+                          f"({len(wl)}): same workload, seed and replay clipping are needed")
+    old = run_dir / "fidelity.json"
+    wall_s = json.loads(old.read_text()).get("live_wall_s", math.nan) if old.is_file() else math.nan
+    return live, float(wall_s if wall_s is not None else math.nan)
+
+
 def calibrate_first(cfg: dict[str, Any], out_dir: Path) -> Path:
     """experiments.calibrate in-process into `out_dir`; the calibrated.yaml's path."""
     from experiments import calibrate
@@ -230,8 +251,13 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     if calibration is None:
         calibration = calibrate_first(cfg, out_dir / "calibrate")
     sim = run_sim(cfg, calibration, wl, specs, limits, out_dir / "sim")  # fast: first, so a sim error costs no live run
-    live, wall_s = run_live(cfg, wl, opts, out_dir / "live")
-    write_table(out_dir / "live" / "records.parquet", live)
+    if cfg.get("reuse_live"):
+        live, wall_s = reused_live(Path(str(cfg["reuse_live"])).expanduser(), wl)
+        if (out_dir / "live").resolve() != (Path(str(cfg["reuse_live"])).expanduser() / "live").resolve():
+            write_table(out_dir / "live" / "records.parquet", live)
+    else:
+        live, wall_s = run_live(cfg, wl, opts, out_dir / "live")
+        write_table(out_dir / "live" / "records.parquet", live)
     joined = join(live, sim)
     policy = cfg["policy"].get("name") if isinstance(cfg.get("policy"), Mapping) else None
     fid = fidelity(live, sim, joined, extra={

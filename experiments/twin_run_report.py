@@ -115,7 +115,18 @@ def report(user: Sequence[str]) -> Path:
     calib_user = [o for o in user if not o.lstrip("+~").startswith(RUN_ONLY_PREFIXES)]
     line = None
     reuse = bool(rep.get("reuse", False))  # a rerun that only re-renders (or resumes): keep what is there
-    if cfg.get("calibration"):
+    # keep every live half and the calibration's samples; rerun only the simulated halves, on the calibration
+    # described again by this code (after a simulator or calibration-description change: no live run, minutes)
+    resimulate = bool(rep.get("resimulate", False))
+    if resimulate:
+        out = runs_dir / "calibrate"
+        if not (out / "calibration.json").is_file():
+            raise ConfigError(f"report.resimulate: no calibration samples at {out / 'calibration.json'}")
+        print(f"re-describing the calibration in {out}", flush=True)
+        line = _run([sys.executable, "-m", "experiments.calibrate", f"hydra.run.dir={out}", "progress=false",
+                     *shared, *calib_user, f"rerender={out}"], runs_dir / "calibrate.log", timeout_s)
+        calibration = out / "calibrated.yaml"
+    elif cfg.get("calibration"):
         calibration = Path(str(cfg["calibration"])).expanduser().resolve()
         if not calibration.is_file():
             raise ConfigError(f"calibration: no file at {calibration}")
@@ -142,12 +153,15 @@ def report(user: Sequence[str]) -> Path:
             for seed in seeds:
                 out = run_dir(runs_dir, wl_name, policy, seed)
                 t = time.monotonic()
-                if reuse and (out / "fidelity.json").is_file():
+                if reuse and not resimulate and (out / "fidelity.json").is_file():
                     print(f"reusing {out}", flush=True)
                 else:  # seed= last: each run gets its report seed whatever the user's overrides say
+                    if resimulate and not (out / "live" / "records.parquet").is_file():
+                        raise ConfigError(f"report.resimulate: {out} has no live half to reuse")
+                    again = [f"reuse_live={out}"] if resimulate else []
                     result = _run([sys.executable, "-m", "experiments.twin", f"hydra.run.dir={out}",
                                    "progress=false", f"calibration={calibration}", f"policy={policy}", *shared,
-                                   *[str(o) for o in wl.get("overrides") or []], *run_user, f"seed={seed}"],
+                                   *[str(o) for o in wl.get("overrides") or []], *run_user, f"seed={seed}", *again],
                                   out.with_suffix(".log"), timeout_s)
                     print(f"[{time.monotonic() - t:.0f} s] {result}", flush=True)
                 runs.append(load_run(out, wl_name))
@@ -177,7 +191,10 @@ def report(user: Sequence[str]) -> Path:
                   f"Runs: `{runs_shown}/<workload>/<policy>/seed<k>` (twin.parquet, fidelity.json, twin.png, "
                   "live/serve.log)",
                   f"Wall time of this invocation: {time.monotonic() - t0:.0f} s" + (
-                      " (report.reuse=true: the runs and calibration above were reused, not rerun)" if reuse else "")],
+                      " (report.reuse=true: the runs and calibration above were reused, not rerun)" if reuse and not
+                      resimulate else " (report.resimulate=true: the live halves and the calibration's samples were "
+                      "reused; the calibration's description and every simulated half were redone)" if resimulate
+                      else "")],
         "discussion": _discussion_file(fig_dir),
         "inference": _inference_fit(fig_dir),
         "inference_doc": os.path.relpath(fig_dir / "inference.md", out_md.parent),

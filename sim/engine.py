@@ -6,7 +6,9 @@ iteration, and an iteration takes `decode_iter_s(batch, kv tokens)`. Instead of 
 event per iteration, the instance keeps a virtual token clock V (tokens emitted per
 sequence since creation) and schedules one event for the next sequence to finish;
 joins and leaves re-rate the clock. KV-cache capacity and the engine's sequence limit
-bound the batch; further requests wait in the instance's queue.
+bound the batch; further requests wait in the instance's queue. With the engine's
+`prefill_stalls_decode` (mixed prefill / decode forward passes), the clock stands still while
+the instance prefills: each prefill is a stall window the decoding sequences wait out.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class SimEngine:
         "_iter_s",
         "_kv_tok",
         "_seq",
+        "_stalls",
         "_t_last",
         "_v",
         "env",
@@ -66,6 +69,7 @@ class SimEngine:
         self._iter_s = inf.decode_iter_s(0, 0.0)
         self._kv_tok = state.model.kv_bytes_per_token
         self._check_at = float("inf")
+        self._stalls: deque[tuple[float, float]] = deque()  # prefill windows [start, end), in order, disjoint
         self.kv_int = 0.0  # integral of KV bytes in use over time, for memory-waste accounting
         self.kv_t = env.now
         self.weights_resident_s = float("nan")
@@ -148,6 +152,8 @@ class SimEngine:
         else:
             req.prefill_start_s = now
         self.prefill_free_s = max(self.prefill_free_s, first_token_s)
+        if self.inf.prefill_stalls_decode and first_token_s > req.prefill_start_s:
+            self._stall(req.prefill_start_s, first_token_s)
         # the per-request overhead (front end, tokenizer) delays this request only: the prefill slot is free
         first_token_s += self.inf.request_overhead_s
         req.first_token_s = first_token_s
@@ -163,8 +169,43 @@ class SimEngine:
         now = self.env.now
         if now > self._t_last:
             if self._heap:
-                self._v += (now - self._t_last) / self._iter_s
+                run = now - self._t_last
+                if self._stalls:
+                    run -= self._stalled(self._t_last, now)
+                self._v += run / self._iter_s
             self._t_last = now
+        while self._stalls and self._stalls[0][1] <= now:
+            self._stalls.popleft()
+
+    def _stalled(self, a: float, b: float) -> float:
+        """Seconds of [a, b) inside prefill stall windows."""
+        total = 0.0
+        for start, end in self._stalls:
+            if start >= b:
+                break
+            total += max(0.0, min(end, b) - max(start, a))
+        return total
+
+    def _run_until(self, t: float, run_s: float) -> float:
+        """When `run_s` seconds of decoding (outside stall windows) have passed from `t`."""
+        for start, end in self._stalls:
+            if end <= t:
+                continue
+            if start > t:
+                if start - t >= run_s:
+                    break
+                run_s -= start - t
+            t = end
+        return t + run_s
+
+    def _stall(self, start: float, end: float) -> None:
+        """Decoding stands still over [start, end) (a prefill in the same forward passes)."""
+        self._advance()
+        if self._stalls:
+            start = max(start, self._stalls[-1][1])  # windows stay disjoint (prefills are serialised anyway)
+        if end > start:
+            self._stalls.append((start, end))
+            self._rerate()
 
     def _rerate(self) -> None:
         heap = self._heap
@@ -172,6 +213,8 @@ class SimEngine:
         if heap:
             lead = heap[0][0] - self._v
             delay = lead * it if lead > 0 else 0.0
+            if self._stalls and delay > 0:
+                delay = self._run_until(self.env.now, delay) - self.env.now
             when = self.env.now + delay
             if when < self._check_at - 1e-12:
                 self._check_at = when

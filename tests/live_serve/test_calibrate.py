@@ -110,6 +110,21 @@ def test_calibrate_measures_the_paces_and_the_simulator_loads_it(tmp_path: Path)
     assert sim.returncode == 0, sim.stderr[-3000:]
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert summary["requests"] == 10 and summary["completed"] == 10, summary
+    assert engine.prefill_stalls_decode  # the CPU engine mixes prefill chunks into decode steps
+
+    # rerender=DIR: the same samples described again by this code, no probe (nothing is started, nothing left)
+    again_argv = [sys.executable, "-m", "experiments.calibrate", f"hydra.run.dir={tmp_path / 'again'}",
+                  f"checkpoint_cache={checkpoint_cache()}", *BASE, f"rerender={out}"]
+    again = subprocess.run(again_argv, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"re-rendered from {out}" in again.stdout
+    body = [ln for ln in text.splitlines() if not ln.startswith("# on ")]  # the header's timestamp differs
+    assert [ln for ln in (tmp_path / "again" / "calibrated.yaml").read_text().splitlines()
+            if not ln.startswith("# on ")] == body
+    other = subprocess.run([*again_argv[:3], f"hydra.run.dir={tmp_path / 'other'}", *again_argv[4:],
+                            "+catalog.tiny-x={preset: small, seed: 9}"],
+                           capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=180)
+    assert other.returncode == 2 and "rerender:" in other.stderr and "probed" in other.stderr, other.stderr[-2000:]
 
 
 def test_a_full_tier_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:

@@ -153,6 +153,23 @@ def test_a_small_twin_writes_the_join_the_fidelity_and_the_figure(tmp_path: Path
     dram_root = json.loads((out / "live" / "serve" / "serve.json").read_text())["dram_root"]
     assert not Path(dram_root).exists(), "the live run's dram tier was left in /dev/shm"
 
+    # reuse_live=RUN: the same live half, only the simulated half again (after a simulator change: no live run)
+    again_dir = tmp_path / "again"
+    again_dir.mkdir()
+    calib = out / "calibrate" / "calibrated.yaml"
+    proc2, out2 = _twin(again_dir, "policy=seed_tiered", "seed=0", f"reuse_live={out}", f"calibration={calib}")
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert not (out2 / "live" / "serve").exists()  # nothing served
+    pd.testing.assert_frame_equal(pd.read_parquet(out2 / "live" / "records.parquet"),
+                                  pd.read_parquet(out / "live" / "records.parquet"))
+    fid2 = json.loads((out2 / "fidelity.json").read_text())
+    assert fid2["requests"] == fid["requests"] and fid2["live_wall_s"] == fid["live_wall_s"]
+    assert fid2["ttft_s"] == fid["ttft_s"]  # same calibration, same code: the same simulated half
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    proc3, _ = _twin(other_dir, "policy=seed_tiered", "seed=1", f"reuse_live={out}", f"calibration={calib}")
+    assert proc3.returncode == 2 and "reuse_live" in proc3.stderr and "another slice" in proc3.stderr, proc3.stderr
+
 
 @pytest_e2e
 def test_a_slice_the_live_stack_cannot_serve_in_time_fails_before_starting(tmp_path: Path) -> None:
