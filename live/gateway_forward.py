@@ -55,6 +55,7 @@ class ForwardMixin:
         t0 = time.monotonic()
         deadline = t0 + self.config.queue_timeout_s
         asked: set[object] = set()  # migrations this request already asked for (each is tried, and recorded, once)
+        pressured: str | None = None  # the node where this request last asked for GPU-pressure stops
         self.queued += 1
         try:
             while True:
@@ -74,9 +75,14 @@ class ForwardMixin:
                         if decision.migrate not in asked:
                             asked.add(decision.migrate)
                             reason = self._begin_migration(decision.migrate, decision.node)
-                    elif lv is None and not self._stopping.get(decision.node):
-                        # stops already under way on the node free its memory soon: no second round of them
+                    elif lv is None and not self._stopping.get(decision.node) and not (
+                            pressured is not None and self._stopping.get(pressured)):
+                        # stops already under way on the node free its memory soon: no second round of them; nor
+                        # on another node while this request's own stop is under way (re-asked every poll, a
+                        # round-robin policy names the next node each time and would empty every node for one
+                        # request: the twin found live stopping two engines where the simulator stopped one)
                         self.execute(self.bundle.on_gpu_pressure(decision.node, req.model, view))
+                        pressured = decision.node
                 elif isinstance(decision, Queue):
                     reason = decision.reason
                 elif isinstance(decision, Reject):

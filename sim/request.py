@@ -25,6 +25,7 @@ class Request:
         "output_tokens",
         "placed_s",
         "prefill_start_s",
+        "pressure_node",
         "prompt_tokens",
         "reason",
         "source_tier",
@@ -41,6 +42,7 @@ class Request:
         self.arrival_s = arrival_s
         self.deadline_s = deadline_s
         self.instance: Any = None  # the SimEngine it was routed to
+        self.pressure_node: str | None = None  # the node where this waiting request last asked for GPU pressure
         self.node = ""
         self.cold = False
         self.source_tier = ""

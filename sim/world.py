@@ -278,9 +278,15 @@ class World:
         if gpu_ids is None and migrate is not None:
             self._migrate(migrate, node, waiting)
             return None
-        # a stop under way frees memory soon: no second round of stops (as the live gateway does)
-        if gpu_ids is None and reason != "prewarm" and not self.stops.under_way(node):
+        # a stop under way frees memory soon: no second round of stops (as the live gateway does); and a waiting
+        # request whose own stop is still under way on another node asks for none (a policy naming another node on
+        # the retry, e.g. round robin, would otherwise empty every node for one request)
+        if gpu_ids is None and reason != "prewarm" and not self.stops.under_way(node) and not (
+                waiting is not None and waiting.pressure_node is not None
+                and self.stops.under_way(waiting.pressure_node)):
             self._execute(self.policy.on_gpu_pressure(node, model_name, self.view))
+            if waiting is not None:
+                waiting.pressure_node = node
             gpu_ids = ns.gpu_fit(per_gpu * n, per_gpu)
         if gpu_ids is None:
             return None

@@ -53,6 +53,7 @@ class FakeAgent:
     tier_pacing: dict[str, dict[str, Any]] = field(default_factory=dict)
     copy_delay_s: float = 0.0
     load_delay_s: float = 0.0
+    unload_delay_s: float = 0.0  # an engine stop that takes time (its memory is freed when /unload returns)
     fail_loads: set[str] = field(default_factory=set)
     dead_engines: bool = False  # its engines die right after they answer ready (a destination lost mid-handover)
     calls: list[tuple[str, str]] = field(default_factory=list)  # (endpoint, model or instance), in order
@@ -127,6 +128,7 @@ class FakeAgent:
                                  "ready_s": 0.0}}
 
     def unload(self, instance: str) -> tuple[int, dict[str, Any]]:
+        time.sleep(self.unload_delay_s)
         engine = self.engines.pop(instance, None)
         if engine is None:
             return 404, {"error": {"message": f"no instance {instance}", "code": "instance_not_found"}}
