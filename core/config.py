@@ -77,7 +77,8 @@ def build_specs(cfg: Mapping[str, Any]) -> Specs:
     measured = tuple(measured_from_dict(m, f"inference.measured[{i}]")
                      for i, m in enumerate((cfg.get("inference") or {}).get("measured") or []))
     policy = build_policy(cfg["policy"])
-    sim = {k: float(v) for k, v in (cfg.get("sim") or {}).items()}
+    # `initial_state` names a state (empty, a file, policy), not a number: experiments.setup reads it
+    sim = {k: float(v) for k, v in (cfg.get("sim") or {}).items() if k != "initial_state"}
     for k, v in sim.items():
         if v <= 0:
             raise ConfigError(f"sim.{k} must be > 0, got {v}")
@@ -91,7 +92,7 @@ def models_for(cfg: Mapping[str, Any], wl: Workload, seed: int) -> tuple[list[Mo
     the others get model ids from a seeded Zipf law over the catalog (the bases' deployments, then `extra`:
     explicit `core.specs.model_from_dict` mappings).
     """
-    named = sorted({m for m in wl.model.tolist() if m != UNASSIGNED})
+    named = sorted({m for m in [*wl.model.tolist(), *wl.catalog] if m != UNASSIGNED})
     models = deployments_for(named, list(cfg.get("bases") or []), cfg.get("base_weights"), seed) if named else []
     if (wl.model == UNASSIGNED).any():
         catalog = catalog_from_dict(cfg, seed)

@@ -60,11 +60,13 @@ def gpu_hours_by_node(lifetimes: pd.DataFrame, gpu_ids: Mapping[str, Sequence[in
 
 
 def storage_cost_by_tier(moves: pd.DataFrame, cluster: ClusterSpec, models: Sequence[ModelSpec],
-                         end_s: float) -> dict[str, float]:
-    """USD of storage per tier: "cloud" is the whole catalog in every object store for the run; each
-    local tier is GB-months held (from a copy landing until its eviction or loss) x the tier's price."""
+                         end_s: float, start_s: float = 0.0) -> dict[str, float]:
+    """USD of storage per tier from `start_s` (a warm-up's end) to `end_s`: "cloud" is the whole catalog in
+    every object store; each local tier is GB-months held (from a copy landing until its eviction or loss,
+    counted from `start_s` on) x the tier's price."""
     catalog_gb = sum(m.weights_bytes for m in models) / GB
-    out = {"cloud": sum(catalog_gb * s.price_usd_per_gb_month * end_s / MONTH_S for s in cluster.stores)}
+    span_s = end_s - start_s if start_s else end_s
+    out = {"cloud": sum(catalog_gb * s.price_usd_per_gb_month * span_s / MONTH_S for s in cluster.stores)}
     out.update({t: 0.0 for t in LOCAL_TIERS if any(t in n.tiers for n in cluster.nodes)})
     prices = {(n.name, t.name): t.price_usd_per_gb_month for n in cluster.nodes for t in n.tiers.values()}
     if moves.empty or not any(prices.values()):
@@ -73,6 +75,8 @@ def storage_cost_by_tier(moves: pd.DataFrame, cluster: ClusterSpec, models: Sequ
     for row in moves.sort_values("end_s").itertuples(index=False):
         if not row.to_tier:  # an eviction, or a copy lost with its node: it leaves the tier
             start = held.pop((row.node, row.from_tier, row.model), None)
+            if start is not None and start_s:
+                start = min(max(start, start_s), row.time_s)  # only the part after the warm-up
             if start is not None:
                 out[row.from_tier] += (prices.get((row.node, row.from_tier), 0.0) * row.bytes / GB
                                        * (row.time_s - start) / MONTH_S)
@@ -80,6 +84,8 @@ def storage_cost_by_tier(moves: pd.DataFrame, cluster: ClusterSpec, models: Sequ
             held[(row.node, row.to_tier, row.model)] = row.end_s
     by_model = {m.name: m.weights_bytes for m in models}
     for (node, tier, model), start in held.items():
+        if start_s:
+            start = min(max(start, start_s), end_s)
         out[tier] += prices.get((node, tier), 0.0) * by_model.get(model, 0.0) / GB * (end_s - start) / MONTH_S
     return out
 

@@ -154,21 +154,37 @@ def copy_hop(src_tier: str, dst_tier: str, model: ModelSpec, node: NodeSpec, sto
 
 
 def engine_start_s(engine: EngineSpec) -> float:
-    """Process start and runtime init: may overlap the weight fetch."""
-    return engine.process_start_s
+    """Process start and accelerator (CUDA) context creation: may overlap the weight fetch."""
+    return engine.process_start_s + engine.cuda_context_s
 
 
-def engine_after_weights_s(model: ModelSpec, engine: EngineSpec, kv_bytes: float, progressive: bool) -> float:
+def graph_capture_s(model: ModelSpec, engine: EngineSpec) -> float:
+    """CUDA-graph capture for `model`: a fixed part plus a part per billion parameters."""
+    return engine.graph_capture_s + engine.graph_capture_per_b_s * model.params_b
+
+
+def compile_time_s(model: ModelSpec, engine: EngineSpec, cache_hit: bool = False) -> float:
+    """torch.compile for `model` (0 below `compile_min_params_b`); a compile-cache hit loads the artefact."""
+    if model.params_b < engine.compile_min_params_b:
+        return 0.0
+    if cache_hit:
+        return engine.compile_cache_hit_s
+    return engine.compile_s + engine.compile_per_b_s * model.params_b
+
+
+def engine_after_weights_s(model: ModelSpec, engine: EngineSpec, kv_bytes: float, progressive: bool,
+                           cache_hit: bool = False) -> float:
     """Work after the weights are resident: KV-cache allocation, then graph capture / compile.
 
     Progressive loading runs the first forward pass eagerly, so capture and compile are
     deferred past the first token and only KV allocation stays on the critical path.
+    (The sums keep their old order, so the default engine's times stay the same to the bit.)
     """
     t = kv_bytes / engine.kv_alloc_Bps
     if not progressive:
-        t += engine.graph_capture_s
+        t += graph_capture_s(model, engine)
         if model.params_b >= engine.compile_min_params_b:
-            t += engine.compile_s
+            t += compile_time_s(model, engine, cache_hit)
     return t
 
 

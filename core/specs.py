@@ -212,6 +212,12 @@ class EngineSpec:
     graph_capture_s: float = 2.0
     compile_s: float = 0.0
     compile_min_params_b: float = 7.0  # torch_compile only for models at least this large
+    # start-up phases by model size (core/engine_start.py; every default 0 / false: the simulator as before)
+    cuda_context_s: float = 0.0  # accelerator context creation, after process start (both may overlap the fetch)
+    compile_per_b_s: float = 0.0  # compile time per billion parameters, on top of compile_s
+    graph_capture_per_b_s: float = 0.0  # graph capture per billion parameters, on top of graph_capture_s
+    compile_cache: bool = False  # a per-node compile cache: a base's first compile on a node misses, later ones hit
+    compile_cache_hit_s: float = 0.0  # a hit: load the cached artefact instead of compiling
     gpu_mem_util: float = 0.9
     kv_reserve_frac: float = 0.5  # KV cache reserved per instance, as a fraction of weights
     max_num_seqs: int = 256
@@ -368,7 +374,8 @@ def engine_from_dict(data: Mapping[str, Any], where: str = "engine") -> EngineSp
     for f in ("kv_alloc_Bps", "max_num_seqs", *EFFICIENCIES):
         _positive(f"{where}.{f}", getattr(e, f))
     for f in ("process_start_s", "graph_capture_s", "compile_s", "kv_reserve_frac", "step_overhead_s",
-              "request_overhead_s", "layer_overhead_s", "elementwise_passes", "stop_s"):
+              "request_overhead_s", "layer_overhead_s", "elementwise_passes", "stop_s", "cuda_context_s",
+              "compile_per_b_s", "graph_capture_per_b_s", "compile_cache_hit_s"):
         _non_negative(f"{where}.{f}", getattr(e, f))
     over = [f for f in EFFICIENCIES if getattr(e, f) > 1]
     if over:
@@ -509,12 +516,14 @@ def validate_fit(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: Engi
                     f"cluster: tier {tier.name!r} on node {node.name!r} holds {tier.capacity_bytes / 1e9:.3g} GB,"
                     f" smaller than every model (smallest: {smallest.name}, {smallest.weights_bytes / 1e9:.3g} GB)"
                 )
-    for m in models:
-        need = m.resident_bytes
-        fits_gpu = any(need <= n.gpu_mem_bytes * engine.gpu_mem_util for n in cluster.nodes)
-        if not fits_gpu:
-            biggest = max(n.gpu_mem_bytes * engine.gpu_mem_util for n in cluster.nodes)
-            raise ConfigError(
-                f"models: {m.name!r} needs {need / 1e9:.3g} GB of GPU memory but the largest node offers"
-                f" {biggest / 1e9:.3g} GB (n_gpus x mem_bytes x engine.gpu_mem_util): it is larger than every tier"
-            )
+    biggest = max((n.gpu_mem_bytes * engine.gpu_mem_util for n in cluster.nodes), default=0.0)
+    too_big = [m for m in models if m.resident_bytes > biggest]
+    if too_big:
+        m = max(too_big, key=lambda x: x.resident_bytes)
+        bases = sorted({x.base or x.name for x in too_big})
+        raise ConfigError(
+            f"models.bases: {len(too_big)} of {len(models)} deployments fit on no node, e.g. {m.name!r} (base "
+            f"{m.base or m.name}) needs {m.resident_bytes / 1e9:.3g} GB of GPU memory, larger than every node: the "
+            f"largest offers {biggest / 1e9:.3g} GB (cluster.node_groups[*].n_gpus x gpu.mem_bytes x "
+            f"engine.gpu_mem_util); drop {', '.join(bases)} from models.bases or choose a larger cluster"
+        )

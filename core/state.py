@@ -8,7 +8,7 @@ state at one instant, `now_s`. Policies must not mutate what they are shown.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -287,6 +287,9 @@ class ClusterState:
         self.instances_by_model: dict[str, list[InstanceState]] = {m.name: [] for m in models}
         self.instances: dict[str, InstanceState] = {}
         self._next_instance = 0
+        # (node, model) -> "snapshot" | "pool" | "full": how a start would go now (set by a world that keeps
+        # engine pools or GPU snapshots, core.engine_start; None: every start is full)
+        self.start_mode: Callable[[str, str], str] | None = None
 
     # ---- instances -------------------------------------------------------------------
     def add_instance(
@@ -370,6 +373,12 @@ class ClusterView:
     @property
     def instances(self) -> Mapping[str, InstanceState]:
         return MappingProxyType(self._state.instances)
+
+    def start_mode(self, node: str, model: str) -> str:
+        """How an instance of `model` would start on `node` now: "snapshot" (a GPU memory snapshot is there),
+        "pool" (a pre-initialised engine of its base waits there) or "full"."""
+        f = self._state.start_mode
+        return "full" if f is None else f(node, model)
 
     def locations(self, model: str) -> dict[str, str]:
         """Node -> fastest tier holding `model` there (nodes where it is nowhere are omitted)."""

@@ -18,8 +18,8 @@ It serves nothing: with the node a user would serve (`conf/live/calibrate.yaml` 
    and stops every agent and engine and removes every tier dir it made, whatever happened (`finally`).
 
 Simulate with it:
-    python -m experiments.simulate cluster=calibrated engine=calibrated inference=calibrated models=calibrated \\
-        +calibration=OUT/calibrated.yaml workload=poisson
+    python -m experiments.simulate scenario=smoke cluster=calibrated engine=calibrated inference=calibrated \\
+        models=calibrated +calibration=OUT/calibrated.yaml workload=poisson
 """
 
 from __future__ import annotations
@@ -261,8 +261,8 @@ def summarize(cfg: Mapping[str, Any], node: NodeOptions, samples: Mapping[str, A
               f"on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; raw samples "
               "in calibration.json beside this file.",
               "Every measured number: mean ± sd over n samples. Simulate with:",
-              "  python -m experiments.simulate cluster=calibrated engine=calibrated inference=calibrated "
-              "models=calibrated +calibration=THIS_FILE workload=poisson",
+              "  python -m experiments.simulate scenario=smoke cluster=calibrated engine=calibrated "
+              "inference=calibrated models=calibrated +calibration=THIS_FILE workload=poisson",
               "Engine start-up phases by checkpoint (seconds from spawn, /stats; read_s and load_s are durations):"]
     for e in entries:  # the start-up phases of each checkpoint size (the engine block pools them)
         runs = samples["engine"][e.name]

@@ -261,7 +261,8 @@ class Context:
         if overrides in self.composed:  # composing takes longer than many of the runs
             return copy.deepcopy(self.composed[overrides])
         window = self.settings.window_s
-        extra = [f"workload.window=[{window[0]:g},{window[1]:g}]"] if window else []
+        # the claims' scenarios are built on the smoke scenario (the code trace, the multi catalog)
+        extra = ["scenario=smoke", *([f"workload.window=[{window[0]:g},{window[1]:g}]"] if window else [])]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("config", overrides=[*extra, *overrides])
         plain = OmegaConf.to_container(cfg, resolve=True)

@@ -16,8 +16,10 @@ from core.config import build_policy, build_specs, import_target
 from core.config import models_for as load_models
 from core.errors import ConfigError
 from core.inference import MeasuredTable
+from core.initial_state import EMPTY, FIELD, POLICY, InitialState, from_final_state
 from core.policies.base import PolicyBundle
 from core.specs import ClusterSpec, EngineSpec, ModelSpec, validate_fit
+from core.warmup import check_warmup
 from core.workload import generators
 from core.workload.embedded import embedded_path
 from core.workload.lengths import TraceLengths
@@ -43,6 +45,8 @@ class Setup:
     workload: Workload
     measured: tuple[MeasuredTable, ...]
     sim: dict[str, float]
+    warmup_s: float = 0.0  # metrics.warmup_s, checked against the workload
+    initial_state: InitialState | str | None = None  # sim.initial_state: a checked file's state, "policy" or None
 
 
 def resolve_path(path: str) -> Path:
@@ -131,4 +135,24 @@ def build(cfg: Mapping[str, Any]) -> Setup:
     models_cfg.setdefault("zipf_s", cfg["workload"].get("zipf_s", 1.0))
     models, wl = load_models(models_cfg, wl, seed)
     validate_fit(specs.cluster, models, specs.engine)
-    return Setup(specs.cluster, models, specs.engine, specs.policy, wl, specs.measured, specs.sim)
+    warmup_s = check_warmup((cfg.get("metrics") or {}).get("warmup_s", 0.0), wl)
+    initial = load_initial_state((cfg.get("sim") or {}).get("initial_state"), specs.cluster, models)
+    return Setup(specs.cluster, models, specs.engine, specs.policy, wl, specs.measured, specs.sim, warmup_s, initial)
+
+
+def load_initial_state(value: Any, cluster: ClusterSpec, models: list[ModelSpec]) -> InitialState | str | None:
+    """`sim.initial_state`: None for `empty`, "policy" as is, or the state in that `final_state.json`, checked
+    against this run's cluster and catalog (a `ConfigError` naming the field and the file otherwise)."""
+    if value is None or value == EMPTY:
+        return None
+    if value == POLICY:
+        return POLICY
+    import json
+
+    path = resolve_path(str(value))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{FIELD}: cannot read {path} ({exc}); expected {EMPTY!r}, {POLICY!r} or the "
+                          "final_state.json of an earlier run") from None
+    return from_final_state(data, cluster, models, str(path))

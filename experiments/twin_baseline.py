@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -259,16 +258,9 @@ def compare(baseline: Mapping[str, Mapping[str, Entry]], runs: Mapping[str, Mapp
 
 def _run(argv: list[str], log_path: Path, timeout_s: float) -> None:
     """Run one tierlab command (bounded), its output into `log_path`; RuntimeError naming the log if it fails."""
-    from experiments.twin import _env
+    from experiments.twin_run_report import _run as run_logged
 
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"{' '.join(argv[:3])} ran past {timeout_s:g} s") from e
-    log_path.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}; see {log_path}:\n{proc.stderr[-2000:]}")
+    run_logged(argv, log_path, timeout_s)
 
 
 def run_small_twin(out_dir: Path, checkpoint_cache: str | Path, policies: Sequence[str] = POLICIES,

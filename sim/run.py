@@ -21,13 +21,17 @@ from core.cost import (
     request_cost_shares,
     storage_cost_by_tier,
 )
+from core.engine_start import ENGINE_START_SCHEMA
 from core.inference import MeasuredTable
+from core.initial_state import InitialState, final_state
 from core.metrics import availability, memory_waste_frac, summarize
 from core.policies.base import PolicyBundle
 from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA, empty, frame, rows_to_columns
 from core.specs import ClusterSpec, EngineSpec, ModelSpec, validate_fit
 from core.workload.trace import Workload
 from sim.faults import EVENT_SCHEMA
+from sim.initial import seed_tiers
+from sim.warmup import WarmupMark
 from sim.world import World
 
 
@@ -39,6 +43,10 @@ class SimResult:
     summary: dict[str, Any]
     # sim-only: faults, failovers and the store of every cloud transfer (`sim.faults.EVENT_SCHEMA`)
     events: pd.DataFrame = field(default_factory=lambda: empty(EVENT_SCHEMA))
+    # per node, per local tier, the models held at the end (`core.initial_state.final_state`: final_state.json)
+    final_state: dict[str, Any] = field(default_factory=dict)
+    # sim-only: each engine start's phases (`core.engine_start.ENGINE_START_SCHEMA`)
+    engine_starts: pd.DataFrame = field(default_factory=lambda: empty(ENGINE_START_SCHEMA))
 
 
 def simulate(
@@ -54,9 +62,15 @@ def simulate(
     ttft_slo_s: float = 10.0,
     progress: bool = False,
     seed: int = 0,
+    warmup_s: float = 0.0,
+    initial_state: InitialState | str | None = None,
 ) -> SimResult:
     """Simulate `workload` on `cluster` under `policy`; deterministic for the same inputs and `seed`
-    (which draws only the faults: spot preemptions, node failures, store outages)."""
+    (which draws only the faults: spot preemptions, node failures, store outages).
+
+    `warmup_s` > 0: requests arriving before it are left out of the request table and the summary, and costs
+    count from then on (`sim.warmup`). `initial_state`: what the local tiers hold at time 0 (a checked
+    `core.initial_state.InitialState`, or "policy"); None: empty."""
     validate_fit(cluster, models, engine)
     bar = None
     on_progress = None
@@ -72,12 +86,12 @@ def simulate(
 
     t0 = time.perf_counter()
     with _quiet_gc():
-        world, wall_s = _run_world(cluster, models, engine, policy, workload, measured, request_timeout_s,
-                                   drain_timeout_s, on_progress, t0, seed)
+        world, wall_s, mark = _run_world(cluster, models, engine, policy, workload, measured, request_timeout_s,
+                                         drain_timeout_s, on_progress, t0, seed, warmup_s, initial_state)
     if bar is not None:
         bar.update(len(workload) - bar.n)
         bar.close()
-    return collect(world, models, cluster, wall_s, ttft_slo_s, policy.name)
+    return collect(world, models, cluster, wall_s, ttft_slo_s, policy.name, warmup=mark)
 
 
 @contextlib.contextmanager
@@ -101,12 +115,15 @@ def _quiet_gc() -> Iterator[None]:
 def _run_world(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: EngineSpec, policy: PolicyBundle,
                workload: Workload, measured: Sequence[MeasuredTable], request_timeout_s: float,
                drain_timeout_s: float, on_progress: Callable[[float, int], None] | None,
-               t0: float, seed: int = 0) -> tuple[World, float]:
+               t0: float, seed: int = 0, warmup_s: float = 0.0,
+               initial_state: InitialState | str | None = None) -> tuple[World, float, WarmupMark | None]:
     world = World(cluster, models, engine, policy, measured=measured, request_timeout_s=request_timeout_s,
                   drain_timeout_s=drain_timeout_s, on_progress=on_progress, seed=seed)
+    seed_tiers(world, initial_state)
+    mark = WarmupMark(world, warmup_s) if warmup_s > 0 else None
     world.run(workload.arrival_s, workload.model, workload.tenant, workload.prompt_tokens, workload.output_tokens,
               progress_every=20_000)
-    return world, time.perf_counter() - t0
+    return world, time.perf_counter() - t0, mark
 
 
 def request_columns(world: World) -> dict[str, Any]:
@@ -159,26 +176,37 @@ def request_columns(world: World) -> dict[str, Any]:
 
 
 def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wall_s: float, ttft_slo_s: float,
-            policy_name: str) -> SimResult:
+            policy_name: str, warmup: WarmupMark | None = None) -> SimResult:
     requests = frame(REQUEST_SCHEMA, request_columns(world))
     moves = frame(MOVE_SCHEMA, rows_to_columns(MOVE_SCHEMA, world.moves))
     instances = frame(INSTANCE_SCHEMA, rows_to_columns(INSTANCE_SCHEMA, world.instance_rows))
     end_s = world.end_s
     lifetimes = instance_lifetimes(instances, end_s)
     events = frame(EVENT_SCHEMA, rows_to_columns(EVENT_SCHEMA, world.events))
+    st = world.stats
+    start_s = 0.0
+    no_path = [*world.stores.gaps, *st.no_node_intervals]
+    recoveries = world.stores.recoveries_s
+    counted_moves, counted_instances, counted_events = moves, instances, events
+    warm_extra: dict[str, Any] = {}
+    if warmup is not None:  # only what came after the warm-up is measured (sim.warmup)
+        m = warmup.measured(world, requests, lifetimes, moves, instances, events)
+        requests, lifetimes, st, start_s = m.requests, m.lifetimes, m.stats, m.start_s
+        no_path, recoveries = m.no_path_intervals, m.recoveries_s
+        counted_moves, counted_instances, counted_events = m.moves, m.instances, m.events
+        warm_extra = {"warmup_s": start_s, "warmup_requests": m.warmup_requests, "measured_s": end_s - start_s}
     gpu_hours, gpu_usd = gpu_cost(lifetimes, cluster, world.gpu_ids)
     whole_gpus_usd = gpu_cost(lifetimes, cluster)[1]
     requests["cost_usd"] = request_cost_shares(requests, lifetimes, cluster,
                                                gpu_usd / whole_gpus_usd if whole_gpus_usd > 0 else 1.0)
-    storage_usd_by_tier = storage_cost_by_tier(moves, cluster, models, end_s)
+    storage_usd_by_tier = storage_cost_by_tier(moves, cluster, models, end_s, start_s)
     storage_usd = sum(storage_usd_by_tier.values())
-    st = world.stats
     egress_usd = egress_cost(st.cloud_bytes_by_route, cluster)
     waste = memory_waste_frac(st.reserved_byte_s, st.weights_byte_s, st.kv_byte_s)
     # spot nodes bill until they are reclaimed, failed ones until they fail; neither while gone
-    node_hours, fleet_usd = fleet_cost({n.name: end_s - st.node_down_s.get(n.name, 0.0) for n in cluster.nodes},
-                                       cluster)
-    kinds = events["kind"].value_counts()
+    node_hours, fleet_usd = fleet_cost(
+        {n.name: end_s - start_s - st.node_down_s.get(n.name, 0.0) for n in cluster.nodes}, cluster)
+    kinds = counted_events["kind"].value_counts()
     summary = summarize(
         requests,
         gpu_hours=gpu_hours,
@@ -192,10 +220,11 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
         extra={
             "policy": policy_name,
             "loads_by_tier": dict(sorted(st.loads_by_tier.items())),
-            "tier_moves": len(moves),
+            "tier_moves": len(counted_moves),
             "cloud_gb": st.cloud_bytes / 1e9,
             "cloud_gb_by_store": _gb_by_store(st.cloud_bytes_by_route),
-            "instances_started": int((instances["event"] == "loading").sum()) if len(instances) else 0,
+            "instances_started": int((counted_instances["event"] == "loading").sum()) if len(counted_instances)
+            else 0,
             "storage_usd": storage_usd,
             "spot_nodes": sum(n.spot for n in cluster.nodes),
             "fleet_node_hours": node_hours,
@@ -207,11 +236,15 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
             "requeued": sum(st.requeued_by_cause.values()),
             "requeued_requests": len(st.requeued_ids),
             "requeued_by_cause": dict(sorted(st.requeued_by_cause.items())),
-            **availability(requests, no_path_intervals=[*world.stores.gaps, *st.no_node_intervals],
-                           recoveries_s=world.stores.recoveries_s),
+            **availability(requests, no_path_intervals=no_path, recoveries_s=recoveries),
+            **warm_extra,
         },
     )
-    return SimResult(requests=requests, moves=moves, instances=instances, summary=summary, events=events)
+    if warmup is not None:  # the simulator's speed: every request it simulated, measured or not
+        summary["requests_per_wall_s"] = len(world.requests) / wall_s if wall_s > 0 else None
+    starts = frame(ENGINE_START_SCHEMA, rows_to_columns(ENGINE_START_SCHEMA, world.starts.rows))
+    return SimResult(requests=requests, moves=moves, instances=instances, summary=summary, events=events,
+                     final_state=final_state(world.state, end_s), engine_starts=starts)
 
 
 def _gb_by_store(bytes_by_route: dict[tuple[str, str], float]) -> dict[str, float]:

@@ -26,8 +26,6 @@ from core.decisions import (
 from core.inference import InferenceModel, MeasuredTable
 from core.loadtime import (
     copy_hop,
-    engine_after_weights_s,
-    engine_start_s,
     estimate_load_s,
     link_capacities,
     link_streams,
@@ -39,6 +37,7 @@ from core.policies.base import PolicyBundle
 from core.specs import LOCAL_TIERS, ClusterSpec, EngineSpec, ModelSpec
 from core.state import ClusterState, ClusterView, InstanceState
 from sim.engine import SimEngine
+from sim.engine_start import EngineStarts
 from sim.fabric import Fabric, Flow
 from sim.faults import FaultInjector, StorePath
 from sim.request import Request
@@ -137,6 +136,7 @@ class World:
         self._migrations: dict[str, str] = {}
         self._open_from = 0  # requests before this index are all resolved
         self.stops = Stops(self)  # engine stops that hold memory for a while (EngineSpec.stop_s)
+        self.starts = EngineStarts(self)  # start-up phases, compile cache, engine pools, GPU snapshots
 
     # =========================================================================== running
     def run(self, arrival_s: np.ndarray, model: Sequence[str], tenant: Sequence[str],
@@ -316,18 +316,19 @@ class World:
         rec = self.loads[inst.id]
         progressive = self.policy.progressive
         t0 = env.now
-        start_s = engine_start_s(self.engine)
+        plan, plan_hops = self.starts.plan(inst, source_tier, kv, progressive)
+        start_s = plan.before_weights_s
         last_flow: Flow | None = None
         to_gpu_start = t0
         store = self.cluster.store
-        if source_tier == "cloud":
+        if source_tier == "cloud" and plan_hops is None:
             # during a failover (or with every store out) the fetch waits for a store: part of its time
             store = yield from self.stores.wait()
             if inst.status != "loading":
                 return  # lost with its node while waiting
             rec.store = store.name
             self._event("cloud_fetch", node=inst.node, store=store.name, instance=inst.id, duration_s=env.now - t0)
-        hops = load_hops(source_tier, model, node.spec, store, n)
+        hops = plan_hops or load_hops(source_tier, model, node.spec, store, n)
         # a local source copy is marked as read (not evictable) until the last hop that reads it ends; from
         # DRAM without a fetch hop that is the end of the load
         reading = source_tier in LOCAL_TIERS
@@ -358,7 +359,7 @@ class World:
         eng.weights_resident_s = t_w
         self._instance_row(inst, "weights_resident", "")
         start_done = t0 + start_s if self.engine.overlap_start_with_fetch else t_w + start_s
-        after = engine_after_weights_s(model, self.engine, kv, progressive)
+        after = plan.after_weights_s
         override_s = None
         override_n = 0
         if progressive:
@@ -384,6 +385,7 @@ class World:
         inst.ready_at_s = env.now
         rec.ready_s = env.now
         inst.idle_since_s = env.now
+        self.starts.ready(inst, rec)
         self._instance_row(inst, "ready", "")
         self._drain(eng, override_s, override_n)
         for cb in self._on_ready.pop(inst.id, ()):
@@ -598,6 +600,7 @@ class World:
             del self._reading[key]
         for tier, model, nbytes in ns.lose_contents(keep=keep):
             self.moves.append((now, now, model, node, tier, "", "lost", nbytes, 0.0))
+        self.starts.node_lost(node, cause, keep)
         # fresh links: flows still running on the old ones finish into the void (their callbacks see the epoch)
         ns.loads_in_flight = {}
         self.fabric.add_node(node, link_capacities(ns.spec), link_streams(ns.spec), ns.loads_in_flight)
@@ -615,6 +618,7 @@ class World:
         self.stats.node_down_s[node] += self.env.now - self._down_since.pop(node)
         self._fleet_changed()
         self._event("replaced" if cause == "preempted" else "repaired", node=node)
+        self.starts.node_back(node)
         self._schedule_retry()
 
     def _lose_instance(self, inst: InstanceState, event: str, cause: str) -> int:

@@ -15,7 +15,11 @@ TRACES = REPO.parent / "shared" / "data" / "traces"
 
 
 def config(*overrides: str) -> dict[str, Any]:
-    """The composed config as plain containers, exactly as `python -m experiments.simulate` sees it."""
+    """The composed config as plain containers, exactly as `python -m experiments.simulate scenario=smoke
+    <overrides>` sees it: the tests were written for the smoke scenario (the default before issue 11); pass
+    `scenario=NAME` for another."""
+    if not any(o.split("=", 1)[0].lstrip("+~") == "scenario" for o in overrides):
+        overrides = ("scenario=smoke", *overrides)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
     plain = OmegaConf.to_container(cfg, resolve=True)

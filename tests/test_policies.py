@@ -676,3 +676,15 @@ def test_holt_first_window_of_a_late_model_sets_its_level():
 def test_holt_rejects_bad_parameters(kw):
     with pytest.raises(ValueError):
         HoltForecaster(**kw)
+
+
+def test_startup_time_ties_prefer_a_local_copy_to_a_download_elsewhere():
+    """Engine start hides a 1B model's fetch, so a DRAM copy on N0 and a download on N1 estimate the same start-up
+    time; the local copy must win (before: best fit sent it to the fuller N1, from the cloud, ignoring the copy)."""
+    state, _, view = world()
+    put(state, N0, "dram", A1)
+    inst(state, A3, N1, gpus=(0,), active=1)  # N1 is the fuller node that fits
+    est = StartupTime()
+    assert est._estimate(state.nodes[N0], A1, view)[0] == pytest.approx(est._estimate(state.nodes[N1], A1, view)[0],
+                                                                       abs=1e-3)
+    assert est.place(Req(0, A1), view) == ColdStart(N0, "dram")

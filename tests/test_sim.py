@@ -134,7 +134,7 @@ def test_malformed_trace_row_names_file_and_line(tmp_path):
     bad = tmp_path / "trace.csv"
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,10,5\n"
                    "2023-11-16 18:17:04.0000000,ten,5\n")
-    proc = subprocess.run([sys.executable, "-m", "experiments.simulate", f"workload.path={bad}",
+    proc = subprocess.run([sys.executable, "-m", "experiments.simulate", "scenario=smoke", f"workload.path={bad}",
                            "hydra.run.dir=" + str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
@@ -149,7 +149,7 @@ def test_malformed_trace_row_names_file_and_line(tmp_path):
         ("cluster.node_groups.0.tiers.sata.write_bw_Bps=-5", r"tiers\.sata\.write_bw_Bps must be a positive"),
         ("cluster.node_groups.0.nic_Bps=0", r"nic_Bps must be a positive"),
         ("cluster.node_groups.0.tiers.dram.capacity_bytes=1e9", r"tier 'dram' .* smaller than every model"),
-        ("cluster.node_groups.0.gpu.mem_bytes=10e9", r"larger than every tier"),
+        ("cluster.node_groups.0.gpu.mem_bytes=10e9", r"models\.bases: .* larger than every node"),
     ],
 )
 def test_bad_cluster_values_are_rejected_with_the_field(override, pattern):
@@ -158,7 +158,7 @@ def test_bad_cluster_values_are_rejected_with_the_field(override, pattern):
 
 
 def test_model_larger_than_every_tier_is_rejected():
-    with pytest.raises(ConfigError, match=r"llama-3.1-70b.*larger than every tier"):
+    with pytest.raises(ConfigError, match=r"models\.bases: .*llama-3.1-70b.*larger than every node"):
         _run("cluster=small", "cluster.node_groups.0.n_gpus=1")
 
 

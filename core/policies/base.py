@@ -7,10 +7,11 @@ policy may read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from core.decisions import Action, Copy, Decision, Evict, StopInstance
+from core.engine_start import EngineStartOptions, options_from
 from core.state import ClusterView, InstanceState, NodeState
 
 NO_ACTIONS: tuple[Action, ...] = ()
@@ -186,8 +187,11 @@ class PolicyBundle:
         autoscaling: Hooks,
         name: str = "custom",
         progressive: bool = False,
+        engine_start: Mapping[str, Any] | EngineStartOptions | None = None,
     ) -> None:
         self.name = name
+        # engine pools / GPU snapshots (checked here, so a bad config fails when the bundle is built)
+        self.engine_start: EngineStartOptions = options_from(engine_start)
         self.placement = placement
         self.caching = caching
         self.autoscaling = autoscaling

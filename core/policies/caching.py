@@ -79,6 +79,21 @@ class SeedTiered(Hooks):
         return out or NO_ACTIONS
 
 
+def pool_copies(inst: InstanceState, view: ClusterView, pool_tier: str,
+                download_tier: str | None) -> Sequence[Action]:
+    """After a load: a cloud download is also written to `download_tier`, and a model loaded from below the pool
+    tier is copied into the pool (a model already in the pool gets its LRU position refreshed by the world on
+    read, no action)."""
+    node = view.nodes[inst.node]
+    name, nbytes = inst.model.name, inst.model.weights_bytes
+    out: list[Action] = []
+    if download_tier and inst.source_tier == "cloud":
+        out.extend(copy_with_room(node, name, nbytes, download_tier, "cache"))
+    if TIER_RANK[inst.source_tier] > TIER_RANK[pool_tier]:
+        out.extend(copy_with_room(node, name, nbytes, pool_tier, "cache"))
+    return out or NO_ACTIONS
+
+
 class LocalityLru(Hooks):
     """ServerlessLLM-style checkpoint caching: downloads land on local SSD (`download_tier`), and
     every loaded model is kept in a host-DRAM pool under LRU (`pool_tier`)."""
@@ -88,17 +103,7 @@ class LocalityLru(Hooks):
         self.download_tier = download_tier
 
     def on_load_done(self, inst: InstanceState, view: ClusterView) -> Sequence[Action]:
-        node = view.nodes[inst.node]
-        name, nbytes = inst.model.name, inst.model.weights_bytes
-        out: list[Action] = []
-        if self.download_tier and inst.source_tier == "cloud":
-            out.extend(copy_with_room(node, name, nbytes, self.download_tier, "cache"))
-        if TIER_RANK[inst.source_tier] > TIER_RANK[self.pool_tier]:
-            out.extend(copy_with_room(node, name, nbytes, self.pool_tier, "cache"))
-        else:
-            # already in the pool: a hit refreshes its LRU position (done by the world on read)
-            pass
-        return out or NO_ACTIONS
+        return pool_copies(inst, view, self.pool_tier, self.download_tier)
 
     def on_gpu_pressure(self, node: str, model: str, view: ClusterView) -> Sequence[Action]:
         return lru_idle_stops(node, model, view)

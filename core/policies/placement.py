@@ -118,16 +118,21 @@ class StartupTime(_PlacementBase):
             if not node.up:
                 continue
             t, src = self._estimate(node, req.model, view)
+            rank = TIER_RANK[src]
             if node_can_host(node, req.model, view, allow_evict=False):
-                cand, key = ColdStart(node.name, src), (round(t, 3), 0, node.gpu_free_total, node.name)
+                cand, key = ColdStart(node.name, src), (round(t, 3), 0, rank, node.gpu_free_total, node.name)
             elif node_can_host(node, req.model, view, allow_evict=True):
-                cand, key = ColdStart(node.name, src), (round(t, 3), 1, node.gpu_free_total, node.name)
+                cand, key = ColdStart(node.name, src), (round(t, 3), 1, rank, node.gpu_free_total, node.name)
             elif self.migration and (mig := self._migration(node, req, view)) is not None:
-                cand, key = ColdStart(node.name, src, migrate=mig[0]), (round(t + mig[1], 3), 2, 0.0, node.name)
+                cand, key = (ColdStart(node.name, src, migrate=mig[0]),
+                             (round(t + mig[1], 3), 2, rank, 0.0, node.name))
             else:
                 continue
-            # ties (the model is nowhere yet) go to nodes that need no eviction, then to the fullest that fits:
-            # best fit keeps whole nodes free for large tensor-parallel models
+            # ties go to nodes that need no eviction, then to the node with the fastest local copy, then to the
+            # fullest that fits (best fit keeps whole nodes free for large tensor-parallel models). Ties are
+            # common: engine start (process start, capture, compile) hides a small model's fetch, so a DRAM copy
+            # and a cloud download estimate the same; the estimate does not see the NIC and store a download
+            # would share with later loads, nor the second pool copy it would make, so the local copy wins.
             if best_key is None or key < best_key:
                 best, best_key = cand, key
         return best

@@ -20,6 +20,7 @@ import pandas as pd
 
 from core.errors import ConfigError, TraceFormatError
 from core.workload.lengths import LognormalLengths, TokenSampler
+from core.workload.models import zipf_weights
 from core.workload.rng import streams
 from core.workload.trace import Workload
 
@@ -371,6 +372,8 @@ def read_servegen(
     max_requests: int = 20_000_000,
     group: str | None = None,
     name: str | None = None,
+    variants_per_client: int = 1,
+    variant_zipf_s: float = 1.0,
 ) -> Workload:
     """Generate requests from ServeGen per-client window statistics (a directory of ``chunk-*-trace.csv`` or one).
 
@@ -383,8 +386,16 @@ def read_servegen(
     traces, so lengths come from a seeded lognormal (median/sigma per direction, clipped to
     ``[1, max_tokens]``) unless ``lengths`` supplies another sampler. Arrivals and lengths use separate
     streams of ``seed``, so changing the length model keeps the arrivals identical.
+
+    ``variants_per_client`` > 1 spreads each client's requests over that many fine-tunes of its deployment
+    (``model = "<group>/client-<id>/ft-<k>"``), drawn per request from a seeded Zipf(``variant_zipf_s``) law
+    within the client (``ft-0`` the most used), on a third stream of ``seed``: the arrivals and lengths stay
+    those of ``variants_per_client=1``. Every variant is declared in the workload's ``catalog``, requested or
+    not, so that the deployments do not depend on the window or the rate.
     """
     p = _existing(path, allow_dir=True)
+    if isinstance(variants_per_client, bool) or not isinstance(variants_per_client, int) or variants_per_client < 1:
+        raise ConfigError(f"variants_per_client: must be an integer >= 1, got {variants_per_client!r}")
     if not (math.isfinite(rate_scale) and rate_scale > 0):
         raise ConfigError(f"rate_scale: must be finite and > 0, got {rate_scale}")
     if not window_s > 0:
@@ -413,15 +424,34 @@ def read_servegen(
     tenants = np.asarray([f"client-{cid}" for cid in ids], dtype=object)
     sampler = lengths or LognormalLengths(prompt_median, prompt_sigma, output_median, output_sigma, max_tokens)
     prompt, output = sampler.sample(arrival.size, length_rng)
+    model = models[client]
+    catalog: tuple[str, ...] = ()
+    if variants_per_client > 1:
+        model, catalog = _spread_variants(models, client, variants_per_client, variant_zipf_s, seed)
     return Workload(
         arrival_s=arrival,
-        model=models[client],
+        model=model,
         tenant=tenants[client],
         prompt_tokens=prompt,
         output_tokens=output,
         name=name or f"servegen_{group}",
         duration_s=end - start_s,
+        catalog=catalog,
     )
+
+
+def _spread_variants(models: np.ndarray, client: np.ndarray, k: int, zipf_s: float,
+                     seed: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Each request of client c goes to ``<c's model>/ft-<j>``, j ~ Zipf(zipf_s) over k ranks; and every
+    such id. A third stream of ``seed`` (SeedSequence children are fixed by index, so the first two, arrivals
+    and lengths, are the ones `read_servegen` draws without variants)."""
+    if not (math.isfinite(zipf_s) and zipf_s >= 0):
+        raise ConfigError(f"variant_zipf_s: must be finite and >= 0, got {zipf_s}")
+    rng = streams(seed, 3)[2]
+    rank = rng.choice(k, size=client.size, p=zipf_weights(k, zipf_s))
+    names = np.asarray([f"{m}/ft-{j}" for m in models for j in range(k)], dtype=object)
+    catalog = tuple(names.tolist())
+    return names[client * k + rank], catalog
 
 
 # ------------------------------------------------------------------------------------------------ registry

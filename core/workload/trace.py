@@ -58,11 +58,15 @@ class Workload:
     output_tokens: np.ndarray
     name: str
     duration_s: float
+    # deployments the workload declares besides those its requests name (e.g. a ServeGen client's fine-tunes
+    # that get no request in a window): part of the catalog, so that it does not depend on the slice
+    catalog: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for col, dtype in COLUMNS.items():
             object.__setattr__(self, col, _readonly(getattr(self, col), dtype))
         object.__setattr__(self, "duration_s", float(self.duration_s))
+        object.__setattr__(self, "catalog", tuple(self.catalog))
         self.validate()
 
     @classmethod
@@ -140,7 +144,7 @@ class Workload:
         cols = {col: getattr(self, col)[rows] for col in COLUMNS}
         if shift_s:
             cols["arrival_s"] = cols["arrival_s"] - shift_s
-        return Workload(**cols, name=name, duration_s=duration_s)
+        return Workload(**cols, name=name, duration_s=duration_s, catalog=self.catalog)
 
     def with_columns(self, **columns: np.ndarray | str) -> Workload:
         """A copy with some columns replaced (e.g. ``model=...``); scalars broadcast for label columns."""
@@ -148,7 +152,7 @@ class Workload:
         if unknown := set(columns) - set(known):
             raise ConfigError(f"with_columns: unknown field(s) {sorted(unknown)}; known: {known}")
         cols: dict[str, object] = {col: getattr(self, col) for col in COLUMNS}
-        cols |= {"name": self.name, "duration_s": self.duration_s}
+        cols |= {"name": self.name, "duration_s": self.duration_s, "catalog": self.catalog}
         for key, value in columns.items():
             cols[key] = _labels(value, len(self), "") if key in ("model", "tenant") else value
         return Workload(**cols)  # type: ignore[arg-type]
@@ -197,6 +201,7 @@ class Workload:
             **{k: v[order] for k, v in cols.items()},
             name=name or "+".join(w.name for w in parts),
             duration_s=max(w.duration_s for w in parts),
+            catalog=tuple(dict.fromkeys(m for w in parts for m in w.catalog)),
         )
 
 

@@ -102,7 +102,7 @@ def test_calibrate_measures_the_paces_and_the_simulator_loads_it(tmp_path: Path)
     assert table.model == "tiny-a" and table.decode_batch == (1, 2) and table.prefill_tokens_per_s > 0
 
     sim = subprocess.run(
-        [sys.executable, "-m", "experiments.simulate", "cluster=calibrated", "engine=calibrated",
+        [sys.executable, "-m", "experiments.simulate", "scenario=smoke", "cluster=calibrated", "engine=calibrated",
          "inference=calibrated", "models=calibrated", f"+calibration={out / 'calibrated.yaml'}", "workload=poisson",
          "workload.max_requests=10", "workload.options.duration_s=10", f"hydra.run.dir={tmp_path / 'sim'}",
          "output.plots=false", "progress=false"],
