@@ -60,7 +60,7 @@ from experiments.replay import (
 )
 from experiments.serve_catalog import build_catalog, catalog_model_specs, engine_dtype_bytes
 from experiments.setup import REPO_ROOT, load_workload
-from experiments.twin_join import fidelity, join
+from experiments.twin_join import compare_runs, fidelity, join, run_counts
 from experiments.twin_plot import twin_figure
 from sim.run import simulate
 
@@ -200,11 +200,18 @@ def run_sim(cfg: Mapping[str, Any], calibration: Path, wl: Workload, specs: Mapp
                       ttft_slo_s=float(cfg.get("ttft_slo_s", 10.0)), seed=int(cfg.get("seed", 0)))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(out_dir / "records.parquet", result.requests)
+    write_table(out_dir / "instances.parquet", result.instances)
+    write_table(out_dir / "tier_moves.parquet", result.moves)
     (out_dir / "summary.json").write_text(json.dumps(_clean(result.summary), indent=2, sort_keys=True))
     return result.requests
 
 
 # --------------------------------------------------------------------------- the twin
+
+
+def _table(path: Path) -> pd.DataFrame | None:
+    """A parquet table if the run wrote it (a live run stopped before its summary has none)."""
+    return pd.read_parquet(path) if path.is_file() else None
 
 
 def reused_live(run_dir: Path, wl: Workload) -> tuple[pd.DataFrame, float]:
@@ -260,9 +267,14 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         write_table(out_dir / "live" / "records.parquet", live)
     joined = join(live, sim)
     policy = cfg["policy"].get("name") if isinstance(cfg.get("policy"), Mapping) else None
+    live_dir = (Path(str(cfg["reuse_live"])).expanduser() if cfg.get("reuse_live") else out_dir) / "live" / "serve"
     fid = fidelity(live, sim, joined, extra={
         "policy": policy, "workload": wl.name, "seed": int(cfg.get("seed", 0)), "calibration": str(calibration),
-        "scaling": scaling(cfg, opts), "live_wall_s": wall_s, "models": sorted(set(wl.model.tolist()))})
+        "scaling": scaling(cfg, opts), "live_wall_s": wall_s, "models": sorted(set(wl.model.tolist())),
+        "run": compare_runs(run_counts(_table(live_dir / "instances.parquet"), _table(live_dir / "tier_moves.parquet"),
+                                       _table(live_dir / "actions.parquet")),
+                            run_counts(_table(out_dir / "sim" / "instances.parquet"),
+                                       _table(out_dir / "sim" / "tier_moves.parquet")))})
     write_table(out_dir / "twin.parquet", joined)
     (out_dir / "fidelity.json").write_text(json.dumps(_clean(fid), indent=2))
     twin_figure(joined, out_dir / "twin.png", f"twin: {policy}, {wl.name}, seed {fid['seed']}")

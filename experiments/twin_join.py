@@ -148,6 +148,26 @@ def cold_starts_by_tier(df: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in cold["source_tier"].value_counts().sort_index().items()}
 
 
+def run_counts(instances: pd.DataFrame | None, moves: pd.DataFrame | None,
+               actions: pd.DataFrame | None = None) -> dict[str, Any]:
+    """One side's run-level counts: instances started (their "loading" rows), tier copies (every tier move but an
+    eviction or an initial placement; the simulator names them cache / demote / promote, live records them all as
+    copies) and evictions (the simulator's "evict" moves; live, the gateway's evict actions that were done)."""
+    started = int((instances["event"] == "loading").sum()) if instances is not None and len(instances) else 0
+    kinds = moves["kind"].astype(str) if moves is not None and len(moves) else pd.Series([], dtype=str)
+    evictions = int((kinds == "evict").sum())
+    if actions is not None and len(actions):
+        evictions += int(((actions["kind"] == "evict") & (actions["outcome"] == "done")).sum())
+    return {"instances_started": started, "tier_copies": int((~kinds.isin(["evict", "initial"])).sum()),
+            "evictions": evictions}
+
+
+def compare_runs(live: dict[str, Any], sim: dict[str, Any]) -> dict[str, Any]:
+    """{count: {live, sim, rel_err}} for instances started, tier copies and evictions (rel_err None if live is 0)."""
+    return {k: {"live": live[k], "sim": sim[k], "rel_err": (sim[k] - live[k]) / live[k] if live[k] else None}
+            for k in ("instances_started", "tier_copies", "evictions")}
+
+
 def fidelity(live: pd.DataFrame, sim: pd.DataFrame, joined: pd.DataFrame | None = None,
              extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """fidelity.json's content: request counts (and ids missing or not completed on either side), the four

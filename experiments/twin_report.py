@@ -337,6 +337,25 @@ def _worst_phase(g: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- the document
 
 
+def run_section(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Instances started, tier copies and evictions, live vs simulated, summed over seeds (per seed beside).
+    No target: informative, like the counts by tier."""
+    rows = []
+    for g in groups:
+        r = g.get("run")
+        if not r:
+            continue
+        for key, label in (("instances_started", "instances started"), ("tier_copies", "tier copies"),
+                           ("evictions", "evictions")):
+            lv, sv = sum(r[key]["live"]), sum(r[key]["sim"])
+            per = ", ".join(f"{a}/{b}" for a, b in zip(r[key]["live"], r[key]["sim"], strict=True))
+            rows.append([*_label(g), label, str(lv), str(sv), spct((sv - lv) / lv if lv else None), per])
+    if not rows:
+        return []
+    return ["### Instances started, tier copies and evictions (summed over seeds; no target)", "",
+            *_table(["policy", "workload", "count", "live", "sim", "error", "per seed (live/sim)"], rows), ""]
+
+
 def inference_section(fit: Mapping[str, Any] | None, doc: str) -> list[str]:
     """The GPU inference model's error against each published measurement (experiments.inference_fit's result):
     the twin above runs CPU engines, whose step times the calibration measures directly, so the GPU model's
@@ -395,7 +414,7 @@ def render(groups: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
     lines += ["## Results", "", *overview_section(groups, steady), *percentile_section(groups)]
     for metric, title in METRIC_TABLES:
         lines += metric_section(groups, metric, title)
-    lines += phase_section(groups) + tier_section(groups) + agreement_section(groups, steady)
+    lines += phase_section(groups) + tier_section(groups) + run_section(groups) + agreement_section(groups, steady)
     lines += inference_section(meta.get("inference"), str(meta.get("inference_doc", "")))
     if meta.get("figure"):
         lines += ["## Figure", "", f"![twin]({meta['figure']})", "", str(meta.get("figure_caption", "")), ""]

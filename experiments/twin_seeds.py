@@ -216,4 +216,14 @@ def summarize(runs: Sequence[tuple[Mapping[str, Any], pd.DataFrame]]) -> dict[st
     out["agreement"] = estimate(agree, _mean)
     out["first_divergence"] = [{"seed": f.get("seed"), **f["first_divergence"]} for f in fids
                                if f.get("first_divergence")]
+    out["run"] = _run_counts(fids)
     return out
+
+
+def _run_counts(fids: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Instances started, tier copies and evictions per seed's run, each side (None before runs recorded them)."""
+    runs = [f.get("run") for f in fids]
+    if not all(runs):
+        return None
+    return {k: {side: [int(r[k][side]) for r in runs] for side in ("live", "sim")}
+            for k in ("instances_started", "tier_copies", "evictions")}

@@ -224,3 +224,22 @@ def test_inference_section_reports_each_gpu_source_against_the_target() -> None:
         assert (MET in ln) == (median <= 0.10)
     assert "[fidelity/inference.md](fidelity/inference.md)" in "\n".join(lines)
     assert "Not available" in "\n".join(inference_section(None, ""))
+
+
+def test_run_counts_are_summed_over_seeds_and_tabled() -> None:
+    from experiments.twin_report import run_section
+    from experiments.twin_seeds import _run_counts
+
+    def run(i: tuple[int, int], c: tuple[int, int], e: tuple[int, int]) -> dict:
+        return {"run": {k: {"live": v[0], "sim": v[1]} for k, v in
+                        (("instances_started", i), ("tier_copies", c), ("evictions", e))}}
+
+    fids = [run((5, 4), (3, 3), (0, 1)), run((7, 8), (1, 2), (2, 1))]
+    r = _run_counts(fids)
+    assert r == {"instances_started": {"live": [5, 7], "sim": [4, 8]}, "tier_copies": {"live": [3, 1], "sim": [3, 2]},
+                 "evictions": {"live": [0, 2], "sim": [1, 1]}}
+    assert _run_counts([{"run": None}, *fids]) is None  # runs from before the counts were recorded
+    lines = run_section([{"policy": "p", "workload": "w", "run": r}])
+    assert "| p | w | instances started | 12 | 12 | +0.0% | 5/4, 7/8 |" in lines
+    assert "| p | w | tier copies | 4 | 5 | +25.0% | 3/3, 1/2 |" in lines
+    assert run_section([{"policy": "p", "workload": "w", "run": None}]) == []

@@ -19,7 +19,7 @@ from core.errors import ConfigError
 from core.records import REQUEST_SCHEMA, frame
 from core.workload.trace import Workload
 from experiments.twin import TwinLimits, one_line
-from experiments.twin_join import METRICS, PHASES, error_stats, fidelity, join, node_index
+from experiments.twin_join import METRICS, PHASES, compare_runs, error_stats, fidelity, join, node_index, run_counts
 from tests.live_serve.serving import checkpoint_cache, env, processes
 
 TIMEOUT_S = 240
@@ -140,6 +140,10 @@ def test_a_small_twin_writes_the_join_the_fidelity_and_the_figure(tmp_path: Path
         assert all(math.isfinite(fid[m][k]) for k in ERR_KEYS), fid[m]
     assert fid["phases"] and all(set(v) >= ERR_KEYS for v in fid["phases"].values())
     assert set(fid["cold_starts_by_tier"]) == {"live", "sim"}
+    run = fid["run"]  # instances started and tier moves, each side, from its own tables
+    assert run["instances_started"]["live"] >= 1 and run["instances_started"]["sim"] >= 1
+    assert set(run) == {"instances_started", "tier_copies", "evictions"}
+    assert all(set(v) == {"live", "sim", "rel_err"} for v in run.values())
     assert sum(fid["cold_starts_by_tier"]["live"].values()) >= 1
     assert 0.0 <= fid["decision_agreement"] <= 1.0
     assert (fid["policy"], fid["workload"], fid["seed"]) == ("seed_tiered", "poisson", 0)
@@ -203,3 +207,18 @@ def test_sub_floor_queues_have_no_relative_error_and_undecided_losses_are_not_di
     # request 2: the live client gave up before the gateway answered, so its live decision is unknown
     assert fid["requests"]["lost_live_undecided"] == [2] and fid["requests"]["decided"] == 2
     assert fid["decision_agreement"] == 1.0
+
+
+def test_run_counts_compare_instances_started_and_tier_moves() -> None:
+    inst = pd.DataFrame({"event": ["loading", "ready", "loading", "stopped", "loading"]})
+    sim_moves = pd.DataFrame({"kind": ["cache", "demote", "evict", "initial"]})
+    live_moves = pd.DataFrame({"kind": ["copy", "copy"]})
+    actions = pd.DataFrame({"kind": ["evict", "evict", "copy"], "outcome": ["done", "failed", "done"]})
+    live = run_counts(inst, live_moves, actions)
+    assert live == {"instances_started": 3, "tier_copies": 2, "evictions": 1}
+    sim = run_counts(inst.iloc[:2], sim_moves)
+    assert sim == {"instances_started": 1, "tier_copies": 2, "evictions": 1}
+    c = compare_runs(live, sim)
+    assert c["instances_started"] == {"live": 3, "sim": 1, "rel_err": pytest.approx(-2 / 3)}
+    assert c["tier_copies"]["rel_err"] == 0.0
+    assert compare_runs(run_counts(None, None), sim)["instances_started"]["rel_err"] is None
