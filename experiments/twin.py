@@ -261,6 +261,7 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     if cfg.get("reuse_live"):
         live, wall_s = reused_live(Path(str(cfg["reuse_live"])).expanduser(), wl)
         if (out_dir / "live").resolve() != (Path(str(cfg["reuse_live"])).expanduser() / "live").resolve():
+            (out_dir / "live").mkdir(parents=True, exist_ok=True)
             write_table(out_dir / "live" / "records.parquet", live)
     else:
         live, wall_s = run_live(cfg, wl, opts, out_dir / "live")
