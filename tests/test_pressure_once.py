@@ -7,23 +7,15 @@ tests/live_gateway/test_gateway_pressure.py."""
 from __future__ import annotations
 
 from core.catalog import architecture
-from core.specs import EngineSpec, cluster_from_dict
+from core.specs import EngineSpec
 from core.workload.trace import Workload
 from experiments.setup import build_policy
 from sim.run import SimResult, simulate
 from tests.conftest import config
+from tests.test_sim_stopping import one_engine_cluster
 
 BASE = "llama-3.1-8b"
 A, B, C = (f"{BASE}/ft-{i}" for i in range(3))
-
-
-def _two_one_engine_nodes():
-    """Two nodes, one GPU each, with room for a single 8B engine (16 GB weights + 8 GB KV of 27 GB usable)."""
-    cfg = config("cluster=small")["cluster"]
-    g = cfg["node_groups"][0]
-    g["count"], g["n_gpus"] = 2, 1
-    g["gpu"]["mem_bytes"] = 30e9
-    return cluster_from_dict(cfg)
 
 
 def _run(stop_s: float) -> SimResult:
@@ -34,7 +26,7 @@ def _run(stop_s: float) -> SimResult:
     wl = Workload.from_columns(arrivals, [64] * 9, [16] * 9, model=models)
     specs = [architecture(BASE, m) for m in (A, B, C)]
     bundle = build_policy(config("policy=mvp")["policy"])
-    return simulate(_two_one_engine_nodes(), specs, EngineSpec(stop_s=stop_s), bundle, wl, request_timeout_s=600,
+    return simulate(one_engine_cluster(nodes=2), specs, EngineSpec(stop_s=stop_s), bundle, wl, request_timeout_s=600,
                     drain_timeout_s=3600)
 
 

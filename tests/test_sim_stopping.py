@@ -22,11 +22,11 @@ A, B = f"{BASE}/ft-0", f"{BASE}/ft-1"
 SECOND_ARRIVAL_S = 20.0  # the first is done by ~13.4 s; its engine is idle, kept alive (300 s), not yet on NVMe
 
 
-def _one_engine_cluster():
-    """One node, one GPU with room for a single 8B engine (16 GB weights + 8 GB KV of 27 GB usable)."""
+def one_engine_cluster(nodes: int = 1):
+    """`nodes` nodes of one GPU each, with room for a single 8B engine (16 GB weights + 8 GB KV of 27 GB usable)."""
     cfg = config("cluster=small")["cluster"]
     g = cfg["node_groups"][0]
-    g["count"], g["n_gpus"] = 1, 1
+    g["count"], g["n_gpus"] = nodes, 1
     g["gpu"]["mem_bytes"] = 30e9
     return cluster_from_dict(cfg)
 
@@ -35,7 +35,7 @@ def _run(policy: str, **engine: float | bool) -> SimResult:
     wl = Workload.from_columns([0.0, SECOND_ARRIVAL_S], [64, 64], [16, 16], model=[A, B])
     models = [architecture(BASE, A), architecture(BASE, B)]
     bundle = build_policy(config(f"policy={policy}")["policy"])
-    return simulate(_one_engine_cluster(), models, EngineSpec(**engine), bundle, wl, request_timeout_s=600,
+    return simulate(one_engine_cluster(), models, EngineSpec(**engine), bundle, wl, request_timeout_s=600,
                     drain_timeout_s=3600)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from core.decisions import Action, StartInstance
 from core.policies.base import NO_ACTIONS, Hooks, RequestView, copy_with_room, lru_idle_stops, node_can_host
@@ -109,6 +109,36 @@ class LocalityLru(Hooks):
         return lru_idle_stops(node, model, view)
 
 
+def forecast_actions(view: ClusterView, models: Iterable[str], rate: Callable[[str], float], prefetch_tier: str,
+                     prefetch_rate: float, prewarm_rate: float, service_s: float, max_prewarm: int,
+                     stopping: Collection[str] = ()) -> list[Action]:
+    """Act ahead of forecast arrivals, hottest model first: a model forecast at `prefetch_rate` or more is copied
+    into `prefetch_tier` on the node that has it closest to the GPU (else the one with most free GPU memory), and
+    one whose forecast load (rate x `service_s`) exceeds its live instances (`stopping` ones not counted) gets a
+    pre-warmed instance, at most `max_prewarm` per call."""
+    out: list[Action] = []
+    prewarmed = 0
+    for model in sorted(models, key=lambda m: (-rate(m), m)):
+        r = rate(model)
+        if r < prefetch_rate:
+            break  # ranked: every later model is colder
+        nodes = sorted((n for n in view.nodes.values() if n.up),
+                       key=lambda n: (TIER_RANK[n.local_source(model)], -n.gpu_free_total, n.name))
+        if not nodes:
+            break
+        target = nodes[0]
+        if TIER_RANK[target.local_source(model)] > TIER_RANK[prefetch_tier]:
+            out.extend(copy_with_room(target, model, view.model(model).weights_bytes, prefetch_tier, "prefetch"))
+        live = [i for i in view.instances_of(model) if i.status in ("ready", "loading") and i.id not in stopping]
+        if r >= prewarm_rate and r * service_s > len(live) and prewarmed < max_prewarm:
+            for node in nodes:
+                if node_can_host(node, model, view, allow_evict=False):
+                    out.append(StartInstance(model, node.name, node.local_source(model), reason="prewarm"))
+                    prewarmed += 1
+                    break
+    return out
+
+
 class Predictive(LocalityLru):
     """Forecast each model's arrival rate (Holt's level + trend over windows) and act ahead of bursts.
 
@@ -139,30 +169,7 @@ class Predictive(LocalityLru):
 
     def on_tick(self, view: ClusterView) -> Sequence[Action]:
         self.fc.advance(view.now_s)
-        out: list[Action] = []
-        prewarmed = 0
-        ranked = sorted(self.fc.models(), key=lambda m: (-self.fc.forecast(m, self.horizon_s), m))
-        for model in ranked:
-            rate = self.fc.forecast(model, self.horizon_s)
-            if rate < self.prefetch_rate:
-                break
-            spec = view.model(model)
-            insts = [i for i in view.instances_of(model) if i.status in ("ready", "loading")]
-            # the node that already has it closest to the GPU, else the one with most free GPU memory
-            nodes = sorted(
-                (n for n in view.nodes.values() if n.up),
-                key=lambda n: (TIER_RANK[n.local_source(model)], -n.gpu_free_total, n.name),
-            )
-            if not nodes:
-                break
-            target = nodes[0]
-            if TIER_RANK[target.local_source(model)] > TIER_RANK[self.prefetch_tier]:
-                out.extend(copy_with_room(target, model, spec.weights_bytes, self.prefetch_tier, "prefetch"))
-            want = rate * self.service_s
-            if rate >= self.prewarm_rate and want > len(insts) and prewarmed < self.max_prewarm_per_tick:
-                for node in nodes:
-                    if node_can_host(node, model, view, allow_evict=False):
-                        out.append(StartInstance(model, node.name, node.local_source(model), reason="prewarm"))
-                        prewarmed += 1
-                        break
+        out = forecast_actions(view, self.fc.models(), lambda m: self.fc.forecast(m, self.horizon_s),
+                               self.prefetch_tier, self.prefetch_rate, self.prewarm_rate, self.service_s,
+                               self.max_prewarm_per_tick)
         return out or NO_ACTIONS

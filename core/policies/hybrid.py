@@ -27,12 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from core.decisions import Action, StartInstance, StopInstance
+from core.decisions import Action, StopInstance
 from core.policies.autoscaling import KeepAlive
-from core.policies.base import NO_ACTIONS, RequestView, _fits, copy_with_room, node_can_host
-from core.policies.caching import pool_copies
+from core.policies.base import NO_ACTIONS, RequestView, _fits
+from core.policies.caching import forecast_actions, pool_copies
 from core.policies.forecast import HoltForecaster
-from core.specs import TIER_RANK
 from core.state import ClusterView, InstanceState, NodeState
 
 #: local tiers from which a reload is cheap enough to stop an idle instance early (seconds, not minutes)
@@ -107,28 +106,8 @@ class LocalityForecast(KeepAlive):
         self.fc.advance(now)
         out: list[Action] = list(self._expire(view))
         stopping = {a.instance_id for a in out if isinstance(a, StopInstance)}
-        prewarmed = 0
-        ranked = sorted(self.fc.models(), key=lambda m: (-self.rate(m), m))
-        for model in ranked:
-            rate = self.rate(model)
-            if rate < self.prefetch_rate:
-                break  # ranked: every later model is colder
-            nodes = sorted((n for n in view.nodes.values() if n.up),
-                           key=lambda n: (TIER_RANK[n.local_source(model)], -n.gpu_free_total, n.name))
-            if not nodes:
-                break
-            target = nodes[0]
-            spec = view.model(model)
-            if TIER_RANK[target.local_source(model)] > TIER_RANK[self.pool_tier]:
-                out.extend(copy_with_room(target, model, spec.weights_bytes, self.pool_tier, "prefetch"))
-            live = [i for i in view.instances_of(model) if i.status in ("ready", "loading") and i.id not in stopping]
-            if rate >= self.prewarm_rate and rate * self.service_s > len(live) and \
-                    prewarmed < self.max_prewarm_per_tick:
-                for node in nodes:
-                    if node_can_host(node, model, view, allow_evict=False):
-                        out.append(StartInstance(model, node.name, node.local_source(model), reason="prewarm"))
-                        prewarmed += 1
-                        break
+        out += forecast_actions(view, self.fc.models(), self.rate, self.pool_tier, self.prefetch_rate,
+                                self.prewarm_rate, self.service_s, self.max_prewarm_per_tick, stopping)
         return out or NO_ACTIONS
 
     # ------------------------------------------------------------------ helpers
