@@ -211,6 +211,8 @@ def agent_argv(node: str, host: str, port: int, tier_dirs: Mapping[str, Path], o
         argv += ["--memory-budget", str(opts.memory_budget_bytes)]
     if opts.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(opts.max_num_seqs)]
+    if engine.get("spec"):  # kind openai: the engine's spec (conf/live/engines/*.yaml), relative to the checkout
+        argv += ["--engine-spec", str(REPO_ROOT / str(engine["spec"]))]
     argv += [f"--store={s}" for s in stores]
     if progressive:
         argv.append("--progressive")

@@ -17,6 +17,7 @@ from typing import Any
 
 from live.agent_tiers import TierConfig, parse_bytes, parse_tier, parse_tier_bw
 from live.engines.factory import ENGINE_KINDS
+from live.engines.openai_compat import EngineSpecError, OpenAICompatSpec, load_spec
 from live.pacing import check_Bps, check_latency_s
 
 TIER_ORDER = ("dram", "nvme", "sata")  # fastest first; a model is read from the first tier holding it
@@ -37,10 +38,14 @@ class EngineSettings:
     toka_executable: str = "toka"  # Tokasaurus's launcher: a name on PATH or a path
     gpus: int = 1  # GPUs a Tokasaurus engine may use (its profile picks tp_size from them)
     max_num_seqs: int = 8  # the engine's batch limit (the policy view's EngineSpec.max_num_seqs)
+    openai: OpenAICompatSpec | None = None  # kind "openai": the program, its readiness probe and capabilities
 
     def __post_init__(self) -> None:
         if self.kind not in ENGINE_KINDS:
             raise ValueError(f"EngineSettings.kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
+        if self.kind == "openai" and self.openai is None:
+            raise ValueError("EngineSettings.openai: required for kind 'openai' (an engine spec, e.g. "
+                             "--engine-spec conf/live/engines/vllm.yaml)")
         if self.gpus < 1:
             raise ValueError(f"EngineSettings.gpus must be >= 1, got {self.gpus}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
@@ -140,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--progressive", action="store_true", help="engines serve while layers load")
     p.add_argument("--engine", default="cpu", choices=ENGINE_KINDS, help="engine kind the node runs")
+    p.add_argument("--engine-spec", default=None, metavar="FILE",
+                   help="--engine openai: the engine's spec (YAML: command template, readiness probe, capabilities), "
+                        "e.g. conf/live/engines/vllm.yaml")
     p.add_argument("--toka", default="toka", help="Tokasaurus launcher (--engine tokasaurus): a name on PATH or a path")
     p.add_argument("--gpus", type=int, default=1, help="GPUs one Tokasaurus engine may use")
     p.add_argument("--tier-bw", action="append", default=[], metavar="NAME=READ_BPS:WRITE_BPS[:LATENCY_S]",
@@ -168,6 +176,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
         options: Mapping[str, Any] = json.loads(args.store_options)
         bandwidths = [parse_tier_bw(s) for s in args.tier_bw]
         memory_budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
+        spec = load_spec(args.engine_spec) if args.engine_spec is not None else None
         if memory_budget is not None and memory_budget <= 0:
             raise ValueError(f"--memory-budget must be > 0 bytes, got {args.memory_budget!r}")
         check_Bps(args.cloud_stream_Bps, "--cloud-stream-Bps")
@@ -177,7 +186,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
                             ("--copy-streams", args.copy_streams)):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
-    except (ValueError, json.JSONDecodeError) as e:
+    except (ValueError, json.JSONDecodeError, EngineSpecError) as e:
         p.error(str(e))
     tier_map = {t.name: t for t in tiers} or {"dram": TierConfig("dram", default_dram_dir(args.node, args.port),
                                                                  1 << 30)}
@@ -195,7 +204,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
                              stores=list(args.store), store_options={k: dict(v) for k, v in options.items()},
                              engine=EngineSettings(args.threads, args.dtype, args.progressive, kind=args.engine,
                                                    toka_executable=args.toka, gpus=args.gpus,
-                                                   max_num_seqs=args.max_num_seqs),
+                                                   max_num_seqs=args.max_num_seqs, openai=spec),
                              copy_streams=args.copy_streams, cloud_streams=args.cloud_streams,
                              cloud_stream_Bps=args.cloud_stream_Bps, cloud_latency_s=args.cloud_latency_s,
                              nic_Bps=args.nic_Bps,

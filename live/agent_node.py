@@ -76,7 +76,8 @@ class Instance:
                 "pid": self.engine.pid, "status": self.status, "source_tier": self.source_tier,
                 "engine_tier": HOST if self.host_copy is not None else self.source_tier,
                 "model_dir": self.model_dir, "started_at_unix": self.started_at_unix,
-                "engine": self.engine.kind, "streaming": self.engine.streaming}
+                "engine": self.engine.kind, "streaming": self.engine.streaming, "chat": self.engine.chat,
+                "max_context": self.engine.max_context}
 
 
 class NodeAgent:
@@ -353,7 +354,7 @@ class NodeAgent:
                                  host=self.config.host, model_name=model, dtype=settings.dtype,
                                  threads=settings.threads, progressive=settings.progressive,
                                  toka_executable=settings.toka_executable, n_gpus=settings.gpus,
-                                 max_num_seqs=settings.max_num_seqs, env=env)
+                                 max_num_seqs=settings.max_num_seqs, env=env, spec=settings.openai)
             inst = Instance(f"{self.config.node}-{model}-{next(self._ids)}", model, source, str(model_dir), engine,
                             host_copy=host_copy)
             t0 = time.perf_counter()

@@ -154,6 +154,9 @@ class ActionsMixin:
         lv.url = url
         lv.agent_instance = agent_instance
         lv.streaming = out["instance"].get("streaming", True) is not False
+        lv.chat = out["instance"].get("chat", True) is not False
+        ctx = out["instance"].get("max_context")
+        lv.max_context = ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None
         lv.timings = out.get("timings", {})
         self._mark_ready(lv)
         await self.refresh(inst.node)

@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from core.decisions import ColdStart, Queue, Reject, Route
 from live import gateway_sse as sse
+from live.engines.openai_compat import capability_error
 from live.gateway_agents import connection_error
 from live.gateway_api import ApiError, include_usage
 from live.gateway_mirror import EngineFailed, Flight, Live, NodeLost
@@ -180,6 +181,10 @@ class ForwardMixin:
         the first byte; after it, the outcome is the response's (a stream that breaks ends with an SSE error
         event)."""
         assert self._http is not None
+        refusal = capability_error(path, body, lv.chat, lv.max_context)
+        if refusal is not None:  # what the engine cannot serve is the client's error, not an engine failure
+            self._finish(req, t_arrival, "rejected", "unsupported_by_engine")
+            return ApiError(400, refusal, "unsupported_by_engine").response()
         stream = bool(body.get("stream"))
         synthesize = stream and not lv.streaming
         usage_chunk = include_usage(body)

@@ -68,6 +68,8 @@ class Live:
     error: str = ""
     node_lost: bool = False  # the error is its node going down: the request is placed again
     streaming: bool = True  # the engine streams; else the gateway synthesizes the SSE stream
+    chat: bool = True  # the engine serves /v1/chat/completions (else a chat request gets a 400)
+    max_context: int | None = None  # the engine's context window in tokens (None: not declared)
     in_flight: int = 0  # requests forwarded to the engine and not finished
     load_waiters: int = 0  # requests routed here while it loads
     flights: set[Flight] = field(default_factory=set)

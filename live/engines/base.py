@@ -1,7 +1,8 @@
 """How an engine process is run: `EngineHandle`, what the node agent drives (start, wait_ready, stop, alive,
 url, port, pid). `ProcessEngine` runs a command in its own process group (log file, readiness probe, crash
-detection, group kill); `CpuEngineProcess` runs `python -m live.engines.cpu_server` with it, and
-`live.engines.tokasaurus.TokasaurusProcess` runs Tokasaurus's `toka`.
+detection, group kill, and optionally the parent-death sidecar of `live.engines.watchdog`); `CpuEngineProcess`
+runs `python -m live.engines.cpu_server` with it, `live.engines.tokasaurus.TokasaurusProcess` runs Tokasaurus's
+`toka`, and `live.engines.openai_compat.OpenAICompatProcess` any OpenAI-compatible server from a command template.
 
 Where the layer weights come from (`LayerSource` and its implementations) is `live.engines.layer_sources`,
 re-exported here. This module imports neither torch nor safetensors: the node agent uses the engine processes
@@ -34,6 +35,7 @@ from live.engines.layer_sources import (  # noqa: F401  (re-exported: callers im
     safetensors_files,
     tensor_group,
 )
+from live.engines.watchdog import watchdog_argv
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +54,10 @@ class EngineHandle(abc.ABC):
     # whether the engine answers `stream: true` with server-sent events; where it does not, the
     # gateway asks it without streaming and makes the SSE stream for the client itself
     streaming: ClassVar[bool] = True
+    # whether it serves /v1/chat/completions, and its context window in tokens (None: not declared); the
+    # gateway refuses with a 400 what the engine cannot serve (`live.engines.openai_compat.capability_error`)
+    chat: ClassVar[bool] = True
+    max_context: ClassVar[int | None] = None
 
     @property
     @abc.abstractmethod
@@ -142,7 +148,8 @@ class ProcessEngine(EngineHandle):
     base starts it, probes `GET ready_path` until it answers 200, detects a crash (the process exited,
     or, with `dead_child_is_crash`, one of its children died and was left unreaped), and `stop()`
     sends SIGTERM to the whole group, then SIGKILL after `stop_grace_s`, and reaps the process, so no
-    orphan outlives it.
+    orphan outlives it. With `parent_watchdog`, a sidecar (`live.engines.watchdog`) ends the group if this
+    process dies without calling stop(), even by SIGKILL.
     """
 
     ready_path: ClassVar[str] = "/ping"
@@ -152,6 +159,9 @@ class ProcessEngine(EngineHandle):
     # instant between a short-lived helper's exit and its reaping
     dead_child_is_crash: ClassVar[bool] = False
     dead_child_grace_s: ClassVar[float] = 2.0
+    # an engine that cannot watch its launcher itself (not tierlab's code: Tokasaurus, vLLM, ...) runs under
+    # `live.engines.watchdog`, which ends its process group when this process dies, even by SIGKILL
+    parent_watchdog: ClassVar[bool] = False
 
     def __init__(self, port: int, host: str = "127.0.0.1", *, stop_grace_s: float = 5.0,
                  probe_interval_s: float = 0.05) -> None:
@@ -164,6 +174,7 @@ class ProcessEngine(EngineHandle):
         self._started_at = 0.0  # perf_counter() at start()
         self.launched_at_unix: float | None = None
         self._zombies_seen: dict[int, float] = {}  # pid -> perf_counter() when first seen dead
+        self._watchdog: subprocess.Popen[bytes] | None = None  # the parent-death sidecar (`parent_watchdog`)
 
     # -- what to run (subclasses)
 
@@ -198,6 +209,11 @@ class ProcessEngine(EngineHandle):
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def watchdog_pid(self) -> int | None:
+        """The parent-death sidecar's pid (None without `parent_watchdog`, before start and after stop)."""
+        return self._watchdog.pid if self._watchdog is not None else None
+
+    @property
     def pgid(self) -> int | None:
         """The process group id (equals pid: the engine leads its own session)."""
         return self.pid
@@ -209,9 +225,10 @@ class ProcessEngine(EngineHandle):
         self._log_file = tempfile.NamedTemporaryFile(prefix=self.log_prefix, suffix=".log", delete=False)  # noqa: SIM115
         self.launched_at_unix = time.time()
         self._started_at = time.perf_counter()
+        argv = self._launch_argv()
         try:
             self._proc = subprocess.Popen(
-                self._launch_argv(),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log_file,
                 stderr=subprocess.STDOUT,
@@ -221,7 +238,34 @@ class ProcessEngine(EngineHandle):
             )
         except OSError as e:  # the executable is missing or not executable: no process, no log to keep
             self.close()
-            raise EngineStartError(f"cannot run {self._launch_argv()[0]!r}: {e}") from e
+            raise EngineStartError(f"cannot run {argv[0]!r}: {e}") from e
+        if self.parent_watchdog:
+            self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """The parent-death sidecar (`live.engines.watchdog`): in a session of its own, so that stopping the
+        engine's group never reaches it; it exits by itself once the group is empty."""
+        assert self._proc is not None
+        try:
+            self._watchdog = subprocess.Popen(
+                watchdog_argv(self._proc.pid, os.getpid(), grace_s=self.stop_grace_s),
+                stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:  # no interpreter to run it: an engine nobody would stop after a SIGKILL is refused
+            self.close()
+            raise EngineStartError(f"cannot start the engine's parent-death watchdog: {e}") from e
+
+    def _reap_watchdog(self, pgid: int) -> None:
+        """Once the group is gone the sidecar has nothing left to watch: end and reap it."""
+        dog, self._watchdog = self._watchdog, None
+        if dog is None:
+            return
+        if not running_group_members(pgid):
+            dog.kill()  # at once, rather than waiting for its next poll to see the group empty
+        try:
+            dog.wait(timeout=self.stop_grace_s + 2.0)
+        except subprocess.TimeoutExpired:
+            dog.kill()
+            dog.wait()
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None and not self._dead_children()
@@ -307,6 +351,7 @@ class ProcessEngine(EngineHandle):
         while running_group_members(pgid) and time.perf_counter() < deadline:
             _kill_group(pgid, signal.SIGKILL)  # SIGKILL is delivered asynchronously; repeat until none runs
             time.sleep(0.01)
+        self._reap_watchdog(pgid)
         if self._log_file is not None:
             self._log_file.close()
 

@@ -108,6 +108,8 @@ class TokasaurusProcess(ProcessEngine):
     streaming: ClassVar[bool] = False
     log_prefix: ClassVar[str] = "toka-engine-"
     dead_child_is_crash: ClassVar[bool] = True
+    # Tokasaurus cannot watch its launcher: the watchdog sidecar ends its group if the agent dies, even by SIGKILL
+    parent_watchdog: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -253,7 +253,7 @@ def test_bad_setup_fails_start_clearly_and_runs_nothing(toka_ckpt: Path, tmp_pat
 
 
 def test_factory_and_agent_settings() -> None:
-    assert ENGINE_KINDS == ("cpu", "tokasaurus")
+    assert ENGINE_KINDS == ("cpu", "tokasaurus", "openai")
     assert make_engine("cpu", "/m", 1).streaming is True
     toka = make_engine("tokasaurus", "/m", 1, toka_executable="/opt/toka", n_gpus=4)
     assert isinstance(toka, TokasaurusProcess) and toka.executable == ["/opt/toka"] and toka.n_gpus == 4
