@@ -1,5 +1,10 @@
 """The live catalog: checkpoints (generated, local or from the Hub) published to the cloud store, their model
-specs for the gateway, and the tenants (API keys) that may use them."""
+specs for the gateway, and the tenants (API keys) that may use them.
+
+Every checkpoint is checked before it is published (`live.checkpoint_check`): an architecture the CPU engine
+computes exactly, weights that match config.json, a chat template that compiles. A refused one stops the
+catalog with an error naming the model, the file and the field or tensor; nothing of it reaches a store.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from tqdm import tqdm
 from core.errors import ConfigError
 from core.specs import ModelSpec
 from live.checkpoint import PRESETS, generate_checkpoint
+from live.checkpoint_check import check_checkpoint
 from live.gateway import Tenant
 from live.llama_config import LlamaConfig, model_spec
 from live.registry import Registry, check_model_name
@@ -37,7 +43,8 @@ def _generated_dir(cache: Path, preset: str, seed: int, dtype: str) -> Path:
 
 def build_catalog(catalog: Mapping[str, Any], cache_dir: str | os.PathLike[str],
                   progress: bool = True) -> list[CatalogEntry]:
-    """Resolve every catalog entry to a local checkpoint dir, generating the missing ones (cached)."""
+    """Resolve every catalog entry to a local checkpoint dir, generating the missing ones (cached), and check
+    each one (`check_checkpoint`): a checkpoint the CPU engine would not compute exactly is a ConfigError."""
     if not catalog:
         raise ConfigError("catalog: at least one model is needed")
     cache = Path(cache_dir).expanduser()
@@ -69,6 +76,10 @@ def build_catalog(catalog: Mapping[str, Any], cache_dir: str | os.PathLike[str],
             registry = Registry([f"file://{cache / '_hf_probe'}"])
             registry.register(str(name), hf_repo=str(spec["hf_repo"]), hf_revision=str(spec.get("revision", "main")))
             path = registry.resolve(str(name))
+        try:
+            check_checkpoint(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from None
         entries.append(CatalogEntry(str(name), path))
     return entries
 

@@ -8,11 +8,14 @@ byte-identical files. The directory is written under a temporary name and rename
 so a crash never leaves a partial checkpoint at the target path.
 
     python -m live.checkpoint OUT_DIR --preset tiny --seed 0
+
+`shard_checkpoint` rewrites one as shards + `model.safetensors.index.json` (transformers' sharded layout).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -31,7 +34,8 @@ import numpy as np
 
 from live.fsutil import fsync_dir as _fsync_dir
 from live.llama_config import LlamaConfig, tensor_shapes
-from live.manifest import WEIGHTS_FILE
+from live.manifest import MANIFEST_FILE, WEIGHTS_FILE, TensorRange, read_layout
+from live.shards import INDEX_FILE
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -293,6 +297,32 @@ def _remove_stale_tmp_dirs(out_dir: Path) -> None:
 
 
 
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temp dir beside `out_dir` to fill; on success it is fsynced and renamed to `out_dir`, on any error
+    removed, `out_dir` untouched. An existing `out_dir` is an error unless `overwrite`."""
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+        _fsync_dir(tmp)
+        if out_dir.exists():  # overwrite: move the old one aside first so the target is never half-written
+            old = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out_dir)}{os.getpid()}-old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | LlamaConfig = "tiny", seed: int = 0, *,
                         dtype: str = "bfloat16", overwrite: bool = False) -> CheckpointInfo:
     """Write a seeded random Llama checkpoint in HF layout to `out_dir`, atomically.
@@ -308,12 +338,7 @@ def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | Llam
     params = replace(params, torch_dtype=dtype, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,))
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
-    try:
+    with _atomic_dir(out_dir, overwrite) as tmp:
         shapes = tensor_shapes(params)
         rng = np.random.default_rng(seed)
         arrays = (_tensor_bytes(name, shape, dtype, rng, params.initializer_range)
@@ -336,23 +361,54 @@ def generate_checkpoint(out_dir: str | os.PathLike, preset_or_params: str | Llam
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-        _fsync_dir(tmp)
-        if out_dir.exists():  # overwrite: move the old one aside first so the target is never half-written
-            old = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out_dir)}{os.getpid()}-old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = tuple(sorted(p.name for p in out_dir.iterdir()))
     total = sum((out_dir / f).stat().st_size for f in files)
     return CheckpointInfo(path=out_dir, n_layers=params.num_hidden_layers, total_bytes=total, files=files,
                           params=params, dtype=dtype, seed=seed, n_params=params.n_params)
+
+
+def shard_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, max_shard_bytes: int, *,
+                     overwrite: bool = False) -> list[str]:
+    """Copy a single-file checkpoint to `out_dir` as shards + index, as transformers' `save_pretrained` lays
+    them out; returns the shard names.
+
+    Tensors keep their file order (layer order for checkpoints this module wrote) and go to
+    `model-0000k-of-0000N.safetensors` greedily, a new shard starting where the next tensor would pass
+    `max_shard_bytes` (a tensor larger than that gets a shard of its own); so a layer may span two
+    shards. `model.safetensors.index.json` maps each tensor to its shard; the other files are copied.
+    Atomic like `generate_checkpoint`.
+    """
+    src, out = Path(src_dir), Path(out_dir).absolute()
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    layout = read_layout(src / WEIGHTS_FILE)
+    by_tag = {tag: (name, np.dtype(np.uint16 if name == "bfloat16" else name)) for name, (tag, _) in DTYPES.items()}
+    shards: list[list[TensorRange]] = [[]]
+    for t in layout.tensors():
+        if t.dtype not in by_tag:
+            raise ValueError(f"{src / WEIGHTS_FILE}: tensor {t.name} has dtype {t.dtype}; sharding supports "
+                             f"{sorted(by_tag)}")
+        if shards[-1] and sum(x.n_bytes for x in shards[-1]) + t.n_bytes > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(t)
+    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    raw = np.memmap(src / WEIGHTS_FILE, dtype=np.uint8, mode="r")
+    with _atomic_dir(out, overwrite) as tmp:
+        for name, part in zip(names, shards, strict=True):
+            dtypes = {t.dtype for t in part}
+            if len(dtypes) != 1:  # write_safetensors_in_order writes one dtype per file
+                raise ValueError(f"{src / WEIGHTS_FILE}: shard {name} would mix dtypes {sorted(dtypes)}")
+            dtype_name, np_dtype = by_tag[dtypes.pop()]
+            arrays = (raw[t.start_byte:t.end_byte].view(np_dtype).reshape(t.shape) for t in part)
+            write_safetensors_in_order(tmp / name, [(t.name, t.shape) for t in part], dtype_name, arrays,
+                                       {"format": "pt"})
+        index = {"metadata": {"total_size": sum(t.n_bytes for t in layout.tensors())},
+                 "weight_map": {t.name: name for name, part in zip(names, shards, strict=True) for t in part}}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in (WEIGHTS_FILE, MANIFEST_FILE) and not f.name.startswith("."):
+                shutil.copyfile(f, tmp / f.name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
     ap.add_argument("--layers", type=int, default=None, help="override the preset's num_hidden_layers")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--max-shard-bytes", type=int, default=None,
+                    help="also write OUT_DIR-sharded: the same weights as shards + index (transformers' layout)")
     args = ap.parse_args(argv)
     params = PRESETS[args.preset]
     if args.layers is not None:
@@ -370,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = generate_checkpoint(args.out_dir, params if args.layers is not None else args.preset, args.seed,
                                    dtype=args.dtype, overwrite=args.overwrite)
+        if args.max_shard_bytes is not None:
+            sharded = args.out_dir.with_name(args.out_dir.name + "-sharded")
+            shard_checkpoint(info.path, sharded, args.max_shard_bytes, overwrite=args.overwrite)
+            print(f"sharded copy: {sharded}", file=sys.stderr)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
-"""Parallel, progressive loader of a `model.safetensors` file from a storage tier into host memory.
+"""Parallel, progressive loader of a checkpoint's weights from a storage tier into host memory.
 
-The whole file is read into one preallocated, 4 KiB-aligned host buffer by `n_threads` threads,
+The weights are one `model.safetensors` or the shards named by `model.safetensors.index.json`
+(`live.shards`). Every file is read into one preallocated, 4 KiB-aligned host buffer (each file at
+an aligned offset, the files one after the other) by `n_threads` threads,
 each issuing `os.preadv` of `chunk_bytes` (16 MiB) at a time, in file order, with O_DIRECT where
 the filesystem allows it (it bypasses the page cache, whose single-threaded readahead is what
 limits a plain sequential read) and buffered reads where it does not (tmpfs, some overlays).
@@ -10,7 +12,8 @@ Loading is progressive: the tensors form groups in forward-pass order (group 0 =
 layer 0, group i = layer i, group N = final norm + lm_head). Group i's `threading.Event` is set,
 and `on_layer(i, tensors)` called, as soon as every byte up to the end of groups 0..i is resident,
 so a consumer can compute layer i while later layers are still being read. On a file written in
-layer order (as `live.checkpoint` writes it) that is as soon as group i itself has arrived.
+layer order (as `live.checkpoint` writes it) that is as soon as group i itself has arrived. Sharded,
+"every byte" is per shard: a group that spans shards is usable once its bytes in each are resident.
 
     ckpt = load("ckpt_dir")                          # blocking
     handle = start_load("ckpt_dir"); handle.wait_layer(0); ...; handle.result()   # progressive
@@ -31,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from live.manifest import WEIGHTS_FILE, Manifest, TensorRange, WeightLayout, read_layout, sha256_file
+from live.hostbuf import ALIGN_BYTES, alloc_buffer, check_buffer, round_up
+from live.manifest import Manifest, TensorRange, WeightLayout, sha256_file
 from live.pacing import Flow
 from live.page_cache import resident_fraction
+from live.shards import ReadPlan, weights_location
 
-ALIGN_BYTES = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_THREADS = 8  # measured: 8 concurrent 16 MiB O_DIRECT reads saturate a virtio NVMe; more do not help
 _HASH_STEP_BYTES = 64 << 20
@@ -108,47 +112,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
-def alloc_buffer(n_bytes: int, pinned: bool = False) -> np.ndarray:
-    """A uint8 buffer of n_bytes rounded up to ALIGN_BYTES, starting at an ALIGN_BYTES-aligned address.
-
-    Left uninitialised: the reads fault its pages in, so they are touched once, not zeroed and then written.
-    """
-    n = _round_up(max(n_bytes, 1), ALIGN_BYTES)
-    if pinned:  # page-locked host memory makes host -> GPU copies asynchronous and full speed
-        raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8, pin_memory=True).numpy()
-    else:
-        raw = np.empty(n + ALIGN_BYTES, dtype=np.uint8)
-    off = -raw.ctypes.data % ALIGN_BYTES
-    return raw[off:off + n]
-
-
-def _check_buffer(buffer: np.ndarray, size: int, path: Path) -> np.ndarray:
-    need = _round_up(max(size, 1), ALIGN_BYTES)
-    if buffer.dtype != np.uint8 or buffer.ndim != 1 or not buffer.flags.c_contiguous or not buffer.flags.writeable:
-        raise ValueError("buffer must be a writable, contiguous 1-D uint8 array (see alloc_buffer)")
-    if buffer.size < need:
-        raise ValueError(f"{path}: buffer holds {buffer.size} bytes, loading needs {need}")
-    return buffer[:need]
-
-
 def _groups(layout: WeightLayout) -> list[tuple[TensorRange, ...]]:
     """Dispatch groups: embeddings + layer 0, layers 1..N-1, then the tail."""
     if not layout.layers:
         return [layout.head.tensors, layout.tail.tensors]
-    first = tuple(sorted(layout.head.tensors + layout.layers[0].tensors, key=lambda t: t.start_byte))
+    first = tuple(sorted(layout.head.tensors + layout.layers[0].tensors, key=layout.position))
     return [first, *(g.tensors for g in layout.layers[1:]), layout.tail.tensors]
-
-
-def _weights_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no such weights file")
-    return weights
 
 
 class ProgressiveLoad:
@@ -156,8 +125,9 @@ class ProgressiveLoad:
 
     `ready[i]` is set when group i is usable (i < n_layers: layer i, group 0 also holding the
     embeddings; i == n_layers: final norm + lm_head). With a manifest, groups become usable as their
-    bytes arrive, before the file's sha256 is known; `result()` returns only after the check passed
-    and raises ChecksumError otherwise, as does every wait once the check has failed.
+    bytes arrive, before the files' sha256 are known; `result()` returns only after the check passed
+    and raises ChecksumError otherwise, as does every wait once the check has failed. `path` is the
+    weights file, or the checkpoint dir of a sharded one.
     """
 
     def __init__(self, path: Path, *, on_layer: OnLayer | None, device: str | torch.device | None,
@@ -171,8 +141,11 @@ class ProgressiveLoad:
             raise ValueError(f"max_read_Bps must be > 0 (or None for no cap), got {max_read_Bps}")
         self._max_read_Bps = max_read_Bps
         self._pace = pace if pace is not None and pace.paced else None
-        self.path = path
-        self.layout = read_layout(path)
+        directory, self.layout = weights_location(path)
+        files = self.layout.weight_files
+        self.path = directory / files[0].name if not self.layout.shards else directory
+        self._paths = [directory / f.name for f in files]
+        self._file_index = {f.name: k for k, f in enumerate(files)}
         self.n_layers = self.layout.n_layers
         self._groups = _groups(self.layout)
         self.ready: tuple[threading.Event, ...] = tuple(threading.Event() for _ in self._groups)
@@ -182,36 +155,32 @@ class ProgressiveLoad:
         self._expected_sha256 = self._check_manifest(manifest) if manifest is not None else None
         self._n_threads = n_threads
         self._chunk_bytes = chunk_bytes
-        self._size = self.layout.size_bytes
-        self._n_chunks = -(-self._size // chunk_bytes)
+        self._plan = ReadPlan([f.size_bytes for f in files], chunk_bytes, ALIGN_BYTES)
+        self._size = self._plan.total_bytes
+        self._n_chunks = self._plan.n_chunks
 
         # the host buffer and one uint8 tensor over it; every tensor is a view of a slice of it
         if buffer is None:
-            self._buf: np.ndarray | None = alloc_buffer(self._size, pinned=self._device.type == "cuda")
+            self._buf: np.ndarray | None = alloc_buffer(self._plan.buffer_bytes, pinned=self._device.type == "cuda")
         else:
-            self._buf = _check_buffer(buffer, self._size, path)
+            self._buf = check_buffer(buffer, self._plan.buffer_bytes, self.path)
         self._mv = memoryview(self._buf)
-        self._host = torch.from_numpy(self._buf[:self._size])
+        self._host = torch.from_numpy(self._buf[:self._plan.buffer_bytes])
 
-        self._fd = os.open(path, os.O_RDONLY)
-        self._direct_fd: int | None = None  # None once direct reads are off, for this load
-        if direct_io is None:  # auto: bypass the page cache unless the file is mostly in it already
-            direct_io = resident_fraction(path) < _CACHED_FRACTION
-        if direct_io and chunk_bytes % ALIGN_BYTES == 0 and self._buf.ctypes.data % ALIGN_BYTES == 0 \
-                and hasattr(os, "O_DIRECT"):
-            try:
-                self._direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-            except OSError:  # EINVAL on tmpfs and friends: buffered reads it is
-                self._direct_fd = None
-        self._opened_direct_fd = self._direct_fd  # closed at the end even if reads fell back
-        self._all_direct = self._direct_fd is not None
+        self._fds: list[int] = []
+        self._direct_fds: list[int] | None = None  # None once direct reads are off, for this load
+        self._opened_direct_fds: list[int] = []  # closed at the end even if reads fell back
+        try:
+            self._open_files(direct_io, chunk_bytes)
+        except BaseException:
+            self._close_files()
+            raise
+        self._all_direct = self._direct_fds is not None
 
         # shared state, guarded by _cond
         self._cond = threading.Condition()
         self._next_chunk = 0
-        self._chunk_done = bytearray(self._n_chunks)
-        self._done_prefix_chunks = 0
-        self.bytes_resident = 0  # length of the prefix of the file that is in the buffer
+        self.bytes_resident = 0  # bytes of the weights in the buffer (per file, a prefix of it)
         self._read_end_s: float | None = None
         self._error: BaseException | None = None
         self._verified = manifest is None
@@ -258,15 +227,39 @@ class ProgressiveLoad:
 
     # ------------------------------------------------------------ internals
 
-    def _check_manifest(self, manifest: Manifest) -> str:
-        try:
-            entry = manifest.file(self.path.name)
-        except KeyError as e:
-            raise ValueError(f"{self.path}: not listed in the manifest of {manifest.model}") from e
-        if entry.size_bytes != self.layout.size_bytes:
-            raise ChecksumError(f"{self.path}: size {self.layout.size_bytes} bytes, manifest of {manifest.model} "
-                                f"says {entry.size_bytes}")
-        return entry.sha256
+    def _open_files(self, direct_io: bool | None, chunk_bytes: int) -> None:
+        """Open every weights file; also with O_DIRECT where asked (or, auto, the files are mostly uncached)."""
+        self._fds = [os.open(p, os.O_RDONLY) for p in self._paths]
+        if direct_io is None:  # auto: bypass the page cache unless the files are mostly in it already
+            cached = sum(resident_fraction(p) * max(n, 1) for p, n in zip(self._paths, self._plan.sizes, strict=True))
+            direct_io = cached / sum(max(n, 1) for n in self._plan.sizes) < _CACHED_FRACTION
+        if direct_io and chunk_bytes % ALIGN_BYTES == 0 and self._buf.ctypes.data % ALIGN_BYTES == 0 \
+                and hasattr(os, "O_DIRECT"):
+            try:
+                for p in self._paths:
+                    self._opened_direct_fds.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
+                self._direct_fds = list(self._opened_direct_fds)
+            except OSError:  # EINVAL on tmpfs and friends: buffered reads it is
+                self._direct_fds = None
+
+    def _close_files(self) -> None:
+        for fd in self._fds + self._opened_direct_fds:
+            os.close(fd)
+        self._fds, self._opened_direct_fds = [], []
+
+    def _check_manifest(self, manifest: Manifest) -> dict[str, str]:
+        """Expected sha256 per weights file; a file not listed or of another size raises, naming it."""
+        expected = {}
+        for path, f in zip(self._paths, self.layout.weight_files, strict=True):
+            try:
+                entry = manifest.file(f.name)
+            except KeyError as e:
+                raise ValueError(f"{path}: not listed in the manifest of {manifest.model}") from e
+            if entry.size_bytes != f.size_bytes:
+                raise ChecksumError(f"{path}: size {f.size_bytes} bytes, manifest of {manifest.model} "
+                                    f"says {entry.size_bytes}")
+            expected[f.name] = entry.sha256
+        return expected
 
     def _wait_group(self, i: int, timeout: float | None) -> dict[str, torch.Tensor]:
         if not self.ready[i].wait(timeout):
@@ -292,13 +285,13 @@ class ProgressiveLoad:
                 if self._pace is not None:
                     # an emulated tier shared with other readers and copies (other processes too):
                     # the chunk's bytes are booked on the tier's read link before they are read
-                    length = min((k + 1) * self._chunk_bytes, self._size) - k * self._chunk_bytes
-                    self._pace.acquire(length, stop=lambda: self._error is not None)
+                    _f, a, b = self._plan.chunks[k]
+                    self._pace.acquire(b - a, stop=lambda: self._error is not None)
                 self._read_chunk(k)
                 if self._max_read_Bps is not None:
                     # an emulated slower tier: chunk k may not complete before its last byte is due
                     # (a wait, not a sleep, so that another reader's failure ends it at once)
-                    due_s = min((k + 1) * self._chunk_bytes, self._size) / self._max_read_Bps
+                    due_s = self._plan.global_end(k) / self._max_read_Bps
                     with self._cond:
                         self._cond.wait_for(lambda: self._error is not None,
                                             timeout=max(0.0, self._t0 + due_s - time.perf_counter()))
@@ -306,63 +299,66 @@ class ProgressiveLoad:
                 self._fail(e)
                 return
             with self._cond:
-                self._chunk_done[k] = 1
-                n = self._done_prefix_chunks
-                while n < self._n_chunks and self._chunk_done[n]:
-                    n += 1
-                if n != self._done_prefix_chunks:
-                    self._done_prefix_chunks = n
-                    self.bytes_resident = min(n * self._chunk_bytes, self._size)
-                    if n == self._n_chunks:
+                if self._plan.complete(k):
+                    self.bytes_resident = self._plan.resident_bytes
+                    if self._plan.all_done():
                         self._read_end_s = time.perf_counter() - self._t0
                     self._cond.notify_all()
 
     def _read_chunk(self, k: int) -> None:
-        pos = k * self._chunk_bytes
-        end = min(pos + self._chunk_bytes, self._size)
+        f, pos, end = self._plan.chunks[k]
+        base = self._plan.bases[f]
         while pos < end:
-            direct_fd = self._direct_fd
-            if direct_fd is not None and pos % ALIGN_BYTES == 0:
-                # the buffer extends to the next alignment boundary, so the last read may ask past EOF
+            direct_fds = self._direct_fds
+            if direct_fds is not None and pos % ALIGN_BYTES == 0:
+                # the file's slot extends to the next alignment boundary, so the last read may ask past EOF
                 try:
-                    n = os.preadv(direct_fd, [self._mv[pos:_round_up(end, ALIGN_BYTES)]], pos)
+                    n = os.preadv(direct_fds[f], [self._mv[base + pos:base + round_up(end, ALIGN_BYTES)]], pos)
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
-                    self._direct_fd = None  # opened, but the filesystem refuses direct reads: stay buffered
+                    self._direct_fds = None  # opened, but the filesystem refuses direct reads: stay buffered
                     self._all_direct = False
                     continue
             else:
                 self._all_direct = False
-                n = os.preadv(self._fd, [self._mv[pos:end]], pos)
+                n = os.preadv(self._fds[f], [self._mv[base + pos:base + end]], pos)
             if n == 0:
-                raise OSError(errno.EIO, f"file ended at byte {pos} of {self._size} (truncated while loading?)",
-                              str(self.path))
+                raise OSError(errno.EIO, f"file ended at byte {pos} of {self._plan.sizes[f]} (truncated while "
+                              "loading?)", str(self._paths[f]))
             pos += n
 
-    def _hash(self) -> None:
+    def _hash_file(self, f: int) -> str | None:
+        """sha256 of weights file f, hashed as its prefix becomes resident; None if the load failed meanwhile."""
         h = hashlib.sha256()
-        hashed = 0
-        try:
-            while hashed < self._size:
-                with self._cond:
-                    self._cond.wait_for(lambda h=hashed: self.bytes_resident > h or self._error is not None)
-                    if self._error is not None:
-                        return
-                    upto = self.bytes_resident
-                t = time.perf_counter()
-                while hashed < upto:  # hashlib releases the GIL on large updates: this overlaps the reads
-                    step = min(upto, hashed + _HASH_STEP_BYTES)
-                    h.update(self._mv[hashed:step])
-                    hashed = step
-                self._verify_s += time.perf_counter() - t
-            if h.hexdigest() != self._expected_sha256:
-                raise ChecksumError(f"{self.path}: sha256 {h.hexdigest()} does not match the manifest of "
-                                    f"{self._manifest.model} ({self._expected_sha256})")
+        hashed, size, base = 0, self._plan.sizes[f], self._plan.bases[f]
+        while hashed < size:
+            with self._cond:
+                self._cond.wait_for(lambda h=hashed: self._plan.resident[f] > h or self._error is not None)
+                if self._error is not None:
+                    return None
+                upto = self._plan.resident[f]
             t = time.perf_counter()
-            directory = self.path.parent
-            for entry in self._manifest.files:  # the small files beside the weights: config, tokenizer
-                if entry.name == self.path.name:
+            while hashed < upto:  # hashlib releases the GIL on large updates: this overlaps the reads
+                step = min(upto, hashed + _HASH_STEP_BYTES)
+                h.update(self._mv[base + hashed:base + step])
+                hashed = step
+            self._verify_s += time.perf_counter() - t
+        return h.hexdigest()
+
+    def _hash(self) -> None:
+        try:
+            for f, (path, entry) in enumerate(zip(self._paths, self.layout.weight_files, strict=True)):
+                digest = self._hash_file(f)
+                if digest is None:
+                    return
+                if digest != self._expected_sha256[entry.name]:
+                    raise ChecksumError(f"{path}: sha256 {digest} does not match the manifest of "
+                                        f"{self._manifest.model} ({self._expected_sha256[entry.name]})")
+            t = time.perf_counter()
+            directory = self._paths[0].parent
+            for entry in self._manifest.files:  # the small files beside the weights: config, tokenizer, index
+                if entry.name in self._file_index:
                     continue
                 other = directory / entry.name
                 if not other.is_file():
@@ -384,7 +380,8 @@ class ProgressiveLoad:
             dtype = _TORCH_DTYPES.get(t.dtype)
             if dtype is None:
                 raise ValueError(f"{self.path}: tensor {t.name} has unsupported dtype {t.dtype}")
-            raw = self._host[t.start_byte:t.end_byte]
+            base = self._plan.bases[self._file_index[t.file]]
+            raw = self._host[base + t.start_byte:base + t.end_byte]
             itemsize = torch.empty((), dtype=dtype).element_size()
             if t.start_byte % itemsize == 0:
                 out[t.name] = raw.view(dtype).reshape(t.shape)
@@ -395,12 +392,12 @@ class ProgressiveLoad:
         return out
 
     def _dispatch(self) -> None:
-        need = 0
         try:
             for i, group in enumerate(self._groups):
-                need = max([need] + [t.end_byte for t in group])
+                # every byte of the group, in each file it spans (earlier groups were released before it)
+                need = [(self._file_index[t.file], t.end_byte) for t in group]
                 with self._cond:
-                    self._cond.wait_for(lambda need=need: self.bytes_resident >= need or self._error is not None)
+                    self._cond.wait_for(lambda need=need: self._plan.holds(need) or self._error is not None)
                     if self._error is not None:
                         break
                 tensors = self._views(group)
@@ -424,9 +421,7 @@ class ProgressiveLoad:
             w.join()
         if self._hasher:
             self._hasher.join()
-        os.close(self._fd)
-        if self._opened_direct_fd is not None:
-            os.close(self._opened_direct_fd)
+        self._close_files()
         if self._error is None:
             self._result = self._build_result()
         else:  # nothing of a failed load is handed out; free the buffer
@@ -437,7 +432,7 @@ class ProgressiveLoad:
         self._finished.set()
 
     def _build_result(self) -> LoadedCheckpoint:
-        config_path = self.path.parent / "config.json"
+        config_path = self._paths[0].parent / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else None
         ready = self._group_ready_s
         timing = LoadTiming(
@@ -445,7 +440,7 @@ class ProgressiveLoad:
             verify_s=self._verify_s, bytes_read=self._size, layer_ready_s=tuple(ready[:-1]), tail_ready_s=ready[-1],
             n_threads=self._n_threads, chunk_bytes=self._chunk_bytes, direct_io=self._all_direct,
             device=str(self._device), max_read_Bps=self._max_read_Bps, paced=self._pace is not None)
-        order = {t.name: t.start_byte for t in self.layout.tensors()}
+        order = {t.name: self.layout.position(t) for t in self.layout.tensors()}
         tensors = dict(sorted(self._tensors.items(), key=lambda kv: order[kv[0]]))
         return LoadedCheckpoint(path=self.path, layout=self.layout, tensors=tensors, config=config, timing=timing,
                                 buffer=self._buf if self._device.type == "cpu" else None)
@@ -456,8 +451,9 @@ def start_load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, devi
                chunk_bytes: int = DEFAULT_CHUNK_BYTES, direct_io: bool | None = None,
                buffer: np.ndarray | None = None, max_read_Bps: float | None = None,
                pace: Flow | None = None) -> ProgressiveLoad:
-    """Start loading a checkpoint dir's `model.safetensors` (or a .safetensors file) in the background.
+    """Start loading a checkpoint dir's weights (its `model.safetensors`, or its shards) in the background.
 
+    `path`: a checkpoint dir, a .safetensors file, or a `model.safetensors.index.json`.
     `device`: None or "cpu" keeps the tensors in host memory; any other torch device gets each group
     copied there before its event fires. `direct_io`: None uses O_DIRECT unless the file is mostly in
     the page cache already, True always tries it; both fall back silently where the filesystem
@@ -468,10 +464,10 @@ def start_load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, devi
     `pace`: a `live.pacing.Flow` over the tier's read link, shared with every other reader and copy
     of that tier (other processes included); each chunk is booked on it before it is read.
 
-    Errors found before reading (missing file, bad header, size differing from the manifest) raise
-    here; later ones from `result()` and the waits.
+    Errors found before reading (missing file or shard, bad header, truncated shard, index not matching
+    the shards, size differing from the manifest) raise here; later ones from `result()` and the waits.
     """
-    return ProgressiveLoad(_weights_path(path), on_layer=on_layer, device=device, manifest=manifest,
+    return ProgressiveLoad(Path(path), on_layer=on_layer, device=device, manifest=manifest,
                            n_threads=n_threads, chunk_bytes=chunk_bytes, direct_io=direct_io, buffer=buffer,
                            max_read_Bps=max_read_Bps, pace=pace)
 
@@ -482,7 +478,7 @@ def load(path: str | os.PathLike, *, on_layer: OnLayer | None = None, device: st
          max_read_Bps: float | None = None, pace: Flow | None = None) -> LoadedCheckpoint:
     """Load a checkpoint's weights, blocking; `on_layer(i, tensors)` is called per group in order as it arrives.
 
-    With a manifest, the weights' sha256 (computed while reading) and the other listed files are
+    With a manifest, the weights' sha256 (computed per file while reading) and the other listed files are
     checked; a mismatch raises ChecksumError naming the file and nothing is returned.
     """
     return start_load(path, on_layer=on_layer, device=device, manifest=manifest, n_threads=n_threads,

@@ -1,9 +1,11 @@
-"""Checkpoint manifests: file sizes and sha256 hashes, and the layer layout of `model.safetensors`.
+"""Checkpoint manifests: file sizes and sha256 hashes, and the layer layout of the weights.
 
-The layout groups the tensors of the weights file by what a forward pass needs, in order: the
-"head" (embeddings), layer 0..N-1 (`model.layers.{i}.*`), and the "tail" (final norm, lm_head and
-anything else). Byte ranges are absolute offsets in the file, so a loader can tell when a group's
-bytes are resident. The safetensors header is parsed here directly (no library needed).
+The layout groups the tensors of the weights by what a forward pass needs, in order: the "head"
+(embeddings), layer 0..N-1 (`model.layers.{i}.*`), and the "tail" (final norm, lm_head and anything
+else). Each tensor's byte range is absolute in the file it lies in (`TensorRange.file`), so a loader
+can tell when a group's bytes are resident. The weights are one `model.safetensors`, or shards named
+by `model.safetensors.index.json` (see `live.shards`; a group may then span shards). The safetensors
+header is parsed here directly (no library needed).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +34,14 @@ class SafetensorsHeaderError(ValueError):
 
 @dataclass(frozen=True)
 class TensorRange:
-    """One tensor of the weights file: dtype tag, shape and absolute byte range [start_byte, end_byte)."""
+    """One tensor: dtype tag, shape, and absolute byte range [start_byte, end_byte) in `file` (a weights file)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     start_byte: int
     end_byte: int
+    file: str = WEIGHTS_FILE
 
     @property
     def n_bytes(self) -> int:
@@ -53,6 +57,7 @@ class TensorGroup:
 
     @property
     def start_byte(self) -> int:
+        """Smallest offset of the group (meaningful within one file; see `spans` for a sharded layout)."""
         return min((t.start_byte for t in self.tensors), default=0)
 
     @property
@@ -67,10 +72,32 @@ class TensorGroup:
     def names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tensors)
 
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Per weights file the group touches: (first byte, end byte) of its tensors there."""
+        out: dict[str, tuple[int, int]] = {}
+        for t in self.tensors:
+            a, b = out.get(t.file, (t.start_byte, t.end_byte))
+            out[t.file] = (min(a, t.start_byte), max(b, t.end_byte))
+        return out
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard of a sharded checkpoint: file name, size, and where its data section starts."""
+
+    name: str
+    size_bytes: int
+    data_start_byte: int
+
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """Where every tensor of one safetensors file lies, grouped head / layers / tail."""
+    """Where every tensor of the weights lies, grouped head / layers / tail.
+
+    One file: `file` is its name, `size_bytes` its size, `shards` empty. Sharded: `file` is the index
+    (`model.safetensors.index.json`), `size_bytes` the shards' total, `data_start_byte` 0, and `shards`
+    the shard files in read order; each tensor names its shard.
+    """
 
     file: str
     size_bytes: int
@@ -78,6 +105,17 @@ class WeightLayout:
     head: TensorGroup
     layers: tuple[TensorGroup, ...]
     tail: TensorGroup
+    shards: tuple[ShardFile, ...] = ()
+
+    @property
+    def weight_files(self) -> tuple[ShardFile, ...]:
+        """The files holding tensor bytes, in read order (the single file, or the shards)."""
+        return self.shards or (ShardFile(self.file, self.size_bytes, self.data_start_byte),)
+
+    def position(self, t: TensorRange) -> tuple[int, int]:
+        """(file rank in read order, offset): orders tensors across shards."""
+        rank = next((k for k, f in enumerate(self.weight_files) if f.name == t.file), 0)
+        return rank, t.start_byte
 
     @property
     def n_layers(self) -> int:
@@ -88,13 +126,14 @@ class WeightLayout:
         return (self.head, *self.layers, self.tail)
 
     def tensors(self) -> tuple[TensorRange, ...]:
-        """All tensors in file order."""
-        return tuple(sorted((t for g in self.groups() for t in g.tensors), key=lambda t: t.start_byte))
+        """All tensors in file order (shards in read order)."""
+        return tuple(sorted((t for g in self.groups() for t in g.tensors), key=self.position))
 
     def in_layer_order(self) -> bool:
         """True when each group's bytes come after the previous group's (what progressive loading wants)."""
-        ends = [g.end_byte for g in self.groups() if g.tensors]
-        starts = [g.start_byte for g in self.groups() if g.tensors]
+        groups = [g for g in self.groups() if g.tensors]
+        ends = [max((*self.position(t)[:1], t.end_byte) for t in g.tensors) for g in groups]
+        starts = [min(self.position(t) for t in g.tensors) for g in groups]
         return all(s >= e for s, e in zip(starts[1:], ends, strict=False))
 
 
@@ -127,18 +166,28 @@ class Manifest:
         raise KeyError(f"manifest of {self.model} has no file {name!r}")
 
     def to_json(self) -> str:
-        def group(g: TensorGroup) -> dict:
-            return {"name": g.name, "tensors": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "start_byte": t.start_byte,
-                 "end_byte": t.end_byte} for t in g.tensors]}
-
         lay = self.layout
+
+        def tensor(t: TensorRange) -> dict:
+            d = {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "start_byte": t.start_byte,
+                 "end_byte": t.end_byte}
+            if t.file != lay.file:  # only sharded layouts say it: a single file's manifest is unchanged
+                d["file"] = t.file
+            return d
+
+        def group(g: TensorGroup) -> dict:
+            return {"name": g.name, "tensors": [tensor(t) for t in g.tensors]}
+
+        layout = {"file": lay.file, "size_bytes": lay.size_bytes, "data_start_byte": lay.data_start_byte,
+                  "head": group(lay.head), "layers": [group(g) for g in lay.layers], "tail": group(lay.tail)}
+        if lay.shards:
+            layout["shards"] = [{"name": f.name, "size_bytes": f.size_bytes, "data_start_byte": f.data_start_byte}
+                                for f in lay.shards]
         return json.dumps({
             "version": self.version,
             "model": self.model,
             "files": [{"name": f.name, "size_bytes": f.size_bytes, "sha256": f.sha256} for f in self.files],
-            "layout": {"file": lay.file, "size_bytes": lay.size_bytes, "data_start_byte": lay.data_start_byte,
-                       "head": group(lay.head), "layers": [group(g) for g in lay.layers], "tail": group(lay.tail)},
+            "layout": layout,
         }, indent=1)
 
     @classmethod
@@ -147,14 +196,17 @@ class Manifest:
         if d.get("version") != MANIFEST_VERSION:
             raise ValueError(f"manifest version {d.get('version')!r} not supported (expected {MANIFEST_VERSION})")
 
+        lay = d["layout"]
+
         def group(g: dict) -> TensorGroup:
             return TensorGroup(g["name"], tuple(
-                TensorRange(t["name"], t["dtype"], tuple(t["shape"]), t["start_byte"], t["end_byte"])
+                TensorRange(t["name"], t["dtype"], tuple(t["shape"]), t["start_byte"], t["end_byte"],
+                            t.get("file", lay["file"]))
                 for t in g["tensors"]))
 
-        lay = d["layout"]
+        shards = tuple(ShardFile(f["name"], f["size_bytes"], f["data_start_byte"]) for f in lay.get("shards", ()))
         layout = WeightLayout(lay["file"], lay["size_bytes"], lay["data_start_byte"], group(lay["head"]),
-                              tuple(group(g) for g in lay["layers"]), group(lay["tail"]))
+                              tuple(group(g) for g in lay["layers"]), group(lay["tail"]), shards)
         files = tuple(FileEntry(f["name"], f["size_bytes"], f["sha256"]) for f in d["files"])
         return cls(model=d["model"], files=files, layout=layout, version=d["version"])
 
@@ -186,43 +238,65 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict]:
     return 8 + n, header
 
 
-def read_layout(path: str | os.PathLike) -> WeightLayout:
-    """The head / layer / tail layout of a safetensors file, from its header alone."""
+def read_file_tensors(path: str | os.PathLike) -> tuple[int, int, list[TensorRange]]:
+    """(data start offset, file size, tensors) of one safetensors file, from its header alone.
+
+    Every tensor's bytes must lie inside the file's data section: a truncated file raises
+    SafetensorsHeaderError naming the file and the first tensor it cuts.
+    """
     path = Path(path)
     data_start, header = read_safetensors_header(path)
     size = path.stat().st_size
-    head: list[TensorRange] = []
-    tail: list[TensorRange] = []
-    layers: dict[int, list[TensorRange]] = {}
+    tensors = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             begin, end = entry["data_offsets"]
             t = TensorRange(name, str(entry["dtype"]), tuple(int(x) for x in entry["shape"]),
-                            data_start + int(begin), data_start + int(end))
+                            data_start + int(begin), data_start + int(end), path.name)
         except (KeyError, TypeError, ValueError) as e:
             raise SafetensorsHeaderError(f"{path}: bad header entry for tensor {name!r} ({e})") from e
         if not data_start <= t.start_byte <= t.end_byte <= size:
             raise SafetensorsHeaderError(f"{path}: tensor {name!r} bytes [{t.start_byte}, {t.end_byte}) lie outside "
-                                         f"the data section [{data_start}, {size})")
-        m = _LAYER_RE.match(name)
+                                         f"the data section [{data_start}, {size}) (is the file truncated?)")
+        tensors.append(t)
+    return data_start, size, tensors
+
+
+def group_tensors(tensors: list[TensorRange], where: str | os.PathLike,
+                  order: Callable[[TensorRange], tuple[int, int]] = lambda t: (0, t.start_byte),
+                  ) -> tuple[TensorGroup, tuple[TensorGroup, ...], TensorGroup]:
+    """(head, layers, tail) of `tensors`, each group sorted by `order`; `where` names the source in errors."""
+    head: list[TensorRange] = []
+    tail: list[TensorRange] = []
+    layers: dict[int, list[TensorRange]] = {}
+    for t in tensors:
+        m = _LAYER_RE.match(t.name)
         if m:
             layers.setdefault(int(m.group(1)), []).append(t)
-        elif name.startswith(_HEAD_PREFIXES):
+        elif t.name.startswith(_HEAD_PREFIXES):
             head.append(t)
         else:
             tail.append(t)
     if layers and sorted(layers) != list(range(len(layers))):
         missing = sorted(set(range(max(layers) + 1)) - set(layers))
-        raise SafetensorsHeaderError(f"{path}: layer indices are not contiguous (missing {missing})")
+        raise SafetensorsHeaderError(f"{where}: layer indices are not contiguous (missing {missing})")
 
     def group(name: str, ts: list[TensorRange]) -> TensorGroup:
-        return TensorGroup(name, tuple(sorted(ts, key=lambda t: t.start_byte)))
+        return TensorGroup(name, tuple(sorted(ts, key=order)))
 
-    return WeightLayout(file=path.name, size_bytes=size, data_start_byte=data_start, head=group("head", head),
-                        layers=tuple(group(f"layer.{i}", layers[i]) for i in range(len(layers))),
-                        tail=group("tail", tail))
+    return (group("head", head), tuple(group(f"layer.{i}", layers[i]) for i in range(len(layers))),
+            group("tail", tail))
+
+
+def read_layout(path: str | os.PathLike) -> WeightLayout:
+    """The head / layer / tail layout of a safetensors file, from its header alone."""
+    path = Path(path)
+    data_start, size, tensors = read_file_tensors(path)
+    head, layers, tail = group_tensors(tensors, path)
+    return WeightLayout(file=path.name, size_bytes=size, data_start_byte=data_start, head=head, layers=layers,
+                        tail=tail)
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
@@ -247,12 +321,15 @@ def _listed_files(directory: Path) -> list[str]:
 
 
 def build_manifest(directory: str | os.PathLike, name: str | None = None) -> Manifest:
-    """Hash every file of a checkpoint dir and read the layout of its `model.safetensors`."""
+    """Hash every file of a checkpoint dir and read the layout of its weights (one file, or checked shards).
+
+    A sharded checkpoint with a shard missing or truncated, or an index that disagrees with the shards,
+    raises (FileNotFoundError / ValueError naming the file or tensor) before anything is hashed.
+    """
+    from live.shards import read_weights_layout  # live.shards builds on this module
+
     directory = Path(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: checkpoint has no {WEIGHTS_FILE}")
-    layout = read_layout(weights)
+    layout = read_weights_layout(directory)
     files = tuple(FileEntry(rel, (directory / rel).stat().st_size, sha256_file(directory / rel))
                   for rel in _listed_files(directory))
     return Manifest(model=name or directory.name, files=files, layout=layout)

@@ -15,6 +15,10 @@ a device synchronize. Ratios are bytes/s over the baseline's. Usage:
     python scripts/bench_loader.py                         # ~1 GB `large` checkpoint under /tmp/tierlab_bench
     python scripts/bench_loader.py --preset small --rounds 5 --dir /mnt/nvme/bench
     python scripts/bench_loader.py --device cuda                 # to GPU memory
+    python scripts/bench_loader.py --max-shard-mib 200           # the same weights as shards + index
+
+A sharded checkpoint (shards + `model.safetensors.index.json`) is compared the same way: the raw
+read reads every shard in turn into one buffer, safetensors loads each shard, tierlab loads the dir.
 """
 
 from __future__ import annotations
@@ -32,34 +36,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from live.checkpoint import PRESETS, generate_checkpoint
+from live.checkpoint import PRESETS, generate_checkpoint, shard_checkpoint
 from live.loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, load
 from live.manifest import WEIGHTS_FILE
 from live.page_cache import evict_page_cache, resident_fraction
+from live.shards import weights_location
 
 BASELINE = "raw_readinto"
 METHODS = (BASELINE, "tierlab", "safetensors")
 
 
-def raw_read(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
-    """The whole file via plain sequential `readinto` of `chunk_bytes` into one preallocated buffer."""
-    size = path.stat().st_size
-    buf = np.empty(size, dtype=np.uint8)
+def raw_read(path: Path | list[Path], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """The whole file (or each file in turn) via plain sequential `readinto` of `chunk_bytes` into one buffer."""
+    paths = path if isinstance(path, list) else [path]
+    buf = np.empty(sum(p.stat().st_size for p in paths), dtype=np.uint8)
     view = memoryview(buf)
     pos = 0
-    with open(path, "rb", buffering=0) as f:
-        while pos < size:
-            n = f.readinto(view[pos:pos + chunk_bytes])
-            if not n:
-                raise OSError(f"{path}: ended at byte {pos} of {size}")
-            pos += n
+    for p in paths:
+        end = pos + p.stat().st_size
+        with open(p, "rb", buffering=0) as f:
+            while pos < end:
+                n = f.readinto(view[pos:min(pos + chunk_bytes, end)])
+                if not n:
+                    raise OSError(f"{p}: ended at byte {pos} of {end}")
+                pos += n
     return buf
 
 
-def safetensors_read(path: Path, device: str = "cpu") -> dict:
+def safetensors_read(path: Path | list[Path], device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(path, device=device)
+    out: dict = {}
+    for p in path if isinstance(path, list) else [path]:
+        out.update(load_file(p, device=device))
+    return out
 
 
 @dataclass
@@ -150,8 +160,10 @@ def compare_loaders(checkpoint: str | Path, rounds: int = 3, n_threads: int = DE
     `device`: where the weights must end up ("cpu": host memory, "cuda": GPU memory).
     """
     path = Path(checkpoint)
-    path = path / WEIGHTS_FILE if path.is_dir() else path
-    size = path.stat().st_size
+    directory, layout = weights_location(path)
+    files = [directory / f.name for f in layout.weight_files]
+    path = path if layout.shards else files[0]  # tierlab loads a sharded checkpoint by its dir
+    size = layout.size_bytes
     ready: list[float] = []
     read: list[float] = []
     direct: list[bool] = []
@@ -164,18 +176,18 @@ def compare_loaders(checkpoint: str | Path, rounds: int = 3, n_threads: int = DE
         return c
 
     def raw() -> object:
-        buf = raw_read(path, chunk_bytes)
+        buf = raw_read(files, chunk_bytes)
         return buf if device == "cpu" else torch.from_numpy(buf).to(device)
 
     run: dict[str, Callable[[], object]] = {BASELINE: raw, "tierlab": tierlab,
-                                            "safetensors": lambda: safetensors_read(path, device)}
+                                            "safetensors": lambda: safetensors_read(files, device)}
     results = {name: MethodResult(name) for name in METHODS}
     cache_methods = set()
     for r in range(rounds):
         for name in METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]:
             gc.collect()  # free the previous run's buffers outside the timed region
-            cache_methods.add(evict_page_cache(path))
-            results[name].resident_before.append(resident_fraction(path))
+            cache_methods.update(evict_page_cache(f) for f in files)
+            results[name].resident_before.append(sum(resident_fraction(f) * f.stat().st_size for f in files) / size)
             t = time.perf_counter()
             out = run[name]()
             if device != "cpu":
@@ -200,12 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-mib", type=int, default=DEFAULT_CHUNK_BYTES >> 20)
     ap.add_argument("--device", default="cpu", help="where the weights go: cpu (host memory) or cuda")
     ap.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    ap.add_argument("--max-shard-mib", type=int, default=None,
+                    help="benchmark a sharded copy (shards of at most this many MiB + index) instead")
     args = ap.parse_args(argv)
     ckpt = args.dir or Path("/tmp/tierlab_bench") / f"{args.preset}-seed{args.seed}"
     if not (ckpt / WEIGHTS_FILE).is_file():
         t = time.perf_counter()
         info = generate_checkpoint(ckpt, args.preset, args.seed)
         print(f"generated {info.path} ({info.total_bytes / 1e9:.3f} GB) in {time.perf_counter() - t:.1f} s")
+    if args.max_shard_mib is not None:
+        sharded = ckpt.with_name(f"{ckpt.name}-shards{args.max_shard_mib}M")
+        if not sharded.is_dir():
+            shard_checkpoint(ckpt, sharded, args.max_shard_mib << 20)
+        ckpt = sharded
     report = compare_loaders(ckpt, rounds=args.rounds, n_threads=args.threads, chunk_bytes=args.chunk_mib << 20,
                              device=args.device)
     print(report.table())

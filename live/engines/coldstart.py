@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from live.engines.base import CpuEngineProcess, free_port
@@ -71,9 +70,9 @@ def measure_cold_start(model_dir: str | os.PathLike[str], progressive: bool, *, 
     import httpx
 
     from live.page_cache import evict_page_cache
+    from live.shards import weight_file_paths
 
-    weights = Path(model_dir) / "model.safetensors"
-    how = evict_page_cache(weights)
+    how = "+".join(sorted({evict_page_cache(p) for p in weight_file_paths(model_dir)}))  # every shard
     extra = [] if max_read_MBps is None else ["--max-read-MBps", repr(float(max_read_MBps))]
     engine = CpuEngineProcess(model_dir, free_port(), progressive=progressive, model_name="m", threads=threads,
                               extra_args=extra)

@@ -151,18 +151,27 @@ def _message_text(message: dict[str, Any], index: int) -> str:
     raise ApiError(400, "'content' must be a string or a list of parts", f"messages[{index}].content", "invalid_type")
 
 
-def chat_prompt(messages: object) -> str:
-    """The simple chat template: one "<|role|>: content" line per message, then "<|assistant|>:"."""
+def check_messages(messages: object) -> list[dict[str, Any]]:
+    """A chat request's `messages`, validated: a non-empty list of objects with a known role and text content."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_value")
-    lines = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ApiError(400, "each message must be an object", f"messages[{i}]", "invalid_type")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
+        if message.get("role") not in CHAT_ROLES:
             raise ApiError(400, f"message role must be one of {sorted(CHAT_ROLES)}", f"messages[{i}].role")
-        lines.append(f"<|{role}|>: {_message_text(message, i)}\n")
+        _message_text(message, i)  # text content only
+    return messages
+
+
+BUILT_IN_TEMPLATE = '"<|role|>: content\\n" per message, then "<|assistant|>:"'
+
+
+def chat_prompt(messages: object) -> str:
+    """The simple built-in chat template (for checkpoints without one of their own): one
+    "<|role|>: content" line per message, then "<|assistant|>:"."""
+    checked = check_messages(messages)
+    lines = [f"<|{message['role']}|>: {_message_text(message, i)}\n" for i, message in enumerate(checked)]
     return "".join(lines) + "<|assistant|>:"
 
 

@@ -117,7 +117,10 @@ class Engine:
             if not self.progressive:
                 self.model.materialize()
                 self._weights_resident(source, start)
-            self.bos_token_id = self.model.config.bos_token_id
+            # Llama and Mistral tokenizers put BOS in front of a prompt; Qwen's add none although their configs
+            # name one (transformers' tokenizers do the same), so a Qwen prompt gets no BOS here either
+            cfg = self.model.config
+            self.bos_token_id = cfg.bos_token_id if cfg.model_type in ("llama", "mistral") else None
             self.state = "ready"
             self.timings["ready_at_s"] = self.since_t0_s()
             self.scheduler.serve(self.model, self.decode)
@@ -140,9 +143,12 @@ class Engine:
     def _layer_source(self) -> Any:
         """The weights' source: tierlab's parallel, layer-ordered loader, or the artificial slow tier."""
         from live.manifest import WEIGHTS_FILE
+        from live.shards import INDEX_FILE
 
-        # the loader reads one model.safetensors; a sharded checkpoint is read shard by shard instead
-        if self.layer_delay_s > 0 or not (self.model_dir / WEIGHTS_FILE).is_file():
+        # the loader reads one model.safetensors or the shards an index names, across shard boundaries;
+        # only a dir of unindexed *.safetensors files (or the experiment's sleep per group) reads file by file
+        has_weights = (self.model_dir / WEIGHTS_FILE).is_file() or (self.model_dir / INDEX_FILE).is_file()
+        if self.layer_delay_s > 0 or not has_weights:
             from live.engines.layer_sources import BackgroundSafetensorsLayerSource
 
             if self.max_read_Bps is not None:
@@ -167,7 +173,7 @@ class Engine:
     # -- requests
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt, with the checkpoint's BOS in front (Llama expects it)."""
+        """Token ids of a prompt, with the checkpoint's BOS in front where its tokenizer family adds one."""
         self.ready.wait()  # the tokenizer loads with the model
         if self.tokenizer is None:
             raise ApiError(503, f"the model is not available: {self.error}", None, "model_unavailable", "server_error")

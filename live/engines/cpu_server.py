@@ -3,7 +3,8 @@
     python -m live.engines.cpu_server --model-dir DIR --port 8001 [--progressive] [--model-name NAME]
         [--max-num-seqs 8] [--prefill-chunk-tokens 256]
 
-Endpoints: GET /ping and /health (200 once the model can serve, 503 while loading), GET /v1/models,
+Endpoints: GET /ping and /health (200 once the model can serve, 503 while loading), GET /v1/models (with the
+chat template in use: the checkpoint's own, `live.chat_template`, or the built-in one),
 POST /v1/completions and /v1/chat/completions (non-streaming, or SSE with `stream: true`), GET /stats
 (start-up phase timings, batching counters, the last request), and POST /v1/tierlab/detach (live
 migration, below).
@@ -49,7 +50,6 @@ _MODULE_START_PERF = time.perf_counter()
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
@@ -77,7 +77,15 @@ from live.engines.cpu_api import (  # noqa: E402
     parse_resume,
     parse_sampling,
 )
+from live.engines.cpu_chat import ChatPrompts  # noqa: E402
 from live.engines.cpu_engine import Engine  # noqa: E402
+from live.engines.cpu_http import (  # noqa: E402
+    Channel,
+    check_model,
+    collect_response,
+    json_body,
+    stream_events,
+)
 from live.engines.text_stream import TextStream  # noqa: E402
 from live.lifecycle import exit_with_parent  # noqa: E402
 
@@ -88,51 +96,14 @@ __all__ = ["ApiError", "Engine", "SamplingParams", "TextStream", "chat_prompt", 
            "parse_args", "parse_sampling"]
 
 
-class _Channel:
-    """Events from the batching thread to one request's coroutine (an asyncio queue fed thread-safely)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    def emit(self, kind: str, payload: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"could not parse the JSON body: {exc}", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the JSON body must be an object", None, "invalid_json")
-    return body
-
-
-def _check_model(engine: Engine, body: dict[str, Any]) -> None:
-    model = body.get("model")
-    if model is None:
-        raise ApiError(400, "you must provide a 'model' parameter", "model", "missing_required_parameter")
-    if not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", "model", "invalid_type")
-    if model != engine.model_name:
-        raise ApiError(
-            404,
-            f"the model '{model}' does not exist; this engine serves '{engine.model_name}'",
-            "model",
-            "model_not_found",
-        )
-
-
-def _sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
 
 def create_app(engine: Engine) -> Starlette:
-    """The ASGI app; `engine.start()` runs in its lifespan."""
+    """The ASGI app; `engine.start()` runs in its lifespan.
+
+    Chat requests use the checkpoint's own chat template when it has one (`live.chat_template`), else the
+    built-in simple one; a template that does not compile stops the server here, before it listens.
+    """
+    chats = ChatPrompts.for_checkpoint(engine.model_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -145,7 +116,8 @@ def create_app(engine: Engine) -> Starlette:
         return JSONResponse({"status": engine.state, "error": engine.error}, status_code=503)
 
     async def models(request: Request) -> Response:
-        card = {"id": engine.model_name, "object": "model", "created": engine.created_unix, "owned_by": "tierlab"}
+        card = {"id": engine.model_name, "object": "model", "created": engine.created_unix, "owned_by": "tierlab",
+                "chat_template": chats.describe()}
         return JSONResponse({"object": "list", "data": [card]})
 
     async def stats(request: Request) -> Response:
@@ -178,7 +150,7 @@ def create_app(engine: Engine) -> Starlette:
         return parse_resume(body, engine.model.config.vocab_size, engine.context_tokens(), engine.decode)
 
     async def run(body: dict[str, Any], chat: bool, arrived_perf: float, request: Request) -> Response:
-        _check_model(engine, body)
+        check_model(engine.model_name, body)
         params = parse_sampling(body, ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",))
         resume = await resume_state(body)
         if resume is not None:
@@ -186,7 +158,7 @@ def create_app(engine: Engine) -> Starlette:
         elif chat:
             if "messages" not in body:
                 raise ApiError(400, "you must provide a 'messages' parameter", "messages", "missing_required_parameter")
-            ids = await prompt_ids(chat_prompt(body["messages"]))
+            ids = await chats.prompt_ids(engine, body["messages"])
         else:
             if "prompt" not in body:
                 raise ApiError(400, "you must provide a 'prompt' parameter", "prompt", "missing_required_parameter")
@@ -222,7 +194,7 @@ def create_app(engine: Engine) -> Starlette:
             raise ApiError(400, f"'{param}' already holds {len(resume.token_ids)} tokens; max_tokens (the original "
                            f"request's total) is {max_tokens}", param, "invalid_value")
         request_id = parse_request_id(body) or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        channel = _Channel()
+        channel = Channel()
         req = SeqRequest(
             request_id=request_id,
             prompt_ids=list(ids),
@@ -244,108 +216,14 @@ def create_app(engine: Engine) -> Starlette:
         created = int(time.time())
         if params.stream:
             return StreamingResponse(
-                _stream(req, channel, params, created, chat),
+                stream_events(engine.model_name, req, channel, params, created, chat),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await _collect(req, channel, created, chat, request)
-
-    def _chunk(request_id: str, created: int, chat: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": request_id,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created,
-            "model": engine.model_name,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-
-    def _choice(chat: bool, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
-        if not chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        delta: dict[str, Any] = {}
-        if first:
-            delta["role"] = "assistant"
-        if text is not None:
-            delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-    async def _stream(
-        req: SeqRequest, channel: _Channel, params: SamplingParams, created: int, chat: bool
-    ) -> AsyncIterator[str]:
-        request_id = req.request_id
-        try:
-            if chat and req.resume is None:  # a resumed stream continues one whose role chunk was sent
-                yield _sse(_chunk(request_id, created, chat, [_choice(chat, "", None, first=True)]))
-            while True:
-                kind, payload = await channel.events.get()
-                if kind == "token":  # one chunk per token, "" included (a valid OpenAI delta)
-                    yield _sse(_chunk(request_id, created, chat, [_choice(chat, payload, None)]))
-                elif kind == "done":
-                    rest = payload["text"] or None  # text held back until the end
-                    yield _sse(_chunk(request_id, created, chat, [_choice(chat, rest, payload["finish_reason"])]))
-                    if params.include_usage:
-                        yield _sse({**_chunk(request_id, created, chat, []), "usage": payload["usage"]})
-                    break
-                elif kind == "detached":
-                    yield _sse({"tierlab_detached": payload})  # the sequence goes on elsewhere: no [DONE]
-                    return
-                else:
-                    yield _sse(payload.body())
-                    break
-            yield _sse("[DONE]")
-        finally:
-            req.cancelled.set()  # no-op when generation finished; frees its slot when the client left early
-
-    async def _watch_disconnect(request: Request, req: SeqRequest) -> None:
-        # the body has been read: the next ASGI message is the client hanging up
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                req.cancelled.set()
-                return
-
-    async def _collect(req: SeqRequest, channel: _Channel, created: int, chat: bool, request: Request) -> Response:
-        parts: list[str] = []
-        watcher = asyncio.create_task(_watch_disconnect(request, req))
-        try:
-            while True:
-                kind, payload = await channel.events.get()
-                if kind == "token":
-                    parts.append(payload)
-                elif kind == "done":
-                    parts.append(payload["text"])
-                    break
-                elif kind == "detached":
-                    return JSONResponse({"id": req.request_id, "tierlab_detached": payload})
-                else:
-                    return payload.response()
-        finally:
-            watcher.cancel()
-        text = "".join(parts)
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": payload["finish_reason"],
-            }
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": payload["finish_reason"]}
-        return JSONResponse(
-            {
-                "id": req.request_id,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": created,
-                "model": engine.model_name,
-                "system_fingerprint": None,
-                "choices": [choice],
-                "usage": payload["usage"],
-            }
-        )
+        return await collect_response(engine.model_name, req, channel, created, chat, request)
 
     async def detach(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await json_body(request)
         request_id = body.get("id")
         if not isinstance(request_id, str) or not request_id:
             raise ApiError(400, "'id' must be the response id of a running request", "id", "invalid_value")
@@ -357,11 +235,11 @@ def create_app(engine: Engine) -> Starlette:
     # arrival is stamped before parsing and tokenizing (which waits for a loading model): TTFT counts both
     async def completions(request: Request) -> Response:
         arrived_perf = time.perf_counter()
-        return await run(await _json_body(request), chat=False, arrived_perf=arrived_perf, request=request)
+        return await run(await json_body(request), chat=False, arrived_perf=arrived_perf, request=request)
 
     async def chat_completions(request: Request) -> Response:
         arrived_perf = time.perf_counter()
-        return await run(await _json_body(request), chat=True, arrived_perf=arrived_perf, request=request)
+        return await run(await json_body(request), chat=True, arrived_perf=arrived_perf, request=request)
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

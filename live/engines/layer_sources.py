@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from live.manifest import WEIGHTS_FILE
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,12 +70,14 @@ def read_n_layers(model_dir: str | os.PathLike[str]) -> int:
 
 
 def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:
-    """The checkpoint's safetensors files: the shards named by the index if there is one, else all of them."""
+    """The checkpoint's safetensors files: its `model.safetensors`, or the shards its index names (checked
+    against the index: a missing or truncated shard, or a tensor the index and shards disagree on, raises
+    naming it), else every `*.safetensors` file of the dir."""
+    from live.shards import INDEX_FILE, weight_file_paths
+
     root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [root / name for name in names]
+    if (root / WEIGHTS_FILE).is_file() or (root / INDEX_FILE).is_file():
+        return weight_file_paths(root)
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {root}")
@@ -142,9 +146,13 @@ def _iter_groups(model_dir: str | os.PathLike[str], n_layers: int) -> Iterator[t
 
     with contextlib.ExitStack() as stack:
         by_group: dict[int, list[tuple[str, object]]] = {g: [] for g in range(n_layers + 2)}
+        seen: dict[str, Path] = {}
         for path in safetensors_files(model_dir):
             handle = stack.enter_context(safe_open(str(path), framework="pt"))
             for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                if name in seen:  # two files holding one tensor: which one the model gets must not be luck
+                    raise ValueError(f"tensor {name!r} is held by two files, {seen[name].name} and {path.name}")
+                seen[name] = path
                 by_group[tensor_group(name, n_layers)].append((name, handle))
         for group in range(n_layers + 2):
             # get_tensor returns a copy-on-write mmap of the file; clone() makes the bytes resident,

@@ -1,7 +1,9 @@
-"""A compact Llama forward pass in torch for the CPU engine (no transformers dependency).
+"""A compact decoder forward pass in torch for the CPU engine (no transformers dependency).
 
-RMSNorm, rotary embeddings (rope_theta, optional "linear"/"llama3" rope scaling),
-grouped-query attention with a preallocated KV cache, SwiGLU MLP, tied or separate lm_head. `forward` runs one
+It computes what transformers computes for the architectures `live.architectures` accepts: Llama 2/3.x,
+Mistral, Qwen2 and Qwen3. RMSNorm, rotary embeddings (rope_theta, optional "linear"/"llama3" rope scaling),
+grouped-query attention with a preallocated KV cache (optional q/k/v/o biases, Qwen3's per-head q/k norms,
+sliding-window layers), SwiGLU MLP, tied or separate lm_head. `forward` runs one
 sequence; `forward_batch` runs one step over several (each a prefill chunk or a decode token, with its own
 cache), every linear layer once over all their rows.
 Weights come from a `LayerSource`, one group at a time (0 = embeddings, 1..N = decoder layers,
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from live.engines.layer_sources import LayerSource, SafetensorsLayerSource
-from live.llama_config import LlamaConfig, layer_tensor_shapes, tensor_shapes
+from live.engines.sampling import position_generator, position_seed, random_seed, sample_token
+from live.llama_config import IGNORED_TENSOR_SUFFIXES, LlamaConfig, layer_tensor_shapes, shape_error, tensor_shapes
+
+# re-exported: callers written before sampling had a module of its own import these from here
+__all__ = ["DTYPES", "Generation", "KVCache", "LlamaConfig", "LlamaModel", "position_generator",
+           "position_seed", "random_seed", "rope_inv_freq", "sample_token"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -35,9 +41,12 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
-    """Rotary inverse frequencies (float32, head_dim / 2), with HF's "linear" and "llama3" scaling."""
+    """Rotary inverse frequencies (float32, head_dim / 2), with HF's "linear" and "llama3" scaling.
+
+    Computed in float32 the way transformers computes them, so that the angles round alike.
+    """
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = config.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "linear":
@@ -70,13 +79,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Attention of ONE new query token ([heads, 1, head_dim]) over all keys and values ([kv_heads, L, head_dim]).
 
     Grouped-query attention without copying K and V per query head (repeat_interleave would copy the
     whole cache every layer of every decode step): query heads i*g .. i*g+g-1 share kv head i, so the
-    g queries of a group are stacked against that head. No mask: the new token sees every position.
+    g queries of a group are stacked against that head. No mask: the new token sees every position, or with a
+    sliding `window` the last `window` ones (itself included: transformers' `kv_idx > q_idx - window`).
     """
+    if window is not None:
+        k, v = k[:, -window:], v[:, -window:]
     n_heads, _, head_dim = q.shape
     n_kv = k.shape[0]
     grouped = q.reshape(n_kv, n_heads // n_kv, head_dim)
@@ -89,7 +101,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 class LayerWeights:
     """One decoder layer's weights, in the model's dtype (nn.Linear layout: [out, in]).
 
-    Field names are the last part of the HF names (`llama_config.LAYER_TENSORS`).
+    Field names are the last part of the HF names (`llama_config.LAYER_TENSORS`); biases and q/k norms are
+    None where the architecture has none.
     """
 
     input_layernorm: torch.Tensor
@@ -101,6 +114,18 @@ class LayerWeights:
     gate_proj: torch.Tensor
     up_proj: torch.Tensor
     down_proj: torch.Tensor
+    q_proj_bias: torch.Tensor | None = None
+    k_proj_bias: torch.Tensor | None = None
+    v_proj_bias: torch.Tensor | None = None
+    o_proj_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+def _field(name: str) -> str:
+    """The `LayerWeights` field of a decoder-layer tensor name ("...self_attn.q_proj.bias" -> "q_proj_bias")."""
+    parts = name.split(".")
+    return parts[-2] if parts[-1] == "weight" else f"{parts[-2]}_{parts[-1]}"
 
 
 class KVCache:
@@ -120,58 +145,6 @@ class KVCache:
         self.keys[layer][:, self.length : end] = k
         self.values[layer][:, self.length : end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """One splitmix64 output for state `x`: a well-mixed 64-bit value (neighbouring inputs look unrelated)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def position_seed(seed: int, position: int) -> int:
-    """The 63-bit seed of the draw for generated token `position` (0-based) of a sequence seeded with `seed`."""
-    if position < 0:
-        raise ValueError(f"position must be >= 0, got {position}")
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ position) >> 1
-
-
-def position_generator(seed: int, position: int) -> torch.Generator:
-    """A generator whose draws depend only on (seed, position).
-
-    Why: a sequence that moves to another engine mid-generation (detach, resume elsewhere) must draw the
-    same tokens as if it had never moved, so no random state may carry over from one token to the next.
-    """
-    return torch.Generator().manual_seed(position_seed(seed, position))
-
-
-def sample_token(
-    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
-) -> int:
-    """Greedy when temperature <= 0; else temperature + nucleus (top-p) sampling with one uniform draw.
-
-    The token is found by inverting the cumulative distribution at a single uniform from `generator`, so
-    a draw consumes exactly one random number (see `position_generator`).
-    """
-    if temperature <= 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1).double()
-    order: torch.Tensor | None = None
-    if top_p < 1.0:
-        probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        keep = (torch.cumsum(probs, dim=-1) - probs) < top_p
-        probs = probs * keep
-    cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
-    # the first entry whose cumulative mass exceeds u: it has mass > 0 since u < cdf[-1] (the clamp only
-    # guards against rounding)
-    pick = min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
-    return int(order[pick]) if order is not None else pick
 
 
 class LlamaModel:
@@ -235,8 +208,17 @@ class LlamaModel:
         tensor = tensors[name]
         shape = self._shapes[name]
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+            raise ValueError(shape_error(self.config, name, shape, tuple(tensor.shape), "config.json"))
         return tensor.to(self.dtype).contiguous()
+
+    def _check_unused(self, tensors: dict[str, torch.Tensor], group: int) -> None:
+        """A tensor the forward pass would not read (a bias the config does not announce, another model's
+        weights) means the config does not describe these weights: refuse rather than compute another model."""
+        unused = sorted(n for n in tensors if n not in self._shapes and not n.endswith(IGNORED_TENSOR_SUFFIXES))
+        if unused:
+            raise ValueError(f"config.json (model_type {self.config.model_type!r}) does not use tensor(s) "
+                             f"{', '.join(map(repr, unused[:5]))} of group {group}; refusing rather than compute "
+                             "another model")
 
     def _ensure(self, group: int) -> None:
         if group in self.group_resident_at:
@@ -248,12 +230,12 @@ class LlamaModel:
             if group in self.group_resident_at:
                 return
             c = self.config
+            self._check_unused(tensors, group)
             if group == 0:
                 self._embed = self._take(tensors, "model.embed_tokens.weight")
             elif group <= c.num_hidden_layers:
                 self._layers[group - 1] = LayerWeights(**{
-                    name.removesuffix(".weight").rsplit(".", 1)[-1]: self._take(tensors, name)
-                    for name, _ in layer_tensor_shapes(c, group - 1)
+                    _field(name): self._take(tensors, name) for name, _ in layer_tensor_shapes(c, group - 1)
                 })  # fmt: skip
             else:
                 self._norm = self._take(tensors, "model.norm.weight")
@@ -330,17 +312,24 @@ class LlamaModel:
         cos, sin = self._rope([(past, n) for (_, past), n in zip(checked, lengths, strict=True)])
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, head_dim]: broadcast over heads
         n_heads, n_kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        plan = []  # per segment: (first row, rows, cache, mask, causal)
+        window = c.sliding_window
+        plan = []  # per segment: (first row, rows, cache, mask, causal, window mask)
         start = 0
         for (_, past), n_new, (_, cache) in zip(checked, lengths, segments, strict=True):
+            total = past + n_new
+            # new token t (absolute position past + t) sees every cached position and new ones up to itself
+            visible = torch.arange(total).unsqueeze(0) <= (past + torch.arange(n_new)).unsqueeze(1)
             if past == 0 or n_new == 1:  # one new token sees every position: no mask
                 mask, causal = None, n_new > 1
             else:
-                # new token t (absolute position past + t) sees every cached position and new ones up to itself
-                total = past + n_new
-                mask = torch.arange(total).unsqueeze(0) <= (past + torch.arange(n_new)).unsqueeze(1)
-                causal = False
-            plan.append((start, n_new, cache, mask, causal))
+                mask, causal = visible, False
+            # sliding-window layers: only when some query has keys older than the window (else the masks agree)
+            window_mask = None
+            if window is not None and n_new > 1 and total > window:
+                window_mask = visible & (
+                    torch.arange(total).unsqueeze(0) > (past + torch.arange(n_new)).unsqueeze(1) - window
+                )
+            plan.append((start, n_new, cache, mask, causal, window_mask))
             start += n_new
 
         for i in range(c.num_hidden_layers):
@@ -348,36 +337,41 @@ class LlamaModel:
             w = self._layers[i]
             assert w is not None
             h = rms_norm(x, w.input_layernorm, c.rms_norm_eps)
-            q = F.linear(h, w.q_proj).view(n_rows, n_heads, hd)
-            k = F.linear(h, w.k_proj).view(n_rows, n_kv, hd)
-            v = F.linear(h, w.v_proj).view(n_rows, n_kv, hd)
+            q = F.linear(h, w.q_proj, w.q_proj_bias).view(n_rows, n_heads, hd)
+            k = F.linear(h, w.k_proj, w.k_proj_bias).view(n_rows, n_kv, hd)
+            v = F.linear(h, w.v_proj, w.v_proj_bias).view(n_rows, n_kv, hd)
+            if w.q_norm is not None and w.k_norm is not None:  # Qwen3: RMSNorm over each head, before rope
+                q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
             q = (q.float() * cos + rotate_half(q.float()) * sin).to(self.dtype)
             k = (k.float() * cos + rotate_half(k.float()) * sin).to(self.dtype)
+            layer_window = c.window(i)
             outs = []
-            for first, n_new, cache, mask, causal in plan:
+            for first, n_new, cache, mask, causal, window_mask in plan:
                 qs = q[first : first + n_new].transpose(0, 1)  # [heads, T, head_dim]
                 ks = k[first : first + n_new].transpose(0, 1)
                 vs = v[first : first + n_new].transpose(0, 1)
                 if cache is not None:
                     ks, vs = cache.write(i, ks, vs)
                 if n_new == 1:
-                    outs.append(decode_attention(qs, ks, vs).transpose(0, 1))
+                    outs.append(decode_attention(qs, ks, vs, layer_window).transpose(0, 1))
                     continue
+                if layer_window is not None and window_mask is not None:
+                    mask, causal = window_mask, False
                 if n_kv != n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv query heads
                     ks = ks.repeat_interleave(n_heads // n_kv, dim=0)
                     vs = vs.repeat_interleave(n_heads // n_kv, dim=0)
                 attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal)
                 outs.append(attn.transpose(0, 1))  # [T, heads, head_dim]
             attn_all = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + F.linear(attn_all.reshape(n_rows, n_heads * hd), w.o_proj)
+            x = x + F.linear(attn_all.reshape(n_rows, n_heads * hd), w.o_proj, w.o_proj_bias)
             h = rms_norm(x, w.post_attention_layernorm, c.rms_norm_eps)
             x = x + F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
             self._mark_computed(i + 1)
 
-        for _, n_new, cache, _, _ in plan:
+        for _, n_new, cache, *_ in plan:
             if cache is not None:
                 cache.length += n_new
-        return x, [first + n_new - 1 for first, n_new, _, _, _ in plan]
+        return x, [first + n_new - 1 for first, n_new, *_ in plan]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head over the rows of `x` (float32 logits)."""
@@ -485,8 +479,3 @@ class Generation(Iterator[int]):
         if len(self.tokens) >= self.budget_tokens:
             self.finish_reason = "length"
         return token
-
-
-def random_seed() -> int:
-    """A fresh 63-bit seed for a request that did not ask for one."""
-    return secrets.randbits(63)

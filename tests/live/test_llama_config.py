@@ -46,7 +46,8 @@ def test_round_trip_through_config_json():
 def test_hf_defaults_fill_missing_optional_keys():
     c = LlamaConfig.from_hf_config(SMALL | {"num_key_value_heads": None, "rope_theta": 500000})
     assert c.num_key_value_heads == 4  # null: plain multi-head attention, as transformers reads it
-    assert c.head_dim == 16 and c.max_position_embeddings == 2048 and c.rms_norm_eps == 1e-5
+    # rms_norm_eps: transformers' LlamaConfig default (1e-6)
+    assert c.head_dim == 16 and c.max_position_embeddings == 2048 and c.rms_norm_eps == 1e-6
     assert isinstance(c.rope_theta, float) and c.rope_theta == 500000.0
     assert (c.bos_token_id, c.eos_token_ids, c.tie_word_embeddings) == (None, (), False)
     assert c.to_hf_config()["eos_token_id"] is None

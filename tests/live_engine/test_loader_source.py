@@ -38,11 +38,10 @@ def test_loader_source_reports_a_corrupt_checkpoint(tmp_path: Path) -> None:
     assert source.error is not None and "model.safetensors" in str(source.error)
 
 
-def test_engine_reads_both_modes_through_the_loader_and_shards_without_it(tmp_path: Path) -> None:
-    """One model.safetensors: tierlab's loader in both modes; a sharded checkpoint: shard by shard."""
+def test_engine_reads_both_modes_and_shards_through_the_loader(tmp_path: Path) -> None:
+    """One model.safetensors and a sharded checkpoint: tierlab's loader (which reads across shards)."""
     from safetensors.torch import load_file, save_file
 
-    from live.engines.base import BackgroundSafetensorsLayerSource
     from live.engines.cpu_server import Engine
 
     ckpt = generate_checkpoint(tmp_path / "ck", "tiny", seed=5).path
@@ -62,5 +61,5 @@ def test_engine_reads_both_modes_through_the_loader_and_shards_without_it(tmp_pa
     (ckpt / "model.safetensors").unlink()
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     source = Engine(ckpt, "m")._layer_source()
-    assert isinstance(source, BackgroundSafetensorsLayerSource)
+    assert isinstance(source, LoaderLayerSource)
     torch.testing.assert_close(LlamaModel.from_dir(ckpt, layer_source=source).forward(ids), plain, rtol=0, atol=0)
