@@ -45,8 +45,11 @@ def summarize(
     for tier in TIER_ORDER:
         sel = cold[cold["source_tier"] == tier]
         if len(sel):
+            # the load phases these requests waited on (a request placed mid-load waited on part of them)
             by_tier[tier] = {"count": len(sel), "mean_s": _mean(sel["cold_start_s"]),
-                             "p99_s": _q(sel["cold_start_s"], 0.99)}
+                             "p99_s": _q(sel["cold_start_s"], 0.99), "fetch_mean_s": _mean(sel["fetch_s"]),
+                             "to_gpu_mean_s": _mean(sel["to_gpu_s"]),
+                             "engine_init_mean_s": _mean(sel["engine_init_s"])}
     reasons = requests.loc[outcome != "completed", "reason"].value_counts()
     summary: dict[str, Any] = {
         "requests": int(n),

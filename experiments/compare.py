@@ -44,6 +44,10 @@ METRICS: dict[str, tuple[tuple[str, ...], str, str]] = {
 }
 #: cold-start requests by source tier (`cold_<tier>`) and instance loads by source tier (`loads_<tier>`)
 TIER_KEYS: tuple[str, ...] = tuple(f"cold_{t}" for t in TIER_ORDER) + tuple(f"loads_{t}" for t in TIER_ORDER)
+#: per source tier, over its cold-start requests: the mean cold start and the mean load phases they waited on
+#: (`<phase>_<tier>` -> the summary's cold_start_by_tier key); None where the tier served no cold start
+PHASES: dict[str, str] = {"coldmean": "mean_s", "fetch": "fetch_mean_s", "togpu": "to_gpu_mean_s",
+                          "init": "engine_init_mean_s"}
 
 
 @dataclass(frozen=True)
@@ -151,8 +155,11 @@ def metrics_of(summary: Mapping[str, Any]) -> dict[str, float | None]:
     by_tier = summary.get("cold_start_by_tier") or {}
     loads = summary.get("loads_by_tier") or {}
     for t in TIER_ORDER:
-        out[f"cold_{t}"] = float((by_tier.get(t) or {}).get("count", 0))
+        tier = by_tier.get(t) or {}
+        out[f"cold_{t}"] = float(tier.get("count", 0))
         out[f"loads_{t}"] = float(loads.get(t, 0))
+        for key, summary_key in PHASES.items():
+            out[f"{key}_{t}"] = None if tier.get(summary_key) is None else float(tier[summary_key])
     return out
 
 

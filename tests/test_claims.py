@@ -18,12 +18,15 @@ import pytest
 
 from core.errors import ConfigError
 from experiments import claims as cl
+from experiments import claims_base as base
+from experiments import claims_cost as cost
+from experiments import claims_rules as rules
 
 
 @pytest.fixture(scope="module")
-def small_report(tmp_path_factory) -> tuple[Path, list[cl.ClaimResult]]:
+def small_report(tmp_path_factory) -> tuple[Path, list[base.ClaimResult]]:
     out = tmp_path_factory.mktemp("claims")
-    results, doc = cl.run(cl.SMALL, out, progress=False)
+    results, doc = cl.run(base.SMALL, out, progress=False)
     assert doc == out / "claims.md"
     return out, results
 
@@ -39,12 +42,12 @@ def _table_rows(doc: str) -> list[list[str]]:
 def test_small_report_has_a_row_per_claim_with_a_verdict_command_and_figure(small_report):
     out, results = small_report
     rows = _table_rows((out / "claims.md").read_text())
-    assert [r[0] for r in rows] == list(cl.CLAIMS.values())
+    assert [r[0] for r in rows] == list(base.CLAIMS.values())
     for (_claim, scenario, measured, verdict, command, figure), res in zip(rows, results, strict=True):
         assert scenario and measured
         assert verdict.startswith("**") and verdict.endswith("**")
         v = verdict.strip("*")
-        assert v == res.verdict and cl.verdict_kind(v) in cl.VERDICTS
+        assert v == res.verdict and rules.verdict_kind(v) in base.VERDICTS
         assert v in ("holds", "fails") or (v.startswith("holds only if ") and len(v) > len("holds only if  "))
         assert command == f"`{res.command}`"
         path = out / re.fullmatch(r"\[[^\]]+\]\(([^)]+)\)", figure).group(1)
@@ -62,7 +65,7 @@ def test_each_rows_command_is_a_real_command_for_that_row(small_report):
     parser = cl.build_parser()
     for res in results:
         argv = shlex.split(res.command)
-        assert argv[:3] == ["python", "-m", cl.MODULE]
+        assert argv[:3] == ["python", "-m", base.MODULE]
         assert importlib.util.find_spec(argv[2]) is not None
         args = parser.parse_args(argv[3:])
         assert (args.small, args.out, args.claim) == (True, out, [res.key])
@@ -76,16 +79,16 @@ def test_verdicts_follow_the_rules_on_the_stored_numbers(small_report):
                               ("memory_waste", "memory_waste_frac", "memory_waste_frac"),
                               ("throughput", "ratio", "throughput_ratio")]:
         res = by_key[key]
-        assert (cl.verdict_kind(res.verdict) == "holds") == cl.BOUNDS[bound].ok(res.values[value]), key
+        assert (rules.verdict_kind(res.verdict) == "holds") == rules.BOUNDS[bound].ok(res.values[value]), key
     spot = by_key["spot_cost"].values["saving_at_70"]
-    assert (cl.verdict_kind(by_key["spot_cost"].verdict) == "holds") == all(
-        cl.BOUNDS["spot_saving"].ok(x) for x in spot.values())
+    assert (rules.verdict_kind(by_key["spot_cost"].verdict) == "holds") == all(
+        rules.BOUNDS["spot_saving"].ok(x) for x in spot.values())
 
 
 def test_results_file_renders_the_report_and_no_temp_file_is_left(small_report):
     out, _ = small_report
     settings, rows = cl.load_results(out)
-    assert settings == "small" and list(rows) == list(cl.CLAIMS)
+    assert settings == "small" and list(rows) == list(base.CLAIMS)
     assert (out / "claims.md").read_text() == cl.render(list(rows.values()), "small")
     leftovers = [p.name for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert leftovers == []
@@ -102,7 +105,7 @@ def test_rerunning_one_claim_keeps_the_other_rows(small_report, tmp_path, capsys
     assert re.fullmatch(rf"8 claims: \d+ hold, \d+ fail, \d+ hold only if \.\.\. \(reran tier_access\); wrote "
                         rf"{re.escape(str(out / 'claims.md'))} in \d+ s", line[0]), line[0]
     after = json.loads(cl.results_path(out).read_text())["results"]
-    assert [r["key"] for r in after] == list(cl.CLAIMS)
+    assert [r["key"] for r in after] == list(base.CLAIMS)
     assert [r for r in after if r["key"] != "tier_access"] == [r for r in before if r["key"] != "tier_access"]
 
 
@@ -133,22 +136,22 @@ def test_unknown_claim_and_corrupt_results_are_reported(tmp_path, capsys):
 
 
 def test_committed_report_is_the_rendering_of_its_results():
-    settings, rows = cl.load_results(cl.DOCS)
+    settings, rows = cl.load_results(base.DOCS)
     assert settings == "full", "regenerate with: python -m experiments.claims"
-    assert list(rows) == list(cl.CLAIMS)
-    assert (cl.DOCS / "claims.md").read_text() == cl.render(list(rows.values()), "full")
+    assert list(rows) == list(base.CLAIMS)
+    assert (base.DOCS / "claims.md").read_text() == cl.render(list(rows.values()), "full")
     for res in rows.values():
-        assert (cl.DOCS / res.figure).is_file(), res.figure
+        assert (base.DOCS / res.figure).is_file(), res.figure
         assert res.command == f"python -m experiments.claims --claim {res.key}"
 
 
 # ============================================================================ verdict rules
 @pytest.mark.parametrize(("bound", "inside", "outside"), [
-    (cl.Bound(below=0.04), 0.0399, 0.04),
-    (cl.Bound(at_most=15.0), 15.0, 15.001),
-    (cl.Bound(at_least=0.54), 0.54, 0.5399),
-    (cl.Bound(at_least=180.0, at_most=300.0), 180.0, 179.99),
-    (cl.Bound(at_least=180.0, at_most=300.0), 300.0, 300.01),
+    (rules.Bound(below=0.04), 0.0399, 0.04),
+    (rules.Bound(at_most=15.0), 15.0, 15.001),
+    (rules.Bound(at_least=0.54), 0.54, 0.5399),
+    (rules.Bound(at_least=180.0, at_most=300.0), 180.0, 179.99),
+    (rules.Bound(at_least=180.0, at_most=300.0), 300.0, 300.01),
 ])
 def test_bound_flips_at_its_threshold(bound, inside, outside):
     assert bound.ok(inside) and not bound.ok(outside)
@@ -156,14 +159,14 @@ def test_bound_flips_at_its_threshold(bound, inside, outside):
 
 
 def test_verdict_names_conditions_only_when_the_scenario_itself_fails():
-    assert cl.verdict(True, ["x"]) == "holds"
-    assert cl.verdict(False, []) == "fails"
-    assert cl.verdict(False, ["a"]) == "holds only if a"
-    many = cl.verdict(False, ["a", "b", "c", "d"])
+    assert rules.verdict(True, ["x"]) == "holds"
+    assert rules.verdict(False, []) == "fails"
+    assert rules.verdict(False, ["a"]) == "holds only if a"
+    many = rules.verdict(False, ["a", "b", "c", "d"])
     assert many == "holds only if a; or b; or 2 more conditions of the sweep"
-    assert cl.verdict_kind(many) == "holds only if"
+    assert rules.verdict_kind(many) == "holds only if"
     with pytest.raises(ValueError):
-        cl.verdict_kind("mostly")
+        rules.verdict_kind("mostly")
 
 
 @pytest.mark.parametrize(("key", "passing", "failing"), [
@@ -174,51 +177,51 @@ def test_verdict_names_conditions_only_when_the_scenario_itself_fails():
     ("throughput_ratio", 24.0, 23.9),
 ])
 def test_single_number_rules_flip_at_the_claims_threshold(key, passing, failing):
-    assert cl.rule_at_reference(key, passing, []) == "holds"
-    assert cl.rule_at_reference(key, failing, []) == "fails"
-    assert cl.rule_at_reference(key, failing, [("c1", failing), ("c2", passing)]) == "holds only if c2"
-    assert cl.rule_at_reference(key, None, [("c", passing)]) == "holds only if c"
+    assert rules.rule_at_reference(key, passing, []) == "holds"
+    assert rules.rule_at_reference(key, failing, []) == "fails"
+    assert rules.rule_at_reference(key, failing, [("c1", failing), ("c2", passing)]) == "holds only if c2"
+    assert rules.rule_at_reference(key, None, [("c", passing)]) == "holds only if c"
 
 
 def test_tier_access_rule():
     sizes = [1.0, 2.0, 4.0, 8.0]
-    assert cl.largest_within(sizes, [0.5, 1.0, 1.99, 2.5], cl.BOUNDS["access_nvme_s"]) == 4.0
-    assert cl.largest_within(sizes, [0.5, 3.0, 1.0, 1.0], cl.BOUNDS["access_nvme_s"]) == 1.0  # a prefix only
-    assert cl.largest_within(sizes, [2.0, 1.0, 1.0, 1.0], cl.BOUNDS["access_nvme_s"]) is None
+    assert rules.largest_within(sizes, [0.5, 1.0, 1.99, 2.5], rules.BOUNDS["access_nvme_s"]) == 4.0
+    assert rules.largest_within(sizes, [0.5, 3.0, 1.0, 1.0], rules.BOUNDS["access_nvme_s"]) == 1.0  # a prefix only
+    assert rules.largest_within(sizes, [2.0, 1.0, 1.0, 1.0], rules.BOUNDS["access_nvme_s"]) is None
     full = {"gpu": 70.6, "nvme": 70.6, "sata": 70.6, "cloud": 70.6}
-    assert cl.rule_tier_access(full, 70.6) == "holds"
-    assert cl.rule_tier_access({**full, "nvme": 6.1}, 70.6) == "holds only if models <= 6.1 B params from nvme"
-    assert cl.rule_tier_access({**full, "sata": None}, 70.6) == "fails"
+    assert rules.rule_tier_access(full, 70.6) == "holds"
+    assert rules.rule_tier_access({**full, "nvme": 6.1}, 70.6) == "holds only if models <= 6.1 B params from nvme"
+    assert rules.rule_tier_access({**full, "sata": None}, 70.6) == "fails"
 
 
 def test_cold_start_rule_needs_both_ends_in_the_same_scenario():
-    assert cl.rule_cold_start(180.0, 15.0, []) == "holds"
-    assert cl.rule_cold_start(179.0, 15.0, []) == "fails"
-    assert cl.rule_cold_start(240.0, 15.1, []) == "fails"
-    assert cl.rule_cold_start(240.0, None, []) == "fails"
+    assert rules.rule_cold_start(180.0, 15.0, []) == "holds"
+    assert rules.rule_cold_start(179.0, 15.0, []) == "fails"
+    assert rules.rule_cold_start(240.0, 15.1, []) == "fails"
+    assert rules.rule_cold_start(240.0, None, []) == "fails"
     sweep = [("mvp only", 200.0, 30.0), ("prod only", 60.0, 9.0), ("both", 250.0, 8.0)]
-    assert cl.rule_cold_start(60.0, 30.0, sweep) == "holds only if both"
+    assert rules.rule_cold_start(60.0, 30.0, sweep) == "holds only if both"
 
 
 def test_availability_rule_needs_a_measured_fast_recovery():
-    assert cl.rule_availability(0.999, 1.99, []) == "holds"
-    assert cl.rule_availability(0.99899, 1.0, []) == "fails"
-    assert cl.rule_availability(1.0, 2.0, []) == "fails"
-    assert cl.rule_availability(1.0, None, []) == "fails"  # no failover happened: nothing to judge
-    assert cl.rule_availability(1.0, 30.0, [("slow", 1.0, 30.0), ("fast", 0.9995, 1.0)]) == "holds only if fast"
+    assert rules.rule_availability(0.999, 1.99, []) == "holds"
+    assert rules.rule_availability(0.99899, 1.0, []) == "fails"
+    assert rules.rule_availability(1.0, 2.0, []) == "fails"
+    assert rules.rule_availability(1.0, None, []) == "fails"  # no failover happened: nothing to judge
+    assert rules.rule_availability(1.0, 30.0, [("slow", 1.0, 30.0), ("fast", 0.9995, 1.0)]) == "holds only if fast"
 
 
 def test_storage_saving_and_spot_share_helpers():
-    p = cl.TIER_PRICE_USD_PER_GB_MONTH["nvme"]
+    p = base.TIER_PRICE_USD_PER_GB_MONTH["nvme"]
     # 10 GB-months on NVMe + 10 on SATA vs 20 on NVMe, no object store: saving = (1 - r) / 2
     for r in (0.0, 0.5, 1.0):
-        assert cl.storage_saving({"nvme": 10.0, "sata": 10.0}, 20 * p, 0.0, r) == pytest.approx((1 - r) / 2)
-    assert cl._share_for([0.0, 0.5, 1.0], [0.0, 0.4, 0.8], 0.54) == pytest.approx(0.675)
-    assert cl._share_for([0.0, 1.0], [0.0, 0.5], 0.54) is None
+        assert cost.storage_saving({"nvme": 10.0, "sata": 10.0}, 20 * p, 0.0, r) == pytest.approx((1 - r) / 2)
+    assert cost._share_for([0.0, 0.5, 1.0], [0.0, 0.4, 0.8], 0.54) == pytest.approx(0.675)
+    assert cost._share_for([0.0, 1.0], [0.0, 0.5], 0.54) is None
 
 
 def test_reference_ids_are_read_from_the_shared_file():
-    p5 = cl.reference("aws_p5_48xl_pre2025cut")
+    p5 = base.reference("aws_p5_48xl_pre2025cut")
     assert p5["od_per_hour"] > p5["spot_per_hour"][1] > p5["spot_per_hour"][0] > 0
     with pytest.raises(ConfigError, match="no entry with id 'nope'"):
-        cl.reference("nope")
+        base.reference("nope")

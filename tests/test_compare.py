@@ -20,7 +20,7 @@ workers: 1
 common: [cluster=small, "workload.window=[0,60]"]
 scenarios:
   tiny: []
-  tiny_short_keep: [policy.autoscaling.keep_alive_s=10]
+  tiny_short_keep: [policy.autoscaling.keep_alive_s=10, "workload.window=[0,240]"]
 targets:
   - {a: sllm, b: mvp, metric: cold_mean_s, max_ratio: 0.2, text: ">= 5x lower"}
 notes: "- a *note* on mechanisms"
@@ -95,7 +95,8 @@ def test_load_settings_and_overrides(tmp_path):
     s = tiny_settings(tmp_path, seeds=[3])
     assert s.seeds == (3,) and s.policies == ("mvp", "sllm")
     assert s.overrides("tiny_short_keep", "sllm", 3) == [
-        "cluster=small", "workload.window=[0,60]", "policy.autoscaling.keep_alive_s=10", "policy=sllm", "seed=3"]
+        "cluster=small", "workload.window=[0,60]", "policy.autoscaling.keep_alive_s=10", "workload.window=[0,240]",
+        "policy=sllm", "seed=3"]
     with pytest.raises(ConfigError, match="unknown"):
         tiny_settings(tmp_path, scenarios=["nope"])
     with pytest.raises(ConfigError, match="conf/policy"):
@@ -164,3 +165,28 @@ def test_main_writes_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 policies x 1 scenario x 1 seeds = 1 runs" in out
     assert "--scenario tiny" in (tmp_path / "policies.md").read_text()
+
+
+def test_cold_start_sources_add_up_to_the_mean_and_bound_the_ratio(tiny_runs):
+    s, runs = tiny_runs
+    for scen in s.scenarios:
+        rows = compare_report.cold_start_sources(s, runs, scen)
+        for p in s.policies:
+            mine = [r for r in rows if r["policy"] == p]
+            seeds = [r for r in runs if r.scenario == scen and r.policy == p]
+            mean = sum(r.metrics["cold_mean_s"] for r in seeds) / len(seeds)
+            assert sum(r["contribution_s"] for r in mine) == pytest.approx(mean, rel=1e-9)
+            assert sum(r["share"] for r in mine) == pytest.approx(1.0)
+            for r in mine:  # every cold start from the cloud store fetched something
+                assert r["fetch_s"] > 0 if r["tier"] == "cloud" else True
+        # a policy with only cloud cold starts sits on its floor; the floor never exceeds the ratio itself
+        mvp_tiers = {r["tier"] for r in rows if r["policy"] == "mvp"}
+        assert mvp_tiers == {"cloud"}
+        assert compare_report.cloud_floor(runs, scen, "mvp", "mvp") == pytest.approx(1.0)
+        ratio = (sum(r.metrics["cold_mean_s"] for r in runs if r.scenario == scen and r.policy == "sllm")
+                 / sum(r.metrics["cold_mean_s"] for r in runs if r.scenario == scen and r.policy == "mvp"))
+        assert compare_report.cloud_floor(runs, scen, "sllm", "mvp") <= ratio + 1e-12
+    # the short keep-alive makes sllm reload from a local tier, so its floor is strictly below its ratio
+    local = [r for r in compare_report.cold_start_sources(s, runs, "tiny_short_keep")
+             if r["policy"] == "sllm" and r["tier"] != "cloud"]
+    assert local and all(r["share"] > 0 for r in local)

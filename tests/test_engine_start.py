@@ -159,7 +159,7 @@ def test_bad_engine_start_options_fail_when_the_bundle_is_built():
 
 
 def test_defaults_give_the_same_records_as_the_fields_set_explicitly_to_their_defaults():
-    base = ("cluster=small", "workload.max_requests=1500")
+    base = ("cluster=small", "workload.max_requests=1500", "engine=tokasaurus")  # the engine without phases
     explicit = ("++engine.cuda_context_s=0.0", "++engine.compile_per_b_s=0.0", "++engine.graph_capture_per_b_s=0.0",
                 "++engine.compile_cache=false", "++engine.compile_cache_hit_s=0.0",
                 "++policy.engine_start.pool_size=0", "++policy.engine_start.pool_gpu_bytes=0.0",

@@ -30,7 +30,7 @@ from core.loadtime import (
 from core.specs import cluster_from_dict, engine_from_dict
 from tests.conftest import config
 
-_CFG = config("cluster=small", "inference=measured_example")
+_CFG = config("cluster=small", "inference=measured_example", "engine=tokasaurus")  # the formulas by hand
 CLUSTER = cluster_from_dict(_CFG["cluster"])
 NODE = CLUSTER.nodes[0]
 STORE = CLUSTER.store

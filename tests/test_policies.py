@@ -14,7 +14,15 @@ from core.catalog import architecture
 from core.decisions import ColdStart, Copy, Evict, Migration, Queue, Route, StartInstance, StopInstance
 from core.loadtime import estimate_load_s
 from core.policies.autoscaling import KeepAlive
-from core.policies.base import PolicyBundle, copy_with_room, lru_idle_stops, make_room, pick_instance, queue_excess
+from core.policies.base import (
+    PolicyBundle,
+    copy_with_room,
+    lru_idle_stops,
+    make_room,
+    node_can_host,
+    pick_instance,
+    queue_excess,
+)
 from core.policies.caching import LocalityLru, NoCaching, Predictive, SeedTiered
 from core.policies.forecast import HoltForecaster, WindowCounter
 from core.policies.placement import RoundRobin, StartupTime, TierAware
@@ -224,6 +232,34 @@ def test_startup_time_ties_go_to_the_node_that_needs_no_eviction():
     inst(state, B8, N1, gpus=(1,), active=1)
     assert state.nodes[N0].gpu_free_total > state.nodes[N1].gpu_free_total
     assert StartupTime().place(Req(0, B8X), view) == ColdStart(N1, "cloud")
+
+
+def test_startup_time_charges_the_reload_of_the_idle_instances_it_would_stop():
+    state, clock, view = world()
+    put(state, N0, "dram", B8)
+    idle = inst(state, E70, N0, last_used=0.0)  # N0 has the faster copy but room only if this idle 70B stops
+    # used a moment ago, so likely to be asked again: the DRAM copy saves the 8B's download, but reloading the
+    # 70B from the cloud would cost far more, so the free node wins
+    assert StartupTime().place(Req(0, B8), view) == ColdStart(N1, "cloud")
+    clock.now = 1800.0  # idle for 30 min (30 reuse horizons): its burst is over, stopping it is cheap
+    assert StartupTime().place(Req(0, B8), view) == ColdStart(N0, "dram")
+    assert StartupTime(reuse_horizon_s=3600.0).place(Req(0, B8), view) == ColdStart(N1, "cloud")
+    clock.now = 0.0
+    inst(state, E70, N1, active=1)  # now N1 is full of busy instances: stopping the idle one is the only way
+    assert StartupTime().place(Req(0, B8), view) == ColdStart(N0, "dram")
+    idle.active = 1
+    assert StartupTime().place(Req(0, B8), view) == Queue("no_gpu_capacity")
+
+
+def test_startup_time_stops_a_cheap_to_reload_idle_instance_for_a_much_faster_local_copy():
+    state, _, view = world()
+    put(state, N0, "dram", E70)  # a 70B copy in DRAM on N0, where an idle 1B (cheap to reload) holds the room
+    put(state, N0, "dram", A1)
+    n0 = state.nodes[N0]
+    small = inst(state, A1, N0, last_used=0.0)  # used just now, but a 1B reloads from DRAM in seconds
+    assert small.idle and not node_can_host(n0, E70, view, allow_evict=False)
+    assert node_can_host(n0, E70, view, allow_evict=True)
+    assert StartupTime().place(Req(0, E70), view) == ColdStart(N0, "dram")
 
 
 def test_startup_time_counts_the_loading_queue_on_a_node():

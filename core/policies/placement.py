@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from core.decisions import ColdStart, Decision, Migration, Queue, Route
 from core.loadtime import estimate_load_s, link_capacities
 from core.policies.autoscaling import KeepAlive
-from core.policies.base import RequestView, node_can_host, pick_instance
+from core.policies.base import RequestView, lru_idle_stops, node_can_host, pick_instance
 from core.specs import LOCAL_TIERS, TIER_RANK
 from core.state import ClusterView, NodeState
 
@@ -94,11 +96,12 @@ class StartupTime(_PlacementBase):
     """
 
     def __init__(self, migration: bool = False, migration_a_s_per_token: float = 2e-5,
-                 migration_b_s: float = 0.5) -> None:
+                 migration_b_s: float = 0.5, reuse_horizon_s: float = 60.0) -> None:
         super().__init__()
         self.migration = migration
         self.a = migration_a_s_per_token
         self.b = migration_b_s
+        self.reuse_horizon_s = reuse_horizon_s
 
     def _estimate(self, node: NodeState, model_name: str, view: ClusterView) -> tuple[float, str]:
         """(estimated startup time, source tier): the fastest of the node's copies and the cloud store."""
@@ -122,20 +125,38 @@ class StartupTime(_PlacementBase):
             if node_can_host(node, req.model, view, allow_evict=False):
                 cand, key = ColdStart(node.name, src), (round(t, 3), 0, rank, node.gpu_free_total, node.name)
             elif node_can_host(node, req.model, view, allow_evict=True):
-                cand, key = ColdStart(node.name, src), (round(t, 3), 1, rank, node.gpu_free_total, node.name)
+                # stopping idle instances is charged their expected reload: a busy model's next request would be a
+                # cold start. Without the charge a local copy beat a free node by a few seconds and warm instances
+                # of busy models were stopped without any memory pressure; a rarely used one is cheap to stop.
+                penalty = self._eviction_cost(node, req.model, view)
+                cand, key = ColdStart(node.name, src), (round(t + penalty, 3), 1, rank, node.gpu_free_total,
+                                                        node.name)
             elif self.migration and (mig := self._migration(node, req, view)) is not None:
                 cand, key = (ColdStart(node.name, src, migrate=mig[0]),
                              (round(t + mig[1], 3), 2, rank, 0.0, node.name))
             else:
                 continue
-            # ties go to nodes that need no eviction, then to the node with the fastest local copy, then to the
-            # fullest that fits (best fit keeps whole nodes free for large tensor-parallel models). Ties are
-            # common: engine start (process start, capture, compile) hides a small model's fetch, so a DRAM copy
-            # and a cloud download estimate the same; the estimate does not see the NIC and store a download
-            # would share with later loads, nor the second pool copy it would make, so the local copy wins.
+            # among nodes of one kind: the fastest estimate, then the fastest local copy, then the fullest that
+            # fits (best fit keeps whole nodes free for large tensor-parallel models). Ties are common: engine
+            # start (process start, capture, compile) hides a small model's fetch, so a DRAM copy and a cloud
+            # download estimate the same; the estimate does not see the NIC and store a download would share
+            # with later loads, nor the second pool copy it would make, so the local copy wins.
             if best_key is None or key < best_key:
                 best, best_key = cand, key
         return best
+
+    def _eviction_cost(self, node: NodeState, model_name: str, view: ClusterView) -> float:
+        """Expected reload time the idle instances stopped to host `model_name` would cause: each one's reload on
+        `node`, weighted by how recently it was used (exp(-idle time / reuse_horizon_s)): an instance used a moment
+        ago is likely to be asked again (a busy model between requests), one idle for long is not (a burst that
+        ended; ServeGen's clients come in sessions)."""
+        now = view.now_s
+        cost = 0.0
+        for stop in lru_idle_stops(node.name, model_name, view):
+            victim = node.instances[stop.instance_id]
+            p_reuse = math.exp(-max(now - victim.last_used_s, 0.0) / self.reuse_horizon_s)
+            cost += p_reuse * self._estimate(node, victim.model.name, view)[0]
+        return cost
 
     def _migration(self, node: NodeState, req: RequestView, view: ClusterView) -> tuple[Migration, float] | None:
         """Cheapest busy instance on `node` that could move elsewhere and free room for the request."""
