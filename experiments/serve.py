@@ -49,6 +49,7 @@ from experiments.serve_catalog import (  # noqa: F401  (re-exported: tests and s
     CatalogEntry,
     build_catalog,
     build_tenants,
+    catalog_model_details,
     catalog_model_specs,
     engine_dtype_bytes,
     publish_catalog,
@@ -72,20 +73,24 @@ log = logging.getLogger(__name__)
 
 
 def gateway_config(cfg: Mapping[str, Any], agents: Sequence[AgentRef], tenants: dict[str, Tenant],
-                   admin_token: str, models: Mapping[str, ModelSpec] | None = None) -> GatewayConfig:
+                   admin_token: str, models: Mapping[str, ModelSpec] | None = None,
+                   model_details: Mapping[str, dict[str, Any]] | None = None) -> GatewayConfig:
     """GatewayConfig from the `gateway` block; unknown keys are errors naming the key.
 
-    `models` (the catalog's real specs, `catalog_model_specs`) replace the gateway's nominal stand-ins. The
+    `models` (the catalog's real specs, `catalog_model_specs`) replace the gateway's nominal stand-ins;
+    `model_details` (`catalog_model_details`: the chat template in use) go into its /v1/models items. The
     node description (tier paces, store, memory budget, batch limit) the gateway reads from the agents' /status,
     which report what `agent_argv` told them.
     """
     extra = dict(cfg.get("gateway") or {})
     known = {f.name for f in dataclasses.fields(GatewayConfig)}
-    reserved = {"agents", "tenants", "models", "admin_token"}
+    reserved = {"agents", "tenants", "models", "model_details", "admin_token"}
     bad = sorted(set(extra) - (known - reserved))
     if bad:
         raise ConfigError(f"gateway: unknown key(s) {bad}; known: {sorted(known - reserved)}")
     derived: dict[str, Any] = {} if models is None else {"models": dict(models)}
+    if model_details is not None:
+        derived["model_details"] = dict(model_details)
     try:
         return GatewayConfig(agents=list(agents), tenants=tenants, admin_token=admin_token, **derived, **extra)
     except (TypeError, ValueError) as e:
@@ -159,7 +164,8 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     try:
         agents = start_agents(cfg, workdir, dram_root, stores, agent_token, progressive, out_dir / "logs", node)
         refs = [AgentRef(a.node, a.url, agent_token) for a in agents]
-        gateway = Gateway(gateway_config(cfg, refs, tenants, admin_token, specs), bundle)
+        gateway = Gateway(gateway_config(cfg, refs, tenants, admin_token, specs, catalog_model_details(entries)),
+                          bundle)
 
         def ready() -> None:
             _write_private(out_dir / "serve.json", {

@@ -4,6 +4,8 @@ specs for the gateway, and the tenants (API keys) that may use them.
 Every checkpoint is checked before it is published (`live.checkpoint_check`): an architecture the CPU engine
 computes exactly, weights that match config.json, a chat template that compiles. A refused one stops the
 catalog with an error naming the model, the file and the field or tensor; nothing of it reaches a store.
+The chat template each checkpoint will be served with (its own, or the CPU engine's built-in one) is worked out
+here too, so that the gateway's GET /v1/models shows it before any instance runs (`catalog_model_details`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from core.errors import ConfigError
 from core.specs import ModelSpec
 from live.checkpoint import PRESETS, generate_checkpoint
 from live.checkpoint_check import check_checkpoint
+from live.engines.cpu_chat import ChatPrompts
 from live.gateway import Tenant
 from live.llama_config import LlamaConfig, model_spec
 from live.registry import Registry, check_model_name
@@ -32,6 +35,9 @@ class CatalogEntry:
 
     name: str
     path: Path
+    # the chat template in use, as the CPU engine's /v1/models shows it: {source: "checkpoint", file, sha256} or
+    # {source: "built-in", format}; None for an entry made without `build_catalog` (nothing shown)
+    chat_template: dict[str, Any] | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------- catalog
@@ -78,10 +84,17 @@ def build_catalog(catalog: Mapping[str, Any], cache_dir: str | os.PathLike[str],
             path = registry.resolve(str(name))
         try:
             check_checkpoint(path)
+            template = ChatPrompts.for_checkpoint(path).describe()  # the engine's own choice, from the same files
         except (OSError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from None
-        entries.append(CatalogEntry(str(name), path))
+        entries.append(CatalogEntry(str(name), path, template))
     return entries
+
+
+def catalog_model_details(entries: Sequence[CatalogEntry]) -> dict[str, dict[str, Any]]:
+    """The fields the gateway adds to each model's GET /v1/models item (`GatewayConfig.model_details`): the chat
+    template in use, in the shape of the CPU engine's own /v1/models."""
+    return {e.name: {"chat_template": e.chat_template} for e in entries if e.chat_template is not None}
 
 
 def publish_catalog(entries: Sequence[CatalogEntry], stores: Sequence[str],

@@ -24,7 +24,8 @@ mid-stream ends the client's stream with an SSE error event. `request_timeout_s`
 
     POST /v1/chat/completions, POST /v1/completions   (stream and non-stream; SSE is relayed event by event,
                                                       or synthesized for engines that cannot stream)
-    GET  /v1/models                                  the caller's models only
+    GET  /v1/models                                  the caller's models only (with `model_details`: the
+                                                     chat template in use, as the CPU engine shows it)
     GET  /healthz                                    {"ok": true, "started"}
     GET  /metrics                                    Prometheus text
     GET  /admin/records                              the request records as JSON (Bearer <admin_token>)
@@ -258,7 +259,9 @@ def create_app(gateway: Gateway) -> Starlette:
             tenant = authenticate(request, gateway.config.tenants)
         except ApiError as e:
             return e.response()
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "tierlab"} for m in tenant.models]
+        details = gateway.config.model_details
+        data = [{**details.get(m, {}), "id": m, "object": "model", "created": 0, "owned_by": "tierlab"}
+                for m in tenant.models]
         return JSONResponse({"object": "list", "data": data})
 
     async def healthz(request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from core.policies.base import PolicyBundle
 from core.specs import EngineSpec, GpuSpec, ModelSpec
@@ -59,6 +60,8 @@ class GatewayConfig:
     agents: list[AgentRef]
     tenants: dict[str, Tenant]
     models: dict[str, ModelSpec] = field(default_factory=dict)  # default: a nominal spec per tenant model
+    # more fields of a model's GET /v1/models item, by model (`live.serve`: the catalog's chat template in use)
+    model_details: dict[str, dict[str, Any]] = field(default_factory=dict)
     nominal_gpu: GpuSpec = NOMINAL_GPU
     engine: EngineSpec = field(default_factory=lambda: EngineSpec(name="cpu", max_num_seqs=8))
     queue_timeout_s: float = 10.0
@@ -101,6 +104,9 @@ class GatewayConfig:
         for tenant in self.tenants.values():
             for m in tenant.models:
                 self.models.setdefault(m, nominal_model(m))
+        unlisted = set(self.model_details) - set(self.models)
+        if unlisted:
+            raise ValueError(f"GatewayConfig.model_details names models not served {sorted(unlisted)}")
 
     def price_per_hour(self, node: str) -> float:
         prices = self.node_price_per_hour

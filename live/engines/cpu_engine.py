@@ -26,6 +26,22 @@ from live.engines.cpu_api import ApiError  # noqa: E402
 log = logging.getLogger("live.engines.cpu_engine")
 
 
+def prepended_bos(model_dir: Path, config: Any) -> int | None:
+    """The BOS id `Engine.encode` puts in front of a completion prompt that does not start with it, or None.
+
+    A transformers tokenizer (`tokenizer_config.json` beside `tokenizer.json`) is used as transformers uses it:
+    tokenizer.json's post-processor alone decides (Llama 2/3's and Mistral's add BOS, Qwen's and e.g. SmolLM's
+    Llama-architecture ones add none although their configs name one), so nothing is prepended. Only a bare
+    tokenizer.json (tierlab's own test checkpoints, written by `tokenizers`) gets the family's convention: the
+    config's BOS for llama and mistral, none for qwen2/qwen3.
+    """
+    from live.chat_template import TOKENIZER_CONFIG_FILE
+
+    if (model_dir / TOKENIZER_CONFIG_FILE).is_file():
+        return None
+    return config.bos_token_id if config.model_type in ("llama", "mistral") else None
+
+
 class Engine:
     """Model, tokenizer, the inference worker and the start-up timings."""
 
@@ -117,10 +133,7 @@ class Engine:
             if not self.progressive:
                 self.model.materialize()
                 self._weights_resident(source, start)
-            # Llama and Mistral tokenizers put BOS in front of a prompt; Qwen's add none although their configs
-            # name one (transformers' tokenizers do the same), so a Qwen prompt gets no BOS here either
-            cfg = self.model.config
-            self.bos_token_id = cfg.bos_token_id if cfg.model_type in ("llama", "mistral") else None
+            self.bos_token_id = prepended_bos(self.model_dir, self.model.config)
             self.state = "ready"
             self.timings["ready_at_s"] = self.since_t0_s()
             self.scheduler.serve(self.model, self.decode)
@@ -173,7 +186,7 @@ class Engine:
     # -- requests
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt, with the checkpoint's BOS in front where its tokenizer family adds one."""
+        """Token ids of a prompt as transformers' tokenizer gives them (BOS as `prepended_bos` says)."""
         self.ready.wait()  # the tokenizer loads with the model
         if self.tokenizer is None:
             raise ApiError(503, f"the model is not available: {self.error}", None, "model_unavailable", "server_error")
