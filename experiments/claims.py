@@ -105,7 +105,7 @@ def render(results: Sequence[ClaimResult], settings: str) -> str:
         "about the claims under the stated assumptions, not measurements of a deployment.",
     ]
     for i, r in enumerate(results, 1):
-        why = [f"**Why this scenario.** {r.regime}.", ""] if r.regime else []
+        why = [f"**Why this scenario.** {r.regime[:1].upper()}{r.regime[1:]}.", ""] if r.regime else []
         out += ["", f"## {i}. {r.claim}", "", f"**Scenario.** {r.scenario}.", "", *why,
                 f"**Measured.** {r.measured}.", "",
                 f"**Verdict: {r.verdict}.** Rule: {r.rule}.", "", "Evidence:", ""]
