@@ -21,7 +21,8 @@ from core.catalog import catalog_from_dict, deployments_for
 from core.errors import ConfigError
 from core.inference import MeasuredTable, measured_from_dict
 from core.policies.base import PolicyBundle
-from core.specs import ClusterSpec, EngineSpec, ModelSpec, cluster_from_dict, engine_from_dict, model_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict, model_from_dict
+from core.specs import ClusterSpec, EngineSpec, ModelSpec
 from core.workload.models import assign_models
 from core.workload.trace import UNASSIGNED, Workload
 
@@ -90,7 +91,7 @@ def models_for(cfg: Mapping[str, Any], wl: Workload, seed: int) -> tuple[list[Mo
 
     Workloads that name their own deployments (ServeGen clients) get one spec per deployment;
     the others get model ids from a seeded Zipf law over the catalog (the bases' deployments, then `extra`:
-    explicit `core.specs.model_from_dict` mappings).
+    explicit `core.spec_builders.model_from_dict` mappings).
     """
     named = sorted({m for m in [*wl.model.tolist(), *wl.catalog] if m != UNASSIGNED})
     models = deployments_for(named, list(cfg.get("bases") or []), cfg.get("base_weights"), seed) if named else []

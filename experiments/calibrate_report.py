@@ -1,8 +1,8 @@
 """Turn the calibration probes' samples into the simulator's config blocks (`cluster`, `engine`, `inference`,
 `models`) and write them as `calibrated.yaml`, every number commented with its spread and its source.
 
-The blocks are plain mappings that `core.specs.cluster_from_dict`, `engine_from_dict`,
-`core.inference.measured_from_dict` and `core.specs.model_from_dict` read unchanged.
+The blocks are plain mappings that `core.spec_builders.cluster_from_dict`, `engine_from_dict`,
+`core.inference.measured_from_dict` and `core.spec_builders.model_from_dict` read unchanged.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import numpy as np
 
 from core.catalog import architecture
 from core.inference import InferenceModel
-from core.specs import EngineSpec, ModelSpec, NodeSpec, cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
+from core.specs import EngineSpec, ModelSpec, NodeSpec
 from core.state import gpus_needed
 from core.workload.lengths import FixedLengths
 from experiments.claims_base import CLAIMS, REGIMES, TP_MODEL, ClaimResult, Context, _pct, _s

@@ -14,7 +14,8 @@ import numpy as np
 from core.catalog import ARCHITECTURES, architecture
 from core.inference import InferenceModel
 from core.loadtime import estimate_load_s, transfer_s
-from core.specs import EngineSpec, ModelSpec, NodeSpec, ObjectStoreSpec, cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
+from core.specs import EngineSpec, ModelSpec, NodeSpec, ObjectStoreSpec
 from core.state import gpus_needed
 from core.units import GB
 from experiments.claims_base import CLAIMS, REGIMES, TP_MODEL, ClaimResult, Context, _mean_cold_start, _s, reference

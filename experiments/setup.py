@@ -18,7 +18,8 @@ from core.errors import ConfigError
 from core.inference import MeasuredTable
 from core.initial_state import EMPTY, FIELD, POLICY, InitialState, from_final_state
 from core.policies.base import PolicyBundle
-from core.specs import ClusterSpec, EngineSpec, ModelSpec, validate_fit
+from core.spec_builders import validate_fit
+from core.specs import ClusterSpec, EngineSpec, ModelSpec
 from core.warmup import check_warmup
 from core.workload import generators
 from core.workload.embedded import embedded_path

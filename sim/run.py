@@ -27,7 +27,8 @@ from core.initial_state import InitialState, final_state
 from core.metrics import availability, memory_waste_frac, summarize
 from core.policies.base import PolicyBundle
 from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA, empty, frame, rows_to_columns
-from core.specs import ClusterSpec, EngineSpec, ModelSpec, validate_fit
+from core.spec_builders import validate_fit
+from core.specs import ClusterSpec, EngineSpec, ModelSpec
 from core.workload.trace import Workload
 from sim.faults import EVENT_SCHEMA
 from sim.initial import seed_tiers

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from core.cost import gpu_cost, request_cost_shares
-from core.specs import cluster_from_dict
+from core.spec_builders import cluster_from_dict
 from core.units import HOUR_S
 from experiments.setup import build
 from sim.run import simulate

@@ -20,7 +20,8 @@ from core.errors import ConfigError
 from core.policies.autoscaling import KeepAlive
 from core.policies.base import PolicyBundle
 from core.policies.caching import NoCaching
-from core.specs import EngineSpec, cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
+from core.specs import EngineSpec
 from experiments.simulate import run
 from sim.run import SimResult, collect
 from sim.world import World

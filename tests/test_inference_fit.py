@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.specs import cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
 from experiments.inference_fit import PEAKS, PROFILES, analyse, dense_predictions, main
 from tests.conftest import config
 

@@ -12,7 +12,8 @@ import pytest
 from core.catalog import architecture
 from core.errors import ConfigError
 from core.inference import InferenceModel
-from core.specs import EngineSpec, GpuSpec, engine_from_dict, gpu_from_dict, model_from_dict
+from core.spec_builders import engine_from_dict, gpu_from_dict, model_from_dict
+from core.specs import EngineSpec, GpuSpec
 
 F, B = 1000e12, 4e12  # FLOP/s and HBM bytes/s of the test GPU
 GPU = GpuSpec(name="g", mem_bytes=80e9, hbm_Bps=B, flops=F, h2d_Bps=50e9)

@@ -27,7 +27,7 @@ from core.loadtime import (
     progressive_first_token_s,
     to_gpu_hop,
 )
-from core.specs import cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
 from tests.conftest import config
 
 _CFG = config("cluster=small", "inference=measured_example", "engine=tokasaurus")  # the formulas by hand

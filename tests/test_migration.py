@@ -9,7 +9,8 @@ from core.policies.autoscaling import KeepAlive
 from core.policies.base import PolicyBundle
 from core.policies.caching import LocalityLru
 from core.policies.placement import StartupTime
-from core.specs import EngineSpec, cluster_from_dict
+from core.spec_builders import cluster_from_dict
+from core.specs import EngineSpec
 from sim.world import World
 from tests.conftest import config
 

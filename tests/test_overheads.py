@@ -13,7 +13,7 @@ import simpy
 from core.catalog import architecture
 from core.errors import ConfigError
 from core.inference import InferenceModel, MeasuredTable, measured_from_dict
-from core.specs import cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
 from core.state import InstanceState
 from experiments.simulate import run
 from sim.engine import SimEngine

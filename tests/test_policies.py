@@ -26,7 +26,7 @@ from core.policies.base import (
 from core.policies.caching import LocalityLru, NoCaching, Predictive, SeedTiered
 from core.policies.forecast import HoltForecaster, WindowCounter
 from core.policies.placement import RoundRobin, StartupTime, TierAware
-from core.specs import cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
 from core.state import ClusterState, ClusterView
 from tests.conftest import config
 

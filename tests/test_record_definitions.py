@@ -18,7 +18,8 @@ pytest.importorskip("httpx")
 
 from core.catalog import architecture
 from core.records import REQUEST_SCHEMA
-from core.specs import EngineSpec, cluster_from_dict
+from core.spec_builders import cluster_from_dict
+from core.specs import EngineSpec
 from core.workload.trace import Workload
 from experiments.replay import ClientRow, client_wait_s, merge_records, send_lateness
 from experiments.setup import build_policy

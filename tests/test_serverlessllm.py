@@ -14,7 +14,8 @@ import pytest
 from core.catalog import architecture
 from core.errors import ConfigError
 from core.loadtime import estimate_load_s, hop_time_s, link_capacities, load_hops, transfer_s
-from core.specs import LoaderSpec, ObjectStoreSpec, cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
+from core.specs import LoaderSpec, ObjectStoreSpec
 from experiments import serverlessllm as sl
 from tests.conftest import config
 

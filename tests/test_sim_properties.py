@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from core.catalog import variants
 from core.loadtime import progressive_first_token_s
-from core.specs import EngineSpec, cluster_from_dict
+from core.spec_builders import cluster_from_dict
+from core.specs import EngineSpec
 from core.workload.generators import gamma
 from core.workload.models import assign_models
 from experiments.setup import build_policy

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from core.catalog import architecture
-from core.specs import EngineSpec, cluster_from_dict
+from core.spec_builders import cluster_from_dict
+from core.specs import EngineSpec
 from core.workload.trace import Workload
 from experiments.setup import build_policy
 from sim.run import SimResult, simulate
@@ -97,7 +98,7 @@ def test_a_demoting_stop_holds_the_memory_until_the_copy_lands() -> None:
 @pytest.mark.parametrize("bad", [-1.0, math.inf, "1"])
 def test_stop_s_is_validated(bad: object) -> None:
     from core.errors import ConfigError
-    from core.specs import engine_from_dict
+    from core.spec_builders import engine_from_dict
 
     with pytest.raises(ConfigError, match=r"engine\.stop_s"):
         engine_from_dict({"stop_s": bad})

@@ -22,7 +22,8 @@ from core.policies.autoscaling import KeepAlive
 from core.policies.base import PolicyBundle
 from core.policies.caching import LocalityLru, NoCaching
 from core.policies.placement import RoundRobin, StartupTime, TierAware
-from core.specs import EngineSpec, cluster_from_dict
+from core.spec_builders import cluster_from_dict
+from core.specs import EngineSpec
 from core.state import ClusterState, ClusterView
 from core.units import GB, MONTH_S
 from experiments.setup import build

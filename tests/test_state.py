@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.catalog import ARCHITECTURES, architecture
-from core.specs import TierSpec, cluster_from_dict, engine_from_dict
+from core.spec_builders import cluster_from_dict, engine_from_dict
+from core.specs import TierSpec
 from core.state import CapacityError, ClusterState, ClusterView, NodeState, TierState, gpus_needed
 from tests.conftest import config
 

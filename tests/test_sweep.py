@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from core.errors import ConfigError
-from core.specs import cluster_from_dict
+from core.spec_builders import cluster_from_dict
 from experiments.gather import SWEEP_TABLE, GatherError, expected_jobs, gather, gather_records
 from experiments.gather import main as gather_main
 from experiments.plots import sweep_scatter

@@ -18,7 +18,7 @@ for _dep in ("torch", "safetensors", "tokenizers", "uvicorn"):
 
 from core.errors import ConfigError  # noqa: E402
 from core.inference import measured_from_dict  # noqa: E402
-from core.specs import cluster_from_dict, engine_from_dict  # noqa: E402
+from core.spec_builders import cluster_from_dict, engine_from_dict  # noqa: E402
 from experiments.calibrate_probes import (  # noqa: E402
     decode_intercept_s,
     request_overheads_s,
