@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -193,3 +194,14 @@ def serve_engine(
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def fake_toka(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in `toka` executable of test_tokasaurus.py (launcher + worker, no GPU), as a script file."""
+    from tests.live_engine.test_tokasaurus import FAKE_TOKA
+
+    path = tmp_path_factory.mktemp("bin") / "toka"
+    path.write_text(f"#!{sys.executable}\n{FAKE_TOKA}")
+    path.chmod(0o755)
+    return path

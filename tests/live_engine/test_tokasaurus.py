@@ -101,14 +101,6 @@ ThreadingHTTPServer(("127.0.0.1", int(config["port"])), Handler).serve_forever()
 
 
 @pytest.fixture(scope="module")
-def fake_toka(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bin") / "toka"
-    path.write_text(f"#!{sys.executable}\n{FAKE_TOKA}")
-    path.chmod(0o755)
-    return path
-
-
-@pytest.fixture(scope="module")
 def toka_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", 0).path
 

@@ -17,13 +17,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from live.checkpoint import generate_checkpoint
 from live.engines.base import running_group_members
 from live.engines.watchdog import end_group, watchdog_argv
 from live.lifecycle import pid_alive
-from tests.live_engine.test_tokasaurus import FAKE_TOKA
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
@@ -123,14 +120,6 @@ def test_end_group_escalates_to_sigkill_for_an_engine_deaf_to_sigterm() -> None:
 def test_watchdog_refuses_bad_arguments() -> None:
     out = subprocess.run(watchdog_argv(1, os.getpid()), capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "--pgid > 1" in out.stderr
-
-
-@pytest.fixture(scope="module")
-def fake_toka(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bin") / "toka"
-    path.write_text(f"#!{sys.executable}\n{FAKE_TOKA}")
-    path.chmod(0o755)
-    return path
 
 
 def test_tokasaurus_group_exits_when_its_agent_is_sigkilled(fake_toka: Path, tmp_path: Path) -> None:
