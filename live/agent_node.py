@@ -27,7 +27,7 @@ from live.engines.base import EngineHandle, EngineStartError, free_port
 from live.engines.factory import make_engine
 from live.manifest import Manifest
 from live.pacing import READ_PACE_ENV, CloudPace, Flow, TransferCancelled, local_device
-from live.registry import Registry, RegistryError, check_model_name
+from live.registry import Registry, RegistryError, check_model_name, revision_of
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,18 @@ class NodeAgent:
         except RegistryError as e:
             raise AgentError(404, f"model {model!r} is not in the registry: {e}", "model_not_found") from None
 
-    def fastest_holder(self, model: str, exclude: str | None = None) -> str | None:
-        """The fastest local tier holding `model` (None if only the cloud has it)."""
-        return next((n for n, t in self.tiers.items() if n != exclude and t.holds(model)), None)
+    def fastest_holder(self, model: str, exclude: str | None = None, revision: str | None = None) -> str | None:
+        """The fastest local tier holding `model` (of `revision`, if given; None if only the cloud has it)."""
+        return next((n for n, t in self.tiers.items() if n != exclude and t.holds(model, revision)), None)
+
+    def _drop_stale(self, model: str, tier: Tier, revision: str) -> None:
+        """Evict `tier`'s copy of `model` if it is of another revision than `revision` (the alias moved since it
+        was placed: a publish or a rollback); instances already running from it keep their weights."""
+        held = tier.revision(model)
+        if tier.holds(model) and not tier.holds(model, revision):
+            log.info("tier %s holds %s@%s, the registry's is %s: evicting the stale copy", tier.name, model, held,
+                     revision)
+            self.evict(model, tier.name)
 
     def _record_error(self, op: str, model: str, err: AgentError) -> None:
         log.warning("%s %s failed: %s", op, model, err.message)
@@ -162,8 +171,10 @@ class NodeAgent:
             raise
 
     def _copy(self, model: str, dest: Tier, manifest: Manifest) -> dict[str, Any]:
+        revision = revision_of(manifest)
         with self._copy_locks[(dest.name, model)]:  # one copy per (tier, model): a second waits and finds it there
             start_unix, start = time.time(), time.perf_counter()
+            self._drop_stale(model, dest, revision)
             if dest.holds(model):
                 return self._move(model, dest.name, dest.name, "cached", 0, start_unix, 0.0)
             self._reap()  # a dead engine's host copy is gone, not a source
@@ -172,9 +183,9 @@ class NodeAgent:
                 dest.reserve(model, need)
             except TierError as e:
                 raise AgentError(e.status, str(e), e.code) from None
-            holder = self.fastest_holder(model, exclude=dest.name)
+            holder = self.fastest_holder(model, exclude=dest.name, revision=revision)
             # held (not removed by an unload) until the copy ends
-            host_copy = self.host.acquire(model) if holder is None else None
+            host_copy = self.host.acquire(model, revision) if holder is None else None
             source = holder or (HOST if host_copy is not None else CLOUD)
             try:
                 with self._transfer():
@@ -219,12 +230,17 @@ class NodeAgent:
                          dest.device if dest is not None else None, self._cancel, self.nic)
 
     def _fetch_cloud(self, model: str, dest: Tier, manifest: Manifest) -> int:
+        # fetched beside the model dir, then marked with its revision and renamed into place
+        staging = dest.staging_dir(model)
         try:
-            self.registry.fetch(model, dest.model_dir(model), streams=self.config.cloud_streams, manifest=manifest,
-                                pace=self.cloud_pace(dest))
+            got = self.registry.fetch(model, staging / "checkpoint", streams=self.config.cloud_streams,
+                                      manifest=manifest, pace=self.cloud_pace(dest))
+            dest.install(got.path, model, revision_of(manifest))
         except RegistryError as e:  # every store failed (missing object, sha256 mismatch): nothing was placed
             raise AgentError(502, f"fetch of {model!r} from the cloud into tier {dest.name!r} failed: {e}",
                              "fetch_failed") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # empty after the rename; leftovers only after a failure
         return manifest.total_bytes
 
     def _copy_files(self, model: str, src_dir: Path, src_name: str, dest: Tier, manifest: Manifest,
@@ -289,7 +305,10 @@ class NodeAgent:
                                   f"got {source_tier!r}", "unknown_tier")
         manifest = self._manifest(model)
         try:
-            if source_tier == CLOUD or (source_tier is None and self.fastest_holder(model) is None):
+            revision = revision_of(manifest)
+            if source_tier is not None and source_tier != CLOUD:
+                self._drop_stale(model, self.tiers[source_tier], revision)
+            if source_tier == CLOUD or (source_tier is None and self.fastest_holder(model, revision=revision) is None):
                 return self._load_cloud(model, manifest)
             return self._load_tier(model, self.tiers[source_tier] if source_tier is not None else None, manifest)
         except AgentError as e:
@@ -313,7 +332,7 @@ class NodeAgent:
             raise
         hop = self._move(model, CLOUD, HOST, "fetch", manifest.total_bytes, start_unix,
                          time.perf_counter() - start, record=False)
-        host_copy = self.host.add(model, path, manifest.total_bytes)
+        host_copy = self.host.add(model, path, manifest.total_bytes, revision_of(manifest))
         try:
             # host memory: the engine's read is no hop of its own, unpaced (as from the DRAM tier)
             inst, engine_start_s, ready_s = self._start_engine(model, CLOUD, path, {READ_PACE_ENV: ""}, host_copy)
@@ -327,7 +346,8 @@ class NodeAgent:
     def _load_tier(self, model: str, named: Tier | None, manifest: Manifest) -> dict[str, Any]:
         """A cold start from a local tier: `named` (copied there first if it lacks the model) or the fastest."""
         hops = [self._copy(model, named, manifest)] if named is not None and not named.holds(model) else []
-        tier = named if named is not None else self.tiers.get(self.fastest_holder(model) or "")
+        tier = named if named is not None else self.tiers.get(
+            self.fastest_holder(model, revision=revision_of(manifest)) or "")
         if tier is None:  # evicted from every tier since `load` looked
             raise AgentError(409, f"model {model!r} left every tier before its engine started", "evicted")
         inst, engine_start_s, ready_s = self._start_engine(model, tier.name, tier.model_dir(model),

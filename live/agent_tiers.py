@@ -29,10 +29,14 @@ from pathlib import Path
 from live.fsutil import fsync_dir
 from live.manifest import Manifest, verify
 from live.pacing import PACE_FILE, Device, Flow, PaceSpec, check_Bps, check_latency_s, state_path_in
+from live.registry_versions import revision_of
 
 _SIZE_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 STAGING_PREFIX = ".tierlab-"  # staging / eviction dirs start with this; never listed as models
+# inside a model dir: the registry revision it holds (hidden, so never a checkpoint file nor a manifest entry);
+# a plain name's copy whose revision is no longer the alias's is stale (`Tier.holds`)
+REVISION_FILE = ".tierlab-revision"
 DEFAULT_COPY_CHUNK_BYTES = 8 << 20
 
 
@@ -87,7 +91,7 @@ def dir_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
-            if name == PACE_FILE:  # the pacing state of an emulated tier is not content
+            if name in (PACE_FILE, REVISION_FILE):  # the pacing state and revision mark are not content
                 continue
             # a file may vanish while we walk (an eviction, a staging dir renamed into place)
             with contextlib.suppress(FileNotFoundError):
@@ -131,9 +135,23 @@ class Tier:
     def model_dir(self, model: str) -> Path:
         return self.path / model
 
-    def holds(self, model: str) -> bool:
-        # staging dirs are renamed into place only when complete, so a present dir is a whole checkpoint
-        return self.model_dir(model).is_dir()
+    def holds(self, model: str, revision: str | None = None) -> bool:
+        """Whether the tier has a complete copy of `model` (of `revision`, if given).
+
+        Staging dirs are renamed into place only when complete, so a present dir is a whole checkpoint. A
+        copy placed before revision marks existed (no mark) is taken to be of any revision.
+        """
+        if not self.model_dir(model).is_dir():
+            return False
+        held = self.revision(model) if revision is not None else None
+        return held is None or held == revision
+
+    def revision(self, model: str) -> str | None:
+        """The registry revision of the tier's copy of `model` (None: no copy, or one placed without a mark)."""
+        try:
+            return (self.model_dir(model) / REVISION_FILE).read_text().strip() or None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def models(self) -> dict[str, int]:
         """Model name -> bytes on disk, for every complete checkpoint in the tier."""
@@ -176,7 +194,13 @@ class Tier:
         if problems:
             raise TierError(f"model {model!r}: copy into tier {self.name!r} does not match the manifest: "
                             + "; ".join(problems), 502, "checksum_mismatch")
-        os.rename(staging, self.model_dir(model))  # fails (rather than merges) if the model appeared meanwhile
+        self.install(staging, model, revision_of(manifest))
+
+    def install(self, complete: Path, model: str, revision: str) -> None:
+        """Mark the verified checkpoint dir `complete` (in this tier's filesystem) as `revision` and rename it to
+        the model dir: readers see the whole marked copy or none."""
+        (complete / REVISION_FILE).write_text(revision + "\n")
+        os.rename(complete, self.model_dir(model))  # fails (rather than merges) if the model appeared meanwhile
         fsync_dir(self.path)
 
     def evict(self, model: str) -> int:
@@ -206,6 +230,7 @@ class HostCopy:
     model: str
     path: Path
     nbytes: int
+    revision: str | None = None  # the registry revision fetched (a tier copy from it must be of the same)
     readers: int = 0
     dropped: bool = False
 
@@ -255,17 +280,19 @@ class HostStaging:
         """A fresh dir name for a host copy of `model` (not created: the registry renames its fetch there)."""
         return self.path / f"{HOST_PREFIX}{model}-{uuid.uuid4().hex[:12]}"
 
-    def add(self, model: str, path: Path, nbytes: int) -> HostCopy:
-        """Register the complete, verified checkpoint at `path`."""
-        copy = HostCopy(model, Path(path), nbytes)
+    def add(self, model: str, path: Path, nbytes: int, revision: str | None = None) -> HostCopy:
+        """Register the complete, verified checkpoint at `path` (of registry `revision`)."""
+        copy = HostCopy(model, Path(path), nbytes, revision)
         with self._lock:
             self._copies[copy.path] = copy
         return copy
 
-    def acquire(self, model: str) -> HostCopy | None:
-        """A live host copy of `model`, held for reading until `release` (None if there is none)."""
+    def acquire(self, model: str, revision: str | None = None) -> HostCopy | None:
+        """A live host copy of `model` (of `revision`, if given), held for reading until `release` (None if
+        there is none)."""
         with self._lock:
-            copy = next((c for c in self._copies.values() if c.model == model and not c.dropped), None)
+            copy = next((c for c in self._copies.values() if c.model == model and not c.dropped
+                         and (revision is None or c.revision in (None, revision))), None)
             if copy is not None:
                 copy.readers += 1
             return copy

@@ -15,12 +15,14 @@ Backends: `s3fs` for s3, `adlfs` for az/abfs, `gcsfs` for gs (each imported by f
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -44,6 +46,29 @@ _PROTOCOLS = frozenset({"file", "local"}) | _ATOMIC_PUT
 
 class StoreError(OSError):
     """A store operation failed; the message names the store URL and the key."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing: its size and when it was last written (unix seconds; 0.0 if unknown)."""
+
+    size_bytes: int
+    modified_unix: float
+
+
+def _modified_unix(info: Mapping[str, Any]) -> float:
+    """An fsspec info dict's last-modified time: local `mtime`, s3fs `LastModified`, adlfs `last_modified`,
+    gcsfs `updated` (each backend spells it its own way)."""
+    for field_name in ("mtime", "LastModified", "last_modified", "updated"):
+        value = info.get(field_name)
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, datetime.datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return 0.0
 
 
 def _translate_options(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,19 +169,23 @@ class Store:
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all objects under `prefix`, sorted, relative to the store root; temp keys hidden."""
+        return sorted(self.list_detail(prefix))
+
+    def list_detail(self, prefix: str = "") -> dict[str, ObjectInfo]:
+        """Key -> size and last-modified time of every object under `prefix` (one listing); temp keys hidden."""
         base = self.path(prefix) if prefix.strip("/") else self.root
         try:
-            found = self.fs.find(base, withdirs=False)
+            found = self.fs.find(base, withdirs=False, detail=True)
         except FileNotFoundError:
-            return []
+            return {}
         root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
-        keys = []
-        for p in found:
+        out = {}
+        for p, info in found.items():
             p = self.fs._strip_protocol(p)
             rel = p[len(root):] if p.startswith(root) else p
             if not any(part.startswith(TMP_PREFIX) for part in rel.split("/")):
-                keys.append(rel)
-        return sorted(keys)
+                out[rel] = ObjectInfo(int(info.get("size") or 0), _modified_unix(info))
+        return dict(sorted(out.items()))
 
     def get_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))

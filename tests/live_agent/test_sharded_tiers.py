@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from live.agent import AgentConfig, AgentError, NodeAgent
-from live.agent_tiers import TierConfig
+from live.agent_tiers import REVISION_FILE, TierConfig
 from live.checkpoint import shard_checkpoint
 from live.manifest import build_manifest
 from live.registry import Registry
@@ -31,7 +31,7 @@ def sharded_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and p.name != REVISION_FILE}
 
 
 def _agent(tmp_path: Path, sharded_ckpt: Path) -> tuple[NodeAgent, Path]:

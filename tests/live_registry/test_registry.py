@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from live.agent_tiers import REVISION_FILE
 from live.manifest import MANIFEST_FILE, WEIGHTS_FILE, verify
 from live.registry import ModelSourceError, Registry, RegistryError, check_model_name
 from live.stores import Store, open_store
@@ -17,7 +18,9 @@ NAME = "llama-tiny"
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under `root` and its bytes (an agent tier copy's revision mark left out: not content)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != REVISION_FILE}
 
 
 def _all_paths(root: Path) -> set[str]:
