@@ -37,7 +37,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,8 @@ def gateway_config(cfg: Mapping[str, Any], agents: Sequence[AgentRef], tenants: 
     derived: dict[str, Any] = {} if models is None else {"models": dict(models)}
     if model_details is not None:
         derived["model_details"] = dict(model_details)
+    if cfg.get("tracing") is not None and "tracing" not in extra:  # the top-level block, shared with the agents
+        derived["tracing"] = dict(cfg["tracing"])
     try:
         return GatewayConfig(agents=list(agents), tenants=tenants, admin_token=admin_token, **derived, **extra)
     except (TypeError, ValueError) as e:
@@ -108,6 +110,15 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(False)
     return sock
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed (what uvicorn's own `run` picks with loop="auto"), else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve_gateway(gateway: Gateway, sock: socket.socket, log_level: str, on_ready: Any) -> None:
@@ -182,8 +193,8 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             print(f"  Ctrl-C stops everything; records, logs and serve.json in {out_dir}", flush=True)
 
         t0 = time.monotonic()
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve_gateway(gateway, sock, str(cfg.get("log_level", "warning")), ready))
+        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            runner.run(_serve_gateway(gateway, sock, str(cfg.get("log_level", "warning")), ready))
     finally:
         # a second Ctrl-C must not cut the clean-up short: that is what leaves orphans behind
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

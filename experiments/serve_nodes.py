@@ -216,6 +216,9 @@ def agent_argv(node: str, host: str, port: int, tier_dirs: Mapping[str, Path], o
     argv += [f"--store={s}" for s in stores]
     if progressive:
         argv.append("--progressive")
+    tracing = dict(cfg.get("tracing") or {})
+    if tracing.get("exporter") not in (None, False, "off"):  # live.tracing: the agents continue the gateway's traces
+        argv += ["--tracing-exporter", str(tracing["exporter"]), "--tracing-endpoint", str(tracing.get("endpoint", ""))]
     return argv
 
 

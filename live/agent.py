@@ -16,6 +16,8 @@ outside the tiers (`--host-dir`), where a cold start from the cloud lands.
                                             "accelerator": {memory_bytes}, "engine": {kind, max_num_seqs},
                                             "instances": [...], "errors": [...]}
     GET  /moves                            {"node", "moves": [every tier movement, MOVE_SCHEMA columns, unix times]}
+    GET  /metrics                          Prometheus text (`live.agent_metrics`): tier occupancy, bandwidth in
+                                           use, instances, moves, loads and their phases
     POST /tiers/copy  {model, to_tier}     a movement record {model, node, from_tier, to_tier, kind, bytes, ...}
     POST /tiers/evict {model, tier}        {model, tier, freed_bytes}
     POST /load        {model, source_tier?} {instance: {...}, timings: {source_tier, engine_tier, fetch_s,
@@ -65,8 +67,10 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from live import tracing as trace
 
 # re-exported: experiments.serve_nodes, the gateway's tests and the agent's tests import them from here
 from live.agent_config import (
@@ -78,6 +82,8 @@ from live.agent_config import (
     default_dram_dir,
     default_host_dir,
 )
+from live.agent_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from live.agent_metrics import AgentMetrics
 from live.agent_node import CLOUD, HOST, HOST_MEMORY_TIER, AgentError, Instance, NodeAgent
 from live.agent_tiers import TierConfig, parse_bytes, parse_tier, parse_tier_bw
 from live.lifecycle import exit_with_parent
@@ -119,33 +125,50 @@ async def _json_body(request: Request, required: Sequence[str]) -> dict[str, Any
 Handler = Callable[[Request], Awaitable[JSONResponse]]
 
 
-def create_app(agent: NodeAgent) -> Starlette:
-    """The ASGI app over `agent`; its lifespan end stops every engine."""
+def create_app(agent: NodeAgent, tracing: trace.Tracing | None = None) -> Starlette:
+    """The ASGI app over `agent`; its lifespan end stops every engine. Traces go to `tracing` (default: as
+    `agent.config.tracing` says); `app.state.metrics` and `app.state.tracing` are the agent's."""
     token = agent.config.token
+    tracing = tracing if tracing is not None else trace.Tracing(agent.config.tracing, "tierlab-agent")
+    metrics = AgentMetrics(agent)
 
     def guarded(fn: Callable[[Request], Awaitable[Any]]) -> Handler:
         async def endpoint(request: Request) -> JSONResponse:
             if not _authorized(request, token):
                 return _error(AgentError(401, "missing or wrong bearer token", "invalid_token"))
-            try:
-                return JSONResponse(await fn(request))
-            except AgentError as e:
-                return _error(e)
+            with tracing.server(f"{request.method} {request.url.path}", request.headers):  # the caller's trace
+                try:
+                    return JSONResponse(await fn(request))
+                except AgentError as e:
+                    return _error(e)
         return endpoint
 
-    def op(method: Callable[..., dict[str, Any]], required: Sequence[str], optional: Sequence[str] = ()) -> Handler:
+    def op(method: Callable[..., dict[str, Any]], required: Sequence[str], optional: Sequence[str] = (),
+           done: Callable[[dict[str, Any]], None] | None = None) -> Handler:
         async def call(request: Request) -> dict[str, Any]:
             body = await _json_body(request, required)
             kwargs = {k: body[k] for k in (*required, *optional) if k in body}
             # copies and engine starts take seconds: a worker thread keeps /healthz and /status answering
-            return await run_in_threadpool(method, **kwargs)
+            out = await run_in_threadpool(method, **kwargs)
+            if done is not None:
+                done(out)
+            return out
         return guarded(call)
+
+    def load_done(out: dict[str, Any]) -> None:
+        metrics.load_done(out)
+        trace.load_phases(out)  # spans of the load's phases under this request's span (when traced)
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True, "node": agent.config.node})
 
     async def status(request: Request) -> dict[str, Any]:
         return await run_in_threadpool(agent.status)
+
+    async def metrics_text(request: Request) -> Response:
+        if not _authorized(request, token):
+            return _error(AgentError(401, "missing or wrong bearer token", "invalid_token"))
+        return Response(await run_in_threadpool(metrics.exposition), media_type=METRICS_CONTENT_TYPE)
 
     async def moves(request: Request) -> dict[str, Any]:
         with agent._lock:
@@ -161,17 +184,21 @@ def create_app(agent: NodeAgent) -> Starlette:
             yield
         finally:
             await run_in_threadpool(agent.shutdown)
+            tracing.shutdown()
 
     routes = [
         Route("/healthz", healthz),
         Route("/status", guarded(status)),
+        Route("/metrics", metrics_text),
         Route("/moves", guarded(moves)),
         Route("/tiers/copy", op(agent.copy, ("model", "to_tier")), methods=["POST"]),
         Route("/tiers/evict", op(agent.evict, ("model", "tier")), methods=["POST"]),
-        Route("/load", op(agent.load, ("model",), ("source_tier",)), methods=["POST"]),
+        Route("/load", op(agent.load, ("model",), ("source_tier",), done=load_done), methods=["POST"]),
         Route("/unload", op(agent.unload, ("instance",)), methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.metrics, app.state.tracing = metrics, tracing
+    return app
 
 
 def serve(config: AgentConfig, log_level: str = "info") -> None:

@@ -19,6 +19,7 @@ from live.agent_tiers import TierConfig, parse_bytes, parse_tier, parse_tier_bw
 from live.engines.factory import ENGINE_KINDS
 from live.engines.openai_compat import EngineSpecError, OpenAICompatSpec, load_spec
 from live.pacing import check_Bps, check_latency_s
+from live.tracing import EXPORTERS, TracingConfig
 
 TIER_ORDER = ("dram", "nvme", "sata")  # fastest first; a model is read from the first tier holding it
 DEFAULT_PORT = 8700
@@ -93,6 +94,7 @@ class AgentConfig:
     memory_budget_bytes: int | None = None  # the node's accelerator memory (reported; the gateway enforces it)
     max_errors: int = 50  # recent errors kept for /status
     parent_pid: int | None = None  # stop the engines and exit when this process is gone (None: never)
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # OpenTelemetry traces (`live.tracing`): off
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -164,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=8, help="batch limit of the engines this node starts")
     p.add_argument("--log-level", default="info")
     p.add_argument("--exit-with-parent", type=int, metavar="PID", help="stop the engines and exit when PID is gone")
+    p.add_argument("--tracing-exporter", choices=EXPORTERS, default="off", help="OpenTelemetry traces (default off)")
+    p.add_argument("--tracing-endpoint", default="", help="OTLP/HTTP endpoint of --tracing-exporter otlp")
     return p
 
 
@@ -209,7 +213,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
                              cloud_stream_Bps=args.cloud_stream_Bps, cloud_latency_s=args.cloud_latency_s,
                              nic_Bps=args.nic_Bps,
                              host_dir=Path(args.host_dir) if args.host_dir is not None else None,
-                             memory_budget_bytes=memory_budget, parent_pid=args.exit_with_parent)
+                             memory_budget_bytes=memory_budget, parent_pid=args.exit_with_parent,
+                             tracing=TracingConfig(args.tracing_exporter, args.tracing_endpoint))
     except ValueError as e:
         p.error(str(e))
     return config, args.log_level

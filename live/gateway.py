@@ -27,7 +27,9 @@ mid-stream ends the client's stream with an SSE error event. `request_timeout_s`
     GET  /v1/models                                  the caller's models only (with `model_details`: the
                                                      chat template in use, as the CPU engine shows it)
     GET  /healthz                                    {"ok": true, "started"}
-    GET  /metrics                                    Prometheus text
+    GET  /metrics                                    Prometheus text (prometheus_client; `live.gateway_metrics`)
+    GET  /openapi.json                               the OpenAPI 3.1 document of these endpoints
+                                                     (`live.gateway_openapi`)
     GET  /admin/records                              the request records as JSON (Bearer <admin_token>)
     GET  /admin/actions                              the policy actions carried out, as JSON (same token)
 
@@ -42,6 +44,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,7 @@ import httpx
 import pandas as pd
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 
 from core.policies.base import PolicyBundle
@@ -68,10 +71,14 @@ from live.gateway_config import (
     nominal_model,
 )
 from live.gateway_forward import ForwardMixin
+from live.gateway_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from live.gateway_metrics import GatewayMetrics
 from live.gateway_migration import MigrationMixin
 from live.gateway_mirror import EngineFailed, Flight, Live, MirrorMixin, NodeLost, WallClock, log
+from live.gateway_openapi import openapi_endpoint
 from live.gateway_records import RequestInfo, instance_frame, records_json, request_frame, write_request_records
+from live.gateway_upstream import Upstream
+from live.tracing import Tracing, span
 
 __all__ = ["ACTION_COLUMNS", "DEFAULT_NODE_PRICE_PER_HOUR", "NOMINAL_GPU", "AgentRef", "ApiError", "EngineFailed",
            "Flight", "Gateway", "GatewayConfig", "Live", "NodeLost", "RequestInfo", "Tenant", "WallClock",
@@ -94,8 +101,10 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         self.state: ClusterState | None = None
         self.view: ClusterView | None = None
         self.live: dict[str, Live] = {}
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(self)  # read when scraped: nothing is counted on the request path
+        self.tracing = Tracing(config.tracing, "tierlab-gateway")
         self.queued = 0  # requests waiting for placement or for their instance to load
+        self.queued_by_model: Counter[str] = Counter()  # the same, by model
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop it runs on, once started
         self.engine_kinds: dict[str, str] = {}  # node -> engine kind its agent reports ("" if none)
         self._rows: list[tuple[Any, ...]] = []
@@ -110,7 +119,8 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         self._migrating: dict[str, int] = {}  # node -> 1 while a migration frees it
         self._migration_dests: set[str] = set()  # instances a migration under way moves sequences onto
         self._tier_ops: dict[tuple[str, str], set[asyncio.Task[None]]] = {}  # evictions under way per tier
-        self._http: httpx.AsyncClient | None = None
+        self._http: httpx.AsyncClient | None = None  # agents, /stats, detach: the control plane
+        self._upstream: Upstream = None  # type: ignore[assignment]  # requests to engines; built by start()
         self._agents: AgentClient = None  # type: ignore[assignment]  # built by start(), on the event loop
         self._loops: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -127,6 +137,7 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         # trust_env=False: the cluster is reached directly, never through a proxy from the environment
         self._http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        self._upstream = Upstream(c.connect_timeout_s, c.request_timeout_s)
         self._agents = AgentClient(self._http, self.agents, self._node_down, c.health_timeout_s)
         statuses = await asyncio.gather(*(self._agents.status(a.name) for a in c.agents))
         self._build_mirror(list(statuses))
@@ -152,6 +163,9 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         self._loops.clear()
         if self._http is not None:
             await self._http.aclose()
+        self.tracing.shutdown()
+        if self._upstream is not None:
+            await self._upstream.aclose()
 
     async def _tick_loop(self, every_s: float) -> None:
         while True:
@@ -190,7 +204,8 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         t_arrival = time.monotonic()
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
         try:
-            tenant = authenticate(request, self.config.tenants)
+            with span("auth"):
+                tenant = authenticate(request, self.config.tenants)
             req.tenant = tenant.name
             raw = await request.body()
             body = parse_body(raw)
@@ -230,12 +245,9 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         return write_request_records(out_dir, self.records())
 
     def metrics_text(self) -> str:
-        """Prometheus exposition: requests, cold starts, TTFT / TPOT histograms, instances, queue, agents."""
-        insts = list(self.state.instances.values()) if self.state is not None else []
-        agents_up = {n: ns.up for n, ns in self.state.nodes.items()} if self.state is not None else {}
-        return self.metrics.render(instances_ready=sum(1 for i in insts if i.ready),
-                                   instances_loading=sum(1 for i in insts if i.loading),
-                                   queue_depth=self.queued, agents_up=agents_up)
+        """Prometheus exposition (`live.gateway_metrics`): requests, tokens, cost, cold starts and their phases,
+        TTFT / TPOT / queue histograms, instances, queues, agents."""
+        return self.metrics.exposition().decode()
 
 
 def create_app(gateway: Gateway) -> Starlette:
@@ -251,7 +263,8 @@ def create_app(gateway: Gateway) -> Starlette:
 
     def completion(path: str) -> Any:
         async def endpoint(request: Request) -> Response:
-            return await gateway.handle(request, path)
+            with gateway.tracing.server("POST " + path, request.headers):
+                return await gateway.handle(request, path)
         return endpoint
 
     async def models(request: Request) -> Response:
@@ -268,7 +281,7 @@ def create_app(gateway: Gateway) -> Starlette:
         return JSONResponse({"ok": True, "started": gateway.state is not None})
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(gateway.metrics_text(), media_type="text/plain; version=0.0.4")
+        return Response(gateway.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     def admin_only(request: Request) -> Response | None:
         if not token_matches(bearer(request), gateway.config.admin_token):
@@ -295,5 +308,6 @@ def create_app(gateway: Gateway) -> Starlette:
         HttpRoute("/v1/models", models),
         HttpRoute("/v1/completions", completion("/v1/completions"), methods=["POST"]),
         HttpRoute("/v1/chat/completions", completion("/v1/chat/completions"), methods=["POST"]),
+        HttpRoute("/openapi.json", openapi_endpoint),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -127,7 +127,6 @@ class ActionsMixin:
             return None
         lv = Live(inst)
         self.live[inst.id] = lv
-        self.metrics.cold_start(source_tier)
         self._spawn(self._load(lv, source_tier))
         self.execute(self.bundle.on_load_started(inst, self._view()))
         return lv

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from live import tracing
 from live.gateway_config import AgentRef
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,15 @@ class AgentClient:
         agent = self.agents[node]
         if not agent.url:
             raise AgentUnreachable(f"node {node} has no agent")
-        try:
-            r = await self.http.post(agent.url + path, json=body, headers=self._headers(agent), timeout=timeout_s)
-        except httpx.TransportError as e:
-            if connection_error(e):
-                self.on_unreachable(node, f"{path}: {e!r}")
-                raise AgentUnreachable(f"agent {node} unreachable on {path}: {e!r}") from None
-            raise
+        with tracing.span(f"agent POST {path}", client=True, **{"tierlab.node": node}):
+            try:  # the agent continues the request's trace (W3C traceparent) when one is current
+                r = await self.http.post(agent.url + path, json=body, headers=tracing.inject(self._headers(agent)),
+                                         timeout=timeout_s)
+            except httpx.TransportError as e:
+                if connection_error(e):
+                    self.on_unreachable(node, f"{path}: {e!r}")
+                    raise AgentUnreachable(f"agent {node} unreachable on {path}: {e!r}") from None
+                raise
         if r.status_code != 200:
             raise RuntimeError(f"agent {node} {path} -> {r.status_code}: {r.text[:300]}")
         return r.json()

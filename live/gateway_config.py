@@ -10,6 +10,7 @@ from typing import Any
 from core.policies.base import PolicyBundle
 from core.specs import EngineSpec, GpuSpec, ModelSpec
 from live.gateway_api import Tenant
+from live.tracing import TracingConfig
 
 NOMINAL_GPU = GpuSpec("cpu-nominal", mem_bytes=80e9, hbm_Bps=100e9, flops=1e12, h2d_Bps=10e9)
 NOMINAL_TIER_BW_BPS = 1e9
@@ -77,10 +78,12 @@ class GatewayConfig:
     node_price_per_hour: float | Mapping[str, float] = DEFAULT_NODE_PRICE_PER_HOUR
     tick: bool = True  # run the bundle's on_tick (keep-alive stops) every `bundle.tick_s`
     migration_timeout_s: float = 60.0  # longest handover of a live migration before it gives up (victim serves on)
+    tracing: TracingConfig | Mapping[str, Any] | None = None  # OpenTelemetry traces (`live.tracing`); None: off
 
     def __post_init__(self) -> None:
         if not self.agents:
             raise ValueError("GatewayConfig.agents needs at least one agent")
+        self.tracing = TracingConfig.of(self.tracing)
         names = [a.name for a in self.agents]
         if len(set(names)) != len(names):
             raise ValueError(f"GatewayConfig.agents: node names repeat in {names}")

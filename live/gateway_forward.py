@@ -20,15 +20,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import orjson
 from starlette.responses import Response, StreamingResponse
 
 from core.decisions import ColdStart, Queue, Reject, Route
 from live import gateway_sse as sse
+from live import tracing
 from live.engines.openai_compat import capability_error
 from live.gateway_agents import connection_error
 from live.gateway_api import ApiError, include_usage
 from live.gateway_mirror import EngineFailed, Flight, Live, NodeLost
 from live.gateway_records import RequestInfo, apply_load_timings, request_row, tpot
+from live.gateway_upstream import UpstreamResponse
 
 if TYPE_CHECKING:
     from live.gateway import Gateway
@@ -36,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("live.gateway")
 
 SSE_HEADERS = {"Cache-Control": "no-cache"}
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class ResumeFailed(Exception):
@@ -58,6 +60,7 @@ class ForwardMixin:
         asked: set[object] = set()  # migrations this request already asked for (each is tried, and recorded, once)
         pressured: str | None = None  # the node where this request last asked for GPU-pressure stops
         self.queued += 1
+        self.queued_by_model[req.model] += 1
         try:
             while True:
                 decision = self.bundle.place(req, view)
@@ -106,6 +109,7 @@ class ForwardMixin:
                 self._sync_counts(lv)
         finally:
             self.queued -= 1
+            self.queued_by_model[req.model] -= 1
         if lv.error:
             raise (NodeLost if lv.node_lost else EngineFailed)(lv.error)
         req.cold_start = cold
@@ -114,6 +118,7 @@ class ForwardMixin:
         if cold:
             apply_load_timings(req, lv.timings)
             req.cold_start_s = time.monotonic() - t0 - req.queue_s
+        tracing.placed(req)
         return lv
 
     async def _serve(self: Gateway, req: RequestInfo, body: dict[str, Any], raw: bytes, path: str, t_arrival: float,
@@ -125,7 +130,8 @@ class ForwardMixin:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    lv = await self._place(req, failed)
+                    with tracing.span("placement"):
+                        lv = await self._place(req, failed)
             except ApiError as e:
                 self._finish(req, t_arrival, "rejected", e.code or "rejected")
                 return e.response()
@@ -142,7 +148,8 @@ class ForwardMixin:
                     continue
                 return self._fail(req, t_arrival, 502, str(e) or "engine load timed out", "load_failed")
             try:
-                return await self._forward(lv, path, body, raw, req, t_arrival, deadline)
+                with tracing.span("engine"):
+                    return await self._forward(lv, path, body, raw, req, t_arrival, deadline)
             except EngineFailed as e:
                 failed.add(lv.inst.id)
                 log.warning("engine %s failed before its first byte: %s", lv.inst.id, e)
@@ -180,7 +187,6 @@ class ForwardMixin:
         """Send the request (`raw`, the client's bytes, parsed as `body`) to `lv`'s engine. EngineFailed before
         the first byte; after it, the outcome is the response's (a stream that breaks ends with an SSE error
         event)."""
-        assert self._http is not None
         refusal = capability_error(path, body, lv.chat, lv.max_context)
         if refusal is not None:  # what the engine cannot serve is the client's error, not an engine failure
             self._finish(req, t_arrival, "rejected", "unsupported_by_engine")
@@ -205,12 +211,11 @@ class ForwardMixin:
             flight.strip_usage = True
             raw = json.dumps(body).encode()
         self._begin(flight)
-        upstream: httpx.Response | None = None
+        upstream: UpstreamResponse | None = None
         try:
             async with asyncio.timeout_at(deadline):
                 # the client's bytes as they came: no second JSON encoding on the hot path
-                request = self._http.build_request("POST", lv.url + path, content=raw, headers=JSON_HEADERS)
-                upstream = await self._http.send(request, stream=True)
+                upstream = await self._upstream.post(lv.url + path, raw)
                 if upstream.status_code >= 500:
                     raise EngineFailed(f"HTTP {upstream.status_code}")
                 if stream and not synthesize and upstream.status_code == 200:
@@ -248,7 +253,7 @@ class ForwardMixin:
             return Response(answer_raw, status_code=status, media_type="application/json")
         req.ttft_s = time.monotonic() - t_arrival  # non-stream: the first token arrives with the rest
         try:
-            answer = json.loads(answer_raw)
+            answer = orjson.loads(answer_raw)  # the C parser: every whole answer is read for its usage
             usage = answer.get("usage") or {}
             req.in_tokens = int(usage.get("prompt_tokens", 0))
             req.out_tokens = int(usage.get("completion_tokens", 0))
@@ -260,7 +265,7 @@ class ForwardMixin:
             return Response(content, media_type="text/event-stream", headers=SSE_HEADERS)
         return Response(answer_raw, status_code=200, media_type="application/json")
 
-    async def _relay(self: Gateway, flight: Flight, upstream: httpx.Response, first: bytes,
+    async def _relay(self: Gateway, flight: Flight, upstream: UpstreamResponse, first: bytes,
                      chunks: AsyncIterator[bytes], req: RequestInfo, t_arrival: float,
                      deadline: float) -> AsyncIterator[bytes]:
         """Yield the engine's SSE events whole, as they come (TTFT is the first event standing for a token); a detached
@@ -335,18 +340,16 @@ class ForwardMixin:
         return list(dict.fromkeys(targets))
 
     async def _resume(self: Gateway, flight: Flight, detached: dict[str, Any]
-                      ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes]:
+                      ) -> tuple[UpstreamResponse, AsyncIterator[bytes], bytes]:
         """Continue a detached stream: (upstream, its chunks, its first chunk) on the first engine that takes
         it; ResumeFailed if none does."""
-        assert self._http is not None
         raw = json.dumps({**flight.body, "tierlab_resume": detached}).encode()
         errors = []
         for lv in self._resume_targets(flight):
             self._move(flight, lv)
-            up: httpx.Response | None = None
+            up: UpstreamResponse | None = None
             try:
-                request = self._http.build_request("POST", lv.url + flight.path, content=raw, headers=JSON_HEADERS)
-                up = await self._http.send(request, stream=True)
+                up = await self._upstream.post(lv.url + flight.path, raw)
                 if up.status_code == 200:
                     chunks = up.aiter_raw()
                     first = await anext(chunks, None)
@@ -438,7 +441,6 @@ class ForwardMixin:
         req.e2e_s = time.monotonic() - t_arrival
         if req.token_stream:
             req.tpot_s = tpot(req.last_token_s, req.ttft_s, req.out_tokens)
-        self.metrics.request_done(outcome, req.ttft_s, req.tpot_s)
         self._rows.append(request_row(req))
         lv = self.live.get(req.instance) if req.cold_start else None
         if lv is not None and lv.url:

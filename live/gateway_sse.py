@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+
 DONE = b"data: [DONE]"
 #: Marks the event a detached stream ends with (token-based migration): `data: {"tierlab_detached": {...}}`.
 DETACHED = b'"tierlab_detached"'
@@ -46,7 +48,7 @@ def data_messages(events: bytes) -> Iterator[dict[str, Any]]:
         if not payload or payload == b"[DONE]":
             continue
         try:
-            msg = json.loads(payload)
+            msg = orjson.loads(payload)  # every relayed event is read: the C parser (a JSONDecodeError is a ValueError)
         except ValueError:
             continue
         if isinstance(msg, dict):

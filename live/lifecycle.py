@@ -80,3 +80,29 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
             os.killpg(pid, signal.SIGKILL)
     time.sleep(0.1 if left else 0)
     return [p for p in left if pid_alive(p)]
+
+
+def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
+                 log_path: str | os.PathLike[str] | None = None, what: str = "server") -> None:
+    """Poll `url`/healthz until it answers 200; RuntimeError after `timeout_s`, or as soon as `proc` (the
+    server's process, if given) exits, with the end of its log at `log_path`."""
+    import httpx  # a live dependency; imported here so the helpers above need none
+
+    def tail() -> str:
+        if log_path is None:
+            return ""
+        with contextlib.suppress(OSError), open(log_path, errors="replace") as f:
+            return ":\n" + f.read()[-3000:]
+        return ""
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}{tail()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} at {url} not healthy in {timeout_s:g} s{tail()}")

@@ -194,6 +194,15 @@ class Device:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             return end
 
+    def next_free(self, link: int) -> float:
+        """The monotonic time the bookings on `link` end (in the past while it is idle); the state file is read
+        without its flock (a snapshot for metrics)."""
+        with self._lock:
+            if self.spec.state_path is None or not self.spec.paced:
+                return self._local[link]
+            raw = os.pread(self._state_fd(), _STATE.size, 0)
+        return _STATE.unpack(raw)[link] if len(raw) == _STATE.size else 0.0
+
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:

@@ -282,10 +282,10 @@ class NullEngine:
             events = []
         async with contextlib.aclosing(self._generate(seq, n)) as words:  # the batch slot is freed even if
             async for word in words:                                        # the client hangs up
-                if self.token_delay_s > 0:  # each token goes out on its own, after the delay
+                events.append(text_event(word))
+                if self.token_delay_s > 0:  # a slow engine sends each token on its own, as soon as it is made
                     await _chunk(send, b"".join(events))
                     events = []
-                events.append(text_event(word))
         if seq.detached:
             events.append(_event({"tierlab_detached": seq.state()}))
         else:

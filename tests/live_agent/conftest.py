@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import pytest
 
 from live.checkpoint import generate_checkpoint
 from live.engines.base import free_port
+from live.lifecycle import wait_healthy
 from live.registry import Registry
 
 # without the live extra (pip install -e ".[live]") these tests are skipped, not failed
@@ -88,17 +88,7 @@ def cloud(tmp_path: Path, tiny_ckpt: Path) -> Cloud:
 
 
 def _wait_healthy(agent: AgentProc) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if agent.proc.poll() is not None:
-            raise RuntimeError(f"agent exited with {agent.proc.returncode}:\n{agent.log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(agent.url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"agent not healthy in {START_TIMEOUT_S} s:\n{agent.log_path.read_text()[-3000:]}")
+    wait_healthy(agent.url, START_TIMEOUT_S, agent.proc, agent.log_path, "agent")
 
 
 @pytest.fixture

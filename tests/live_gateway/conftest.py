@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ import pytest
 
 for _dep in ("torch", "safetensors", "tokenizers", "starlette", "uvicorn", "openai"):
     pytest.importorskip(_dep)
-import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
+from live import lifecycle  # noqa: E402
 from live.checkpoint import generate_checkpoint  # noqa: E402
 from live.engines.base import free_port  # noqa: E402
 from live.engines.null_server import NullEngineProcess  # noqa: E402
@@ -58,17 +57,7 @@ class Cluster:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}:\n{log.read_text()[-3000:] if log else ''}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} not healthy in {START_TIMEOUT_S} s")
+    lifecycle.wait_healthy(url, START_TIMEOUT_S, proc, log)
 
 
 def start_agent(tmp: Path, node: str, store_url: str, port: int | None = None,

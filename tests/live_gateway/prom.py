@@ -1,78 +1,53 @@
-"""A strict reader of the Prometheus text exposition format (0.0.4), for checking /metrics without
-prometheus_client (it is used as well when installed)."""
+"""Reading /metrics in tests: Prometheus' own parser (`prometheus_client.parser.text_string_to_metric_families`),
+plus the checks a histogram must pass and look-ups of one sample or of a sum over label values."""
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
 
-NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"'
-VALUE = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|NaN|Inf)"
-HELP_RE = re.compile(rf"^# HELP ({NAME}) (.*)$")
-TYPE_RE = re.compile(rf"^# TYPE ({NAME}) (counter|gauge|histogram|summary|untyped)$")
-SAMPLE_RE = re.compile(rf"^({NAME})(\{{(?:{LABEL}(?:,{LABEL})*)?\}})? ({VALUE})(?: -?\d+)?$")
-LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"')
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 
-@dataclass
-class Family:
-    name: str
-    kind: str
-    help: str = ""
-    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
-
-
-def _owner(sample: str, families: dict[str, Family]) -> Family:
-    if sample in families:
-        return families[sample]
-    for suffix in ("_bucket", "_sum", "_count"):
-        base = sample.removesuffix(suffix)
-        if base != sample and base in families and families[base].kind == "histogram":
-            return families[base]
-    raise AssertionError(f"sample {sample!r} has no # TYPE line before it")
-
-
-def parse(text: str) -> dict[str, Family]:
-    """Families by name; AssertionError on any line or structure the format does not allow."""
+def parse(text: str) -> dict[str, Metric]:
+    """Families by name (a counter's without `_total`, as the parser names it); every histogram checked."""
     assert text.endswith("\n"), "the exposition must end with a newline"
-    families: dict[str, Family] = {}
-    helps: dict[str, str] = {}
-    for n, line in enumerate(text[:-1].split("\n"), 1):
-        if m := HELP_RE.match(line):
-            assert m.group(1) not in helps, f"line {n}: second HELP for {m.group(1)}"
-            helps[m.group(1)] = m.group(2)
-        elif m := TYPE_RE.match(line):
-            assert m.group(1) not in families, f"line {n}: second TYPE for {m.group(1)}"
-            families[m.group(1)] = Family(m.group(1), m.group(2), helps.get(m.group(1), ""))
-        elif m := SAMPLE_RE.match(line):
-            labels = dict(LABEL_RE.findall(m.group(2) or ""))
-            _owner(m.group(1), families).samples.append((m.group(1), labels, float(m.group(3))))
-        else:
-            raise AssertionError(f"line {n} is not valid exposition text: {line!r}")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
     for fam in families.values():
-        if fam.kind == "histogram":
+        if fam.type == "histogram":
             check_histogram(fam)
     return families
 
 
-def check_histogram(fam: Family) -> None:
-    """Buckets cumulative and increasing in `le`, ending at +Inf equal to _count."""
-    buckets = [(float(lab["le"]), v) for name, lab, v in fam.samples if name == fam.name + "_bucket"]
-    les = [le for le, _ in buckets]
-    assert les == sorted(les) and les and math.isinf(les[-1]), f"{fam.name}: bad bucket bounds {les}"
-    counts = [v for _, v in buckets]
-    assert counts == sorted(counts), f"{fam.name}: buckets not cumulative {counts}"
-    (count,) = [v for name, _, v in fam.samples if name == fam.name + "_count"]
-    assert counts[-1] == count, f"{fam.name}: +Inf bucket {counts[-1]} != count {count}"
-    assert [name for name, _, _ in fam.samples].count(fam.name + "_sum") == 1
+def check_histogram(fam: Metric) -> None:
+    """For each label set: buckets cumulative and increasing in `le`, ending at +Inf equal to _count."""
+    series: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
+    counts: dict[tuple[tuple[str, str], ...], float] = {}
+    for s in fam.samples:
+        key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+        if s.name == fam.name + "_bucket":
+            series.setdefault(key, []).append((float(s.labels["le"]), s.value))
+        elif s.name == fam.name + "_count":
+            counts[key] = s.value
+    assert set(series) == set(counts), f"{fam.name}: buckets and counts for different label sets"
+    for key, buckets in series.items():
+        les = [le for le, _ in buckets]
+        assert les == sorted(les) and math.isinf(les[-1]), f"{fam.name}{key}: bad bucket bounds {les}"
+        values = [v for _, v in buckets]
+        assert values == sorted(values), f"{fam.name}{key}: buckets not cumulative {values}"
+        assert values[-1] == counts[key], f"{fam.name}{key}: +Inf bucket {values[-1]} != count {counts[key]}"
 
 
-def value(families: dict[str, Family], name: str, **labels: str) -> float:
-    """The value of the one sample `name{labels}`."""
+def value(families: dict[str, Metric], name: str, **labels: str) -> float:
+    """The value of the one sample `name{labels}` (exactly these labels)."""
     for fam in families.values():
-        for sample, lab, v in fam.samples:
-            if sample == name and lab == labels:
-                return v
+        for s in fam.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
     raise KeyError(f"no sample {name}{labels}")
+
+
+def total(families: dict[str, Metric], name: str, **labels: str) -> float:
+    """The sum of the samples `name{...}` whose labels include `labels` (0 when there is none)."""
+    return sum(s.value for fam in families.values() for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

@@ -62,7 +62,8 @@ def test_cold_then_warm_then_stream(gateway_server: GatewayServer) -> None:
     assert df["tpot_s"].iloc[:2].isna().all()
     streams = df.iloc[2:]
     measurable = streams["output_tokens"] >= 2
-    assert (streams["tpot_s"][measurable] > 0).all() and streams["tpot_s"][~measurable].isna().all()
+    # (>= 0, not > 0: on a loaded machine the tiny model's tokens can reach the gateway in one read)
+    assert (streams["tpot_s"][measurable] >= 0).all() and streams["tpot_s"][~measurable].isna().all()
     # TPOT runs from the first to the last token's chunk (not to the end of the request, which the finish and
     # usage chunks and [DONE] close later), so it is at most (e2e - ttft) / (tokens - 1)
     upper = (streams["e2e_s"] - streams["ttft_s"]) / (streams["output_tokens"] - 1)
@@ -99,11 +100,11 @@ def test_cold_then_warm_then_stream(gateway_server: GatewayServer) -> None:
     for tier, t in status["tiers"].items():
         assert set(node.tiers[tier].entries) == set(t["models"])
 
-    metrics = httpx.get(gs.url + "/metrics").text
-    assert 'tierlab_requests_total{outcome="completed"} 4' in metrics
-    assert 'tierlab_cold_starts_total{source_tier="cloud"} 1' in metrics
-    assert "tierlab_ttft_seconds_count 4" in metrics
-    assert 'tierlab_instances{status="ready"} 1' in metrics
+    fams = prom.parse(httpx.get(gs.url + "/metrics").text)
+    assert prom.value(fams, "tierlab_requests_total", model=MODEL, tenant="alice", outcome="completed") == 4
+    assert prom.value(fams, "tierlab_cold_starts_total", model=MODEL, source_tier="cloud") == 1
+    assert prom.value(fams, "tierlab_ttft_seconds_count", model=MODEL) == 4
+    assert prom.value(fams, "tierlab_instances", status="ready") == 1
 
 
 def test_models_filtered_by_tenant(gateway_server: GatewayServer) -> None:
@@ -178,8 +179,8 @@ def test_engine_death_retries_on_a_new_instance(gateway_server: GatewayServer) -
     assert row["source_tier"] == local and row["node"] == inst.node and row["instance"] != inst.id
     assert inst.id not in gw.state.instances
     expected = 1 if local != "cloud" else 2
-    assert f'tierlab_cold_starts_total{{source_tier="{local}"}} {expected}' in httpx.get(
-        gateway_server.url + "/metrics").text
+    fams = prom.parse(httpx.get(gateway_server.url + "/metrics").text)
+    assert prom.value(fams, "tierlab_cold_starts_total", model=MODEL, source_tier=local) == expected
 
 
 class _Fixed:
@@ -202,7 +203,7 @@ def test_reject_and_queue_timeout(gateway_server: GatewayServer, decision: Decis
     assert r.status_code == 503 and r.json()["error"]["code"] == code
     df = gw.records()
     assert list(df["outcome"]) == ["rejected"] and list(df["reason"]) == [code]
-    assert 'tierlab_requests_total{outcome="rejected"} 1' in gw.metrics_text()
+    assert prom.total(prom.parse(gw.metrics_text()), "tierlab_requests_total", outcome="rejected") == 1
 
 
 def test_rejects_are_recorded_with_their_request_id(gateway_server: GatewayServer) -> None:
@@ -272,24 +273,18 @@ def test_admin_records_needs_the_admin_token(gateway_server: GatewayServer) -> N
 def test_metrics_parse_as_prometheus_text(gateway_server: GatewayServer) -> None:
     text = httpx.get(gateway_server.url + "/metrics").text
     fams = prom.parse(text)
-    try:
-        from prometheus_client.parser import text_string_to_metric_families
-    except ImportError:
-        pass
-    else:
-        assert {f.name for f in text_string_to_metric_families(text)} >= {"tierlab_queue_depth", "tierlab_agents"}
-    assert {"tierlab_ttft_seconds", "tierlab_tpot_seconds"} <= {n for n, f in fams.items() if f.kind == "histogram"}
-    assert fams["tierlab_requests_total"].kind == "counter"
+    assert {"tierlab_ttft_seconds", "tierlab_tpot_seconds"} <= {n for n, f in fams.items() if f.type == "histogram"}
+    assert fams["tierlab_requests"].type == "counter"
     for gauge in ("tierlab_queue_depth", "tierlab_loads_in_flight", "tierlab_agents", "tierlab_agent_up",
                   "tierlab_instances"):
-        assert fams[gauge].kind == "gauge"
+        assert fams[gauge].type == "gauge"
     df = gateway_server.gateway.records()
     for outcome in ("completed", "rejected", "failed"):
-        assert prom.value(fams, "tierlab_requests_total", outcome=outcome) == (df["outcome"] == outcome).sum()
+        assert prom.total(fams, "tierlab_requests_total", outcome=outcome) == (df["outcome"] == outcome).sum()
     assert prom.value(fams, "tierlab_agents", state="up") == 2 and prom.value(fams, "tierlab_agents", state="down") == 0
     assert prom.value(fams, "tierlab_agent_up", node="n0") == 1
     assert prom.value(fams, "tierlab_queue_depth") == 0 and prom.value(fams, "tierlab_loads_in_flight") == 0
-    assert prom.value(fams, "tierlab_tpot_seconds_count") == df["tpot_s"].notna().sum() >= 1
+    assert prom.total(fams, "tierlab_tpot_seconds_count") == df["tpot_s"].notna().sum() >= 1
 
 
 def test_write_records(gateway_server: GatewayServer, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from core.state import CapacityError, ClusterState, ClusterView
 from live import gateway_sse as sse
 from live.engines.base import free_port
 from live.gateway import NOMINAL_GPU, AgentRef, Gateway, GatewayConfig, create_app, nominal_model
-from live.gateway_metrics import GatewayMetrics, Histogram
+from live.gateway_metrics import Histogram
 from live.gateway_records import RequestInfo, instance_event, request_frame, request_row, tpot
 from tests.live_gateway import prom
 from tests.live_gateway.conftest import ADMIN_TOKEN, KEYS, MODEL, static_config
@@ -131,29 +131,38 @@ def test_scan_times_the_first_and_last_token_chunks_and_takes_usage() -> None:
     assert (req.in_tokens, req.out_tokens) == (2, 3)
 
 
-def test_histogram_is_cumulative_and_ignores_nan() -> None:
+def test_histogram_counts_per_bucket_and_ignores_nan() -> None:
     h = Histogram((0.1, 1.0))
     for v in (0.05, 0.5, 5.0, math.nan):
         h.observe(v)
-    assert (h.counts, h.count, h.sum) == ([1, 2], 3, pytest.approx(5.55))
+    assert (h.counts, h.count, h.sum) == ([1, 1, 1], 3, pytest.approx(5.55))
+    assert h.cumulative() == [("0.1", 1), ("1.0", 2), ("+Inf", 3)]
     with pytest.raises(ValueError, match="increasing"):
         Histogram((1.0, 0.1))
 
 
-def test_metrics_text_is_strict_exposition_even_with_odd_node_names() -> None:
-    m = GatewayMetrics()
-    m.request_done("completed", 0.3, 0.02)
-    m.request_done("failed", math.nan, math.nan)
-    m.cold_start("cloud")
-    text = m.render(instances_ready=1, instances_loading=2, queue_depth=3, agents_up={'n"0\\': True, "n1": False})
-    fams = prom.parse(text)
-    assert prom.value(fams, "tierlab_agent_up", node='n\\"0\\\\') == 1
-    assert prom.value(fams, "tierlab_agents", state="down") == 1
-    assert prom.value(fams, "tierlab_queue_depth") == 3 and prom.value(fams, "tierlab_loads_in_flight") == 2
-    assert prom.value(fams, "tierlab_tpot_seconds_count") == 1
-    assert prom.value(fams, "tierlab_ttft_seconds_bucket", le="0.5") == 1
-    with pytest.raises(AssertionError):
-        prom.parse(text.replace("# TYPE tierlab_queue_depth gauge\n", ""))  # the checker does reject bad text
+def test_metrics_are_read_off_the_records_with_bounded_and_escaped_labels() -> None:
+    gw = Gateway(static_config(('n"0\\', "n1")))
+    with TestClient(create_app(gw)) as tc:
+        gw.state.nodes["n1"].up = False
+        done = RequestInfo(1, MODEL, "alice", 5, 3, 0.0, ttft_s=0.3, tpot_s=0.02, outcome="completed", out_tokens=3)
+        failed = RequestInfo(2, MODEL, "alice", 5, 3, 0.0, outcome="failed")
+        stray = RequestInfo(3, "no-such-model", "", 0, 0, 0.0, outcome="rejected")  # not in the catalog: "_unknown"
+        gw._rows += [request_row(r) for r in (done, failed, stray)]
+        gw.queued = 3
+        fams = prom.parse(tc.get("/metrics").text)
+        assert prom.value(fams, "tierlab_agent_up", node='n"0\\') == 1  # escaped in the text, read back whole
+        assert prom.value(fams, "tierlab_agents", state="down") == 1
+        assert prom.value(fams, "tierlab_queue_depth") == 3 and prom.value(fams, "tierlab_loads_in_flight") == 0
+        assert prom.value(fams, "tierlab_requests_total", model=MODEL, tenant="alice", outcome="completed") == 1
+        assert prom.value(fams, "tierlab_requests_total", model="_unknown", tenant="", outcome="rejected") == 1
+        assert prom.value(fams, "tierlab_tokens_total", model=MODEL, tenant="alice", kind="output") == 3
+        assert prom.value(fams, "tierlab_tpot_seconds_count", model=MODEL) == 1
+        assert prom.value(fams, "tierlab_ttft_seconds_bucket", model=MODEL, le="0.5") == 1
+        gw._rows.append(request_row(RequestInfo(4, MODEL, "bob", 1, 1, 0.0, outcome="failed")))
+        fams = prom.parse(tc.get("/metrics").text)  # read incrementally: only the new row is added
+        assert prom.total(fams, "tierlab_requests_total") == 4
+        assert prom.total(fams, "tierlab_requests_total", outcome="failed") == 2
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
