@@ -146,33 +146,49 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(engine_args: tuple[str, ...] = ()) -> Iterator[Stack]:
-    """Start a null engine (with `engine_args`) and a gateway process serving it; both stopped at the end."""
+def gateway_process(engine_url: str, *gateway_args: str) -> Iterator[tuple[str, int]]:
+    """A gateway process (`gateway` sub-command, with `gateway_args`) serving the engine at `engine_url`:
+    (its URL, its pid); stopped at the end."""
+    from live.engines.base import free_port
+
+    port = free_port()
+    gw = subprocess.Popen([sys.executable, "-m", "scripts.bench_gateway_wire", "gateway", "--engine", engine_url,
+                           "--port", str(port), *gateway_args], cwd=REPO, env=_env(), stdout=subprocess.PIPE)
+    try:
+        assert gw.stdout is not None
+        line = gw.stdout.readline()  # the gateway prints one line once it serves the engine
+        if not line.startswith(b"ready"):
+            raise RuntimeError(f"gateway process did not start (exit {gw.poll()}): {line!r}")
+        yield f"http://127.0.0.1:{port}", gw.pid
+    finally:
+        gw.terminate()
+        try:
+            gw.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            gw.kill()
+            gw.wait()
+
+
+@contextlib.contextmanager
+def null_engine(engine_args: tuple[str, ...] = ()) -> Iterator[Any]:
+    """A null engine process (with `engine_args`), ready; stopped at the end."""
     from live.engines.base import free_port
     from live.engines.null_server import NullEngineProcess
 
     engine = NullEngineProcess(free_port(), model_name=MODEL, extra_args=list(engine_args))
     engine.start()
-    gw: subprocess.Popen[bytes] | None = None
     try:
         engine.wait_ready(START_TIMEOUT_S)
-        port = free_port()
-        gw = subprocess.Popen([sys.executable, "-m", "scripts.bench_gateway_wire", "gateway", "--engine", engine.url,
-                               "--port", str(port)], cwd=REPO, env=_env(), stdout=subprocess.PIPE)
-        assert gw.stdout is not None
-        line = gw.stdout.readline()  # the gateway prints one line once it serves the engine
-        if not line.startswith(b"ready"):
-            raise RuntimeError(f"gateway process did not start (exit {gw.poll()}): {line!r}")
-        yield Stack(engine.url, f"http://127.0.0.1:{port}", engine.pid, gw.pid)
+        yield engine
     finally:
-        if gw is not None:
-            gw.terminate()
-            try:
-                gw.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                gw.kill()
-                gw.wait()
         engine.close()
+
+
+@contextlib.contextmanager
+def stack(engine_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """Start a null engine (with `engine_args`) and a gateway process serving it; both stopped at the end."""
+    with null_engine(engine_args) as engine, gateway_process(engine.url) as (gateway_url, gateway_pid):
+        yield Stack(engine.url, gateway_url, engine.pid, gateway_pid)
 
 
 def gateway_main(argv: list[str]) -> None:
@@ -185,13 +201,15 @@ def gateway_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="bench_gateway_wire gateway")
     p.add_argument("--engine", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tracing", choices=("off", "memory"), default="off",
+                   help="memory: every span exported on the request path to the SDK's in-memory exporter")
     a = p.parse_args(argv)
     # the null engine has no batch limit: said so, the policy routes every request to it at once (with the
     # default limit of 8, requests 9-16 made the autoscaler ask for a second instance, which an agent-less node
     # cannot start, and waited in the gateway's 100 ms placement poll: a p99 of ~200 ms that was not relaying)
     config = GatewayConfig(agents=[AgentRef("s0", "", "")], tenants={KEY: Tenant("bench", (MODEL,))},
                            engine=EngineSpec(name="null", max_num_seqs=NULL_BATCH_LIMIT), health_interval_s=0,
-                           tick=False, admin_token=ADMIN)
+                           tick=False, admin_token=ADMIN, tracing={"exporter": a.tracing})
     gateway = Gateway(config)
     # uvicorn's own choice of event loop and HTTP parser ("auto": uvloop and httptools where installed)
     server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=a.port, log_level="warning",
@@ -204,6 +222,10 @@ def gateway_main(argv: list[str]) -> None:
         if server.started:
             gateway.adopt_instance(MODEL, "s0", a.engine)
             print("ready", flush=True)
+        exporter = gateway.tracing.exporter
+        while exporter is not None and not task.done():  # memory stays flat: drop finished spans now and then
+            await asyncio.sleep(1.0)
+            exporter.clear()
         await task
 
     with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:  # as `Server.run` picks it

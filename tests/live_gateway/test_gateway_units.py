@@ -245,3 +245,15 @@ def test_a_detached_event_is_cut_out_and_moved_streams_keep_their_id() -> None:
     assert sse.split_detached(b'data: {"id":"a"}\r\n\r\n') == (b'data: {"id":"a"}\r\n\r\n', None)
     moved = sse.with_id(b'data: {"id":"b","n":2}\n\ndata: [DONE]\n\n', "a")
     assert list(sse.data_messages(moved)) == [{"id": "a", "n": 2}] and moved.endswith(b"data: [DONE]\n\n")
+
+
+def test_the_gateway_freezes_what_it_made_at_start() -> None:
+    """Once started, the gateway's long-lived objects are out of the collector's generations (gc.freeze): full
+    collections walking them were its p99 under load (docs/results/gateway_wire.md)."""
+    import gc
+
+    gc.unfreeze()
+    gateway = Gateway(static_config())
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_app(gateway)):
+        assert gc.get_freeze_count() > 0
