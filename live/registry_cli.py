@@ -8,16 +8,22 @@ alias back (rollback), collect revisions nothing refers to.
     python -m live.registry_cli --store s3://bucket/models gc --keep llama@0123456789abcdef --dry-run
 
 Store options (endpoints, credentials) are JSON keyed by store URL, as the agent takes them (`--store-options`).
+With `--audit-log FILE` (default: $TIERLAB_AUDIT_LOG) every publish, rollback and gc that changes a store is
+appended to that hash-chained audit log (`live.audit`: who, what, when, outcome; never credentials).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+from live.audit import AuditError, AuditLog
 from live.registry import Registry, RegistryError, hf_offline
 
 
@@ -27,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="registry store, in priority order; repeat")
     p.add_argument("--store-options", default="{}", help='JSON: {"s3://b/p": {"endpoint_url": ...}}')
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--audit-log", default=os.environ.get("TIERLAB_AUDIT_LOG") or None, metavar="FILE",
+                   help="append publish / rollback / gc to this audit log (default: $TIERLAB_AUDIT_LOG)")
     sub = p.add_subparsers(dest="cmd", required=True)
     pub = sub.add_parser("publish", help="publish a checkpoint dir (or a Hub snapshot) as a new revision; move the "
                                          "alias to it")
@@ -65,22 +73,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reg = Registry(list(args.store), {k: dict(v) for k, v in options.items()},
                        hf_cache_dir=getattr(args, "hf_cache_dir", None))
-        out = _run(reg, args, p)
-    except (RegistryError, ValueError, OSError) as e:
+        out = _run(reg, args, p, AuditLog(args.audit_log) if args.audit_log else None)
+    except (RegistryError, ValueError, OSError, AuditError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=1) if args.json else _text(out))
     return 0
 
 
-def _run(reg: Registry, args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
-    """The command's result as plain data (printed as JSON or text)."""
+@contextlib.contextmanager
+def _audited(audit: AuditLog | None, action: str, target: str, stores: Sequence[str],
+             **details: Any) -> Iterator[dict[str, Any]]:
+    """Record the block as `action` on `target` in `audit` (outcome ok or the error), if there is one."""
+    if audit is None:
+        yield {}
+        return
+    with audit.action(action, target, details={"stores": list(stores), **details}) as facts:
+        yield facts
+
+
+def _run(reg: Registry, args: argparse.Namespace, p: argparse.ArgumentParser, audit: AuditLog | None = None) -> dict:
+    """The command's result as plain data (printed as JSON or text); changes are recorded in `audit`."""
     if args.cmd == "publish":
         if (args.dir is None) == (args.hf_repo is None):
             p.error("publish: give a checkpoint dir or --hf-repo, not both")
-        if args.hf_repo is not None:
-            reg.register(args.name, hf_repo=args.hf_repo, hf_revision=args.hf_revision)
-        v = reg.publish_version(args.name, args.dir, reupload=args.reupload)
+        source = {"hf_repo": args.hf_repo, "hf_revision": args.hf_revision} if args.hf_repo else {"dir": args.dir}
+        with _audited(audit, "publish", args.name, args.store, **source) as facts:
+            if args.hf_repo is not None:
+                reg.register(args.name, hf_repo=args.hf_repo, hf_revision=args.hf_revision)
+            v = reg.publish_version(args.name, args.dir, reupload=args.reupload)
+            facts.update(revision=v.revision, files=len(v.manifest.files), bytes=v.manifest.total_bytes)
         return {"published": v.ref, "files": len(v.manifest.files), "bytes": v.manifest.total_bytes,
                 "offline": hf_offline() if args.hf_repo else None}
     if args.cmd == "versions":
@@ -89,9 +111,17 @@ def _run(reg: Registry, args: argparse.Namespace, p: argparse.ArgumentParser) ->
                 "versions": [{**v.__dict__, "ref": v.ref} for v in reg.versions(args.name)],
                 "history": [m.__dict__ for m in alias.history] if alias else []}
     if args.cmd == "rollback":
-        alias = reg.rollback(args.name, args.revision)
+        with _audited(audit, "rollback", args.name, args.store, revision=args.revision) as facts:
+            before = reg.alias(args.name)
+            facts["previous"] = before.revision if before else None
+            alias = reg.rollback(args.name, args.revision)
         return {"model": args.name, "alias": alias.revision if alias else args.revision}
-    items = reg.gc(args.name, keep=args.keep, grace_s=args.grace_s, dry_run=args.dry_run)
+    if args.dry_run:  # changes nothing: not audited
+        items = reg.gc(args.name, keep=args.keep, grace_s=args.grace_s, dry_run=True)
+    else:
+        with _audited(audit, "gc", args.name or "*", args.store, keep=list(args.keep), grace_s=args.grace_s) as facts:
+            items = reg.gc(args.name, keep=args.keep, grace_s=args.grace_s, dry_run=False)
+            facts["removed"] = [f"{i.model}@{i.revision or '?'} {i.store_url}" for i in items]
     return {"dry_run": args.dry_run, "collected": [i.__dict__ for i in items]}
 
 
