@@ -9,7 +9,10 @@ the alias's; `rollback` moves the alias back and `gc` removes revisions nothing 
 backup, GCS tertiary): it downloads into a staging dir beside `dest_dir`, checks every file against
 the manifest, and only then renames the staging dir to `dest_dir`. A checkpoint that fails the check
 is never placed at `dest_dir`; the problem is recorded with the store URL and file, and the next
-store is tried.
+store is tried. Reads (`version`/`manifest`, `fetch`) go in health order (`live.store_health`): a store that did
+not answer (refused, timed out: the clients' timeouts are short, see `live.stores`) is tried last for a back-off
+period, so loads switch to the next store within about a second, and the store is preferred again once a later
+probe finds it answering.
 
     reg = Registry(["az://models", "s3://backup/models"], {"s3://backup/models": {"endpoint_url": ...}})
     reg.publish("llama-tiny", "ckpt/")
@@ -18,12 +21,13 @@ store is tried.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ from live.registry_versions import (
     revision_of,
     revision_prefix,
 )
+from live.store_health import BackoffPolicy, StoreHealth, is_unreachable
 from live.stores import DEFAULT_CHUNK_BYTES, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -128,6 +133,7 @@ class Registry:
     store_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     hf_cache_dir: str | os.PathLike | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    health_policy: BackoffPolicy = field(default_factory=BackoffPolicy)
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -137,10 +143,36 @@ class Registry:
         self._catalog: dict[str, ModelSource] = {}
         # manifests this process published, by (name, revision): trusted over store copies
         self._published: dict[tuple[str, str], Manifest] = {}
+        # which stores answered lately: per Registry (one per agent process), shared by its fetch threads
+        self.health = StoreHealth(len(self._stores), self.health_policy)
 
     @property
     def store_list(self) -> list[Store]:
         return list(self._stores)
+
+    # --- store health -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _health_order(self) -> Iterator[list[Store]]:
+        """The stores to read from, in health order (those that did not answer lately last); the caller
+        reports each store it tries (`_report`). Probes this caller claimed but did not reach are released."""
+        plan = self.health.plan()
+        try:
+            yield [self._stores[i] for i in plan.order]
+        finally:
+            self.health.release(plan.probes)  # a no-op for the ones reported (reports clear the claim)
+
+    def _report(self, store: Store, exc: BaseException | None) -> None:
+        """Record how `store` did: an error that says it did not answer marks it down (tried last for a
+        back-off); anything else (data, a missing key, a bad checksum) means it answered, so it is up."""
+        i = next(k for k, s in enumerate(self._stores) if s is store)
+        was_down = self.health.is_down(i)
+        self.health.report(i, exc)
+        if exc is not None and is_unreachable(exc):
+            state = self.health.states()[i]
+            log.warning("store %s did not answer (%s: %s); tried last for %.0f s", store.url, type(exc).__name__,
+                        exc, self.health_policy.backoff_s(state.failures))
+        elif was_down:
+            log.warning("store %s answers again; preferred again", store.url)
 
     # --- catalog ------------------------------------------------------------------------------------------
     def register(self, name: str, *, local_dir: str | os.PathLike | None = None, hf_repo: str | None = None,
@@ -255,15 +287,20 @@ class Registry:
         from the first store that holds it readable and hashing to its revision."""
         name, rev = parse_ref(ref)
         failures = []
-        for store in self._stores:
-            try:
-                want = rev if rev is not None else current_revision(store, name)
+        with self._health_order() as stores:
+            for store in stores:
+                try:
+                    want = rev if rev is not None else current_revision(store, name)
+                    if (name, want) not in self._published:
+                        _prefix, manifest = locate(store, name, want)
+                except Exception as e:  # down, missing, unreadable, altered: the next store may serve
+                    self._report(store, e)
+                    failures.append(StoreFailure(store.url, None, f"{type(e).__name__}: {e}"))
+                    continue
+                self._report(store, None)
                 if (name, want) in self._published:
                     return Version(name, want, self._published[(name, want)], None)
-                _prefix, manifest = locate(store, name, want)
                 return Version(name, want, manifest, store.url)
-            except Exception as e:  # missing, unreadable, altered: the next store may serve
-                failures.append(StoreFailure(store.url, None, f"{type(e).__name__}: {e}"))
         hint = "" if rev is None else f" (`versions {name}` lists the revisions each store holds)"
         raise RegistryError(f"model {ref!r}: no store has a readable manifest{hint}:\n  "
                             + "\n  ".join(map(str, failures)))
@@ -334,30 +371,34 @@ class Registry:
                                 f"({'; '.join(problems)}); remove it first")
         dest.parent.mkdir(parents=True, exist_ok=True)
         failures: list[StoreFailure] = []
-        for store in self._stores:
-            staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{base}-", dir=dest.parent))
-            try:
-                failure = self._fetch_from(store, base, rev, expected, staging, streams, pace)
-                if failure is None:
-                    os.rename(staging, dest)  # atomic: dest appears complete and verified, or not at all
-                    return FetchResult(name, dest, store.url, expected, tuple(failures))
-                failures.append(failure)
-                log.warning("fetch %s: %s", name, failure)
-            except TransferCancelled:
-                raise  # the staging dir goes in `finally`; no other store is tried
-            except OSError as e:  # e.g. dest appeared meanwhile: nothing of ours is placed there
-                failures.append(StoreFailure(store.url, None, f"could not place checkpoint at {dest} ({e})"))
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        with self._health_order() as stores:  # a store down for manifests is tried last here too
+            for store in stores:
+                staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{base}-", dir=dest.parent))
+                try:
+                    failure = self._fetch_from(store, base, rev, expected, staging, streams, pace)
+                    if failure is None:
+                        os.rename(staging, dest)  # atomic: dest appears complete and verified, or not at all
+                        return FetchResult(name, dest, store.url, expected, tuple(failures))
+                    failures.append(failure)
+                    log.warning("fetch %s: %s", name, failure)
+                except TransferCancelled:
+                    raise  # the staging dir goes in `finally`; no other store is tried
+                except OSError as e:  # e.g. dest appeared meanwhile: nothing of ours is placed there
+                    failures.append(StoreFailure(store.url, None, f"could not place checkpoint at {dest} ({e})"))
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
         raise RegistryError(f"model {name!r}: no store could serve a checkpoint matching the manifest "
                             f"({len(failures)} tried):\n  " + "\n  ".join(map(str, failures)))
 
     def _fetch_from(self, store: Store, name: str, rev: str, expected: Manifest, staging: Path,
                     streams: int, pace: CloudPace | None = None) -> StoreFailure | None:
-        """Download and verify every file of revision `rev` from `store` into `staging`; the first problem, or None."""
+        """Download and verify every file of revision `rev` from `store` into `staging`; the first problem, or None.
+
+        Reports the store's health: down if it did not answer, up if it did (even with bad data)."""
         try:
             prefix, _stored = locate(store, name, rev)
-        except Exception as e:  # this store lacks the revision (or its manifest is unreadable): try the next
+        except Exception as e:  # down, or lacks the revision (or its manifest is unreadable): try the next
+            self._report(store, e)
             return StoreFailure(store.url, None, f"{type(e).__name__}: {e}")
         items = [(f"{prefix}/{e.name}", staging / e.name, e.size_bytes) for e in expected.files]
         # split a model smaller than streams x chunk finer, so that every stream carries a share
@@ -368,8 +409,10 @@ class Registry:
         except TransferCancelled:
             raise  # not the store's fault: no other store is tried
         except Exception as e:  # missing object, network, short read: the message says which
+            self._report(store, e)
             key = _failed_key(str(e), items)
             return StoreFailure(store.url, key, f"download failed ({e})")
+        self._report(store, None)  # it answered, whatever the checksums say
         problems = _verify_problems(staging, expected)
         if problems:
             # "file: sha256 X, manifest says Y": keep the file name in the record's `file` field
@@ -381,19 +424,22 @@ class Registry:
         """Presigned URLs of `name`'s (or `name@revision`'s) files from the first store that can sign them and
         holds the revision; {} if none can."""
         version = self.version(name)
-        for store in self._stores:
-            try:
-                prefix, _m = locate(store, version.name, version.revision)
-            except Exception:
-                continue
-            urls = {}
-            for entry in version.manifest.files:
-                url = store.presign(f"{prefix}/{entry.name}", expires_s)
-                if url is None:
-                    break
-                urls[entry.name] = url
-            else:
-                return urls
+        with self._health_order() as stores:
+            for store in stores:
+                try:
+                    prefix, _m = locate(store, version.name, version.revision)
+                except Exception as e:
+                    self._report(store, e)
+                    continue
+                self._report(store, None)
+                urls = {}
+                for entry in version.manifest.files:
+                    url = store.presign(f"{prefix}/{entry.name}", expires_s)
+                    if url is None:
+                        break
+                    urls[entry.name] = url
+                else:
+                    return urls
         return {}
 
 

@@ -37,6 +37,24 @@ DEFAULT_STREAMS = 8
 TMP_PREFIX = ".tierlab-tmp-"  # temp keys and files start with this; `list` hides them
 _COPY_BUF_BYTES = 4 << 20
 
+# Timeouts, so that a store that is down costs a load about a second, not one 30-60 s try per request
+# (`live.store_health` then skips it for a while). Each store gets two clients:
+# - metadata (manifests, aliases, sizes, existence: small objects on every load's path): connect 1 s, read 1 s,
+#   one attempt. A healthy store answers a small GET in milliseconds to ~100 ms, so 1 s of silence means it is
+#   down or hung; retrying it would only delay the switch, and the next store is the retry.
+# - data (ranged checkpoint reads, uploads, listings): connect 1 s, read 15 s, two attempts at each level
+#   (botocore, s3fs). The read timeout bounds the wait for the *next bytes* on the socket (aiohttp's sock_read),
+#   not a whole request, so a slow but flowing 8 MiB range never trips it; 15 s is s3fs's own default, long
+#   enough for a loaded store's first byte or a large upload's commit, and a store that stalls mid-fetch
+#   still fails over in under a minute.
+# A connect timeout of 1 s is ~10x a cross-region TCP handshake; refused connections fail at once anyway.
+# Options given for a store (s3 `config_kwargs`, az `connection_timeout` / `read_timeout`) override these.
+CONNECT_TIMEOUT_S = 1.0
+META_READ_TIMEOUT_S = 1.0
+DATA_READ_TIMEOUT_S = 15.0
+_META_ATTEMPTS = 1
+_DATA_ATTEMPTS = 2
+
 # Object stores whose single-object PUT is atomic (S3 PUT / multipart complete, Azure block-list
 # commit, GCS upload finalize): readers see the old object or the whole new one, never a prefix.
 # There, an extra temp key + server-side copy would only double the bytes written.
@@ -71,9 +89,20 @@ def _modified_unix(info: Mapping[str, Any]) -> float:
     return 0.0
 
 
-def _translate_options(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """fsspec constructor kwargs from our options (kept thin: unknown keys pass through to the backend)."""
+def _translate_options(protocol: str, options: Mapping[str, Any], meta: bool = False) -> dict[str, Any]:
+    """fsspec constructor kwargs from our options (kept thin: unknown keys pass through to the backend), with
+    the metadata (`meta`) or data client's timeouts unless the options set their own."""
     opts = dict(options)
+    read_timeout = META_READ_TIMEOUT_S if meta else DATA_READ_TIMEOUT_S
+    if protocol in ("s3", "s3a"):
+        attempts = _META_ATTEMPTS if meta else _DATA_ATTEMPTS
+        # botocore's default "legacy" retries take ~6 s on a refused connection: 1 (metadata) or 2 (data) attempts
+        opts["config_kwargs"] = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": read_timeout,
+                                 "retries": {"total_max_attempts": attempts, "mode": "standard"},
+                                 **(opts.get("config_kwargs") or {})}
+    elif protocol in ("az", "abfs", "abfss"):
+        opts.setdefault("connection_timeout", CONNECT_TIMEOUT_S)
+        opts.setdefault("read_timeout", read_timeout)
     if protocol in ("s3", "s3a") and "endpoint_url" in opts:
         # s3fs takes the endpoint inside client_kwargs; accept it top-level as the brief's tests do
         client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
@@ -91,9 +120,12 @@ def _translate_options(protocol: str, options: Mapping[str, Any]) -> dict[str, A
 class Store:
     """One object-store root: a URL like `s3://bucket/prefix` and the fsspec filesystem that serves it."""
 
-    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, protocol: str) -> None:
+    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, protocol: str,
+                 meta_fs: fsspec.AbstractFileSystem | None = None) -> None:
         self.url = url
         self.fs = fs
+        # small reads on a load's path (manifests, aliases, sizes) go through a client with short timeouts
+        self.meta_fs = meta_fs if meta_fs is not None else fs
         self.root = root.rstrip("/")
         self.protocol = protocol
 
@@ -157,14 +189,14 @@ class Store:
     # --- reads ----------------------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
         try:
-            self.fs.info(self.path(key), refresh=True)
+            self.meta_fs.info(self.path(key), refresh=True)
             return True
         except FileNotFoundError:
             return False
 
     def size(self, key: str) -> int:
         """Size of the object in bytes (FileNotFoundError if absent)."""
-        info = self.fs.info(self.path(key), refresh=True)
+        info = self.meta_fs.info(self.path(key), refresh=True)
         return int(info["size"])
 
     def list(self, prefix: str = "") -> list[str]:
@@ -188,7 +220,8 @@ class Store:
         return dict(sorted(out.items()))
 
     def get_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self.path(key))
+        """The whole object (a manifest, an alias: small): through the short-timeout metadata client."""
+        return self.meta_fs.cat_file(self.path(key))
 
     def get_file(self, key: str, local_path: str | os.PathLike, streams: int = DEFAULT_STREAMS,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, size_bytes: int | None = None,
@@ -293,10 +326,12 @@ class Store:
                     os.pwrite(fds[i], data, a)
                 except BaseException as e:
                     failed.set()
+                    err = e
+                    if not isinstance(e, StoreError | TransferCancelled):
+                        err = StoreError(f"{self.url_of(key)}: range [{a}, {b}) failed ({type(e).__name__}: {e})")
+                        err.__cause__ = e  # kept: store health tells "down" (timeout, refused) from bad data
                     with lock:
-                        errors.append(e if isinstance(e, StoreError | TransferCancelled) else
-                                      StoreError(f"{self.url_of(key)}: range [{a}, {b}) failed "
-                                                 f"({type(e).__name__}: {e})"))
+                        errors.append(err)
                     return
 
         threads = [threading.Thread(target=stream, name=f"tierlab-fetch-{k}", daemon=True)
@@ -339,10 +374,27 @@ def open_store(url: str, options: Mapping[str, Any] | None = None) -> Store:
         root = f"{parts.netloc}{parts.path}".rstrip("/")
     try:
         fs = fsspec.filesystem(protocol, **_translate_options(protocol, options or {}))
+        meta_fs = None if protocol in ("file", "local") else \
+            fsspec.filesystem(protocol, **_translate_options(protocol, options or {}, meta=True))
     except ImportError as e:
         raise ImportError(f"{url}: the fsspec backend for {protocol!r} is not installed "
                           f"(s3: s3fs, az/abfs: adlfs, gs: gcsfs) ({e})") from e
-    return Store(url.rstrip("/"), fs, root, protocol)
+    _limit_retries(fs, _DATA_ATTEMPTS)
+    if meta_fs is not None:
+        _limit_retries(meta_fs, _META_ATTEMPTS)
+    return Store(url.rstrip("/"), fs, root, protocol, meta_fs)
+
+
+def _limit_retries(fs: fsspec.AbstractFileSystem, attempts: int) -> None:
+    """Cap the backend's own retry loop, which wraps the client's: s3fs tries 5 times with back-off by default
+    (5 timeouts per request against a hung store); azure-core retries connection errors 3 times, 15 s apart."""
+    if hasattr(type(fs), "retries") and isinstance(getattr(fs, "retries", None), int):  # s3fs
+        fs.retries = attempts
+    policy = getattr(getattr(getattr(fs, "service_client", None), "_config", None), "retry_policy", None)
+    if policy is not None:  # adlfs: the client's pipeline holds this very policy object, so setting it takes
+        for attr in ("total_retries", "connect_retries", "read_retries"):
+            if isinstance(getattr(policy, attr, None), int):
+                setattr(policy, attr, attempts - 1)
 
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -60,12 +61,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def moto_server(workdir: Path) -> Iterator[str]:
-    """A moto S3 server on loopback; yields its endpoint URL."""
+def moto_server(workdir: Path, port: int | None = None) -> Iterator[str]:
+    """A moto S3 server on loopback (on `port`, default a free one: a given port lets a test stop a server and
+    start another at the same endpoint); yields its endpoint URL. Its data lives in memory: gone once stopped."""
     exe = shutil.which("moto_server")
     if exe is None:
         raise ServiceUnavailable("moto_server is not on PATH (pip install 'moto[server]')")
-    port = free_port()
+    port = free_port() if port is None else port
     log_path = workdir / "moto.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([exe, "-H", HOST, "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
@@ -75,6 +77,38 @@ def moto_server(workdir: Path) -> Iterator[str]:
         yield endpoint
     finally:
         _stop(proc)
+
+
+@contextlib.contextmanager
+def hanging_server(port: int) -> Iterator[str]:
+    """A TCP server on loopback `port` that accepts every connection and never answers (a hung store);
+    yields its endpoint URL. Connections are held open until the server stops, so clients see silence, not a
+    reset."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, port))
+    listener.listen(128)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _addr = listener.accept()
+            except OSError:  # the listener was closed: stop
+                return
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, name="hanging-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{HOST}:{port}"
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):  # wake accept() on platforms where close alone does not
+            socket.create_connection((HOST, port), timeout=0.2).close()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
 
 
 def azurite_blob_exe() -> Path:
