@@ -100,9 +100,17 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-#: Rejections caused by the request itself (a model nobody serves, a context no engine can hold),
-#: not by the service: they do not count against availability.
-REQUEST_CAUSED_REASONS: frozenset[str] = frozenset({"unknown_model", "kv_cache_too_small"})
+#: Rejections caused by the request itself (a model nobody serves, a context no engine can hold; in live mode
+#: also what the gateway refuses before any engine is involved: bad or oversized bodies, unknown parameters,
+#: keys, models, and a tenant over its own rate limit or quota; and an engine's own 4xx answer), not by the
+#: service: they do not count against availability.
+REQUEST_CAUSED_REASONS: frozenset[str] = frozenset({
+    "unknown_model", "kv_cache_too_small",
+    "invalid_json", "invalid_content_length", "request_too_large", "missing_required_parameter", "invalid_value",
+    "invalid_type", "invalid_model_name", "unsupported_parameter", "context_length_exceeded", "invalid_api_key",
+    "model_not_found", "model_not_allowed", "rate_limit_exceeded", "insufficient_quota", "exceeds_token_quota",
+    "engine_400", "engine_404", "engine_413", "engine_422",
+})
 
 
 def union_length_s(intervals: Sequence[tuple[float, float]]) -> float:

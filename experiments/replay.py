@@ -168,7 +168,8 @@ async def _send(client: httpx.AsyncClient, target: Target, row: ClientRow, opts:
             row.gateway_id = int(rid) if rid and rid.isdigit() else None
             if r.status_code != 200:
                 await r.aread()
-                row.outcome = "rejected" if r.status_code in (400, 401, 403, 404, 429, 503) else "failed"
+                # a client error (the request's own fault, or a limit) or a refusal for want of capacity
+                row.outcome = "rejected" if 400 <= r.status_code < 500 or r.status_code == 503 else "failed"
                 row.reason = _error_reason(r)
             elif not row.stream:
                 msg = json.loads(await r.aread())

@@ -34,6 +34,10 @@ mid-stream ends the client's stream with an SSE error event. `request_timeout_s`
     GET  /admin/actions                              the policy actions carried out, as JSON (same token)
 
 Auth is `Authorization: Bearer <api key>`; errors use OpenAI's shape `{"error": {message, type, param, code}}`.
+Before any placement a request is checked against the limits (`GatewayConfig`): body size (413, before the rest
+is read), parameters no engine honours (400 `unsupported_parameter`), a prompt that certainly exceeds the model's
+context (400 `context_length_exceeded`), and the tenant's rate, token quota and concurrency (`live.gateway_limits`,
+429 with `Retry-After`). Client errors, an engine's 4xx included, are recorded as `rejected`.
 Every completion response carries `x-tierlab-request-id`, the request_id of its row in `records()`
 (`core.records.REQUEST_SCHEMA`; rejected requests have rows too).
 """
@@ -53,7 +57,7 @@ from typing import Any
 import httpx
 import pandas as pd
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as HttpRoute
 
@@ -62,7 +66,20 @@ from core.records import REQUEST_SCHEMA, frame, rows_to_columns
 from core.state import CapacityError, ClusterState, ClusterView
 from live.gateway_actions import ACTION_COLUMNS, ActionsMixin
 from live.gateway_agents import AgentClient
-from live.gateway_api import ApiError, Tenant, authenticate, bearer, parse_body, prompt_tokens, token_matches, validate
+from live.gateway_api import (
+    ApiError,
+    Tenant,
+    authenticate,
+    bearer,
+    check_context,
+    completion_limit,
+    parse_body,
+    prompt_tokens,
+    prompt_tokens_lower_bound,
+    read_body,
+    token_matches,
+    validate,
+)
 from live.gateway_config import (
     DEFAULT_NODE_PRICE_PER_HOUR,
     NOMINAL_GPU,
@@ -72,6 +89,7 @@ from live.gateway_config import (
     nominal_model,
 )
 from live.gateway_forward import ForwardMixin
+from live.gateway_limits import Limiter, LimitExceeded, Permit, retry_after_header
 from live.gateway_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from live.gateway_metrics import GatewayMetrics
 from live.gateway_migration import MigrationMixin
@@ -125,6 +143,9 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         self._agents: AgentClient = None  # type: ignore[assignment]  # built by start(), on the event loop
         self._loops: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.limiter = Limiter(config.limits, lambda: self.clock.now)  # type: ignore[arg-type]  # normalized
+        self._permits: dict[int, Permit] = {}  # request id -> its limiter permit, released by `_finish`
+        self._refused = config.refused_params
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -204,18 +225,27 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         req = RequestInfo(next(self._ids), "", "", 0, 0, self.clock.now)
         t_arrival = time.monotonic()
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        c = self.config
         try:
             with span("auth"):
-                tenant = authenticate(request, self.config.tenants)
+                tenant = authenticate(request, c.tenants)
             req.tenant = tenant.name
-            raw = await request.body()
+            raw = await read_body(request, c.max_body_bytes)
             body = parse_body(raw)
             if isinstance(body.get("model"), str):
                 req.model = body["model"]
-            validate(body, path, tenant, self.config.models)
+            validate(body, path, tenant, c.models, self._refused)
+            context = c.context_tokens.get(req.model)
+            if context is not None:
+                check_context(body, path, context, c.max_token_bytes)
+            if self.limiter.active:
+                self._admit(req, tenant, body)  # the last check: a refused request takes nothing from a limit
         except ApiError as e:
             self._finish(req, t_arrival, "rejected", e.code or "rejected")
             response = e.response()
+        except ClientDisconnect:  # the body never came whole: no one to answer, but the request leaves its row
+            self._finish(req, t_arrival, "failed", "client_disconnected")
+            return Response(status_code=400)
         else:
             req.prompt_tokens = prompt_tokens(body)
             req.output_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
@@ -227,6 +257,24 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
                 response = self._fail(req, t_arrival, 500, f"internal error: {e!r}", "internal_error")
         response.headers[REQUEST_ID_HEADER] = str(req.id)
         return response
+
+    def _admit(self, req: RequestInfo, tenant: Tenant, body: dict[str, Any]) -> None:
+        """Take the request's share of its tenant's limits (released by `_finish`); ApiError 429 (or 400 for a
+        request larger than the whole token quota) if a limit refuses it.
+
+        The token quota reserves what the request may take: its prompt's lower bound plus its completion limit
+        (16 tokens if it sets none, as the policy's estimate); `_finish` settles it against the engine's usage."""
+        limit = completion_limit(body)
+        tokens = prompt_tokens_lower_bound(body, self.config.max_token_bytes) + (16 if limit is None else limit)
+        try:
+            permit = self.limiter.admit(tenant.name, tokens)
+        except LimitExceeded as e:
+            if e.retry_after_s is None:
+                raise ApiError(400, e.message, e.code, "max_tokens") from None
+            raise ApiError(429, e.message, e.code, headers={"Retry-After": retry_after_header(e.retry_after_s)}
+                           ) from None
+        if permit is not None:
+            self._permits[req.id] = permit
 
     # ------------------------------------------------------------------ outputs
 

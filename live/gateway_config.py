@@ -9,11 +9,13 @@ from typing import Any
 
 from core.policies.base import PolicyBundle
 from core.specs import EngineSpec, GpuSpec, ModelSpec
-from live.gateway_api import Tenant
+from live.gateway_api import DEFAULT_MAX_TOKEN_BYTES, REFUSED_PARAMS, Tenant
+from live.gateway_limits import EVERY_TENANT, TenantLimits
 from live.tracing import TracingConfig
 
 NOMINAL_GPU = GpuSpec("cpu-nominal", mem_bytes=80e9, hbm_Bps=100e9, flops=1e12, h2d_Bps=10e9)
 NOMINAL_TIER_BW_BPS = 1e9
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any prompt a small-context model takes
 # A live node stands for a one-GPU node: AWS g6.xlarge on demand (../shared/data/reference, id aws_g6_xl)
 DEFAULT_NODE_PRICE_PER_HOUR = 0.8048
 
@@ -79,6 +81,11 @@ class GatewayConfig:
     tick: bool = True  # run the bundle's on_tick (keep-alive stops) every `bundle.tick_s`
     migration_timeout_s: float = 60.0  # longest handover of a live migration before it gives up (victim serves on)
     tracing: TracingConfig | Mapping[str, Any] | None = None  # OpenTelemetry traces (`live.tracing`); None: off
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    context_tokens: dict[str, int] = field(default_factory=dict)  # model -> context window (tokens)
+    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES  # most UTF-8 bytes one token stands for (`check_context`)
+    limits: dict[str, TenantLimits | Mapping[str, Any]] = field(default_factory=dict)  # tenant name or "*"
+    honoured_params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.agents:
@@ -110,6 +117,37 @@ class GatewayConfig:
         unlisted = set(self.model_details) - set(self.models)
         if unlisted:
             raise ValueError(f"GatewayConfig.model_details names models not served {sorted(unlisted)}")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        """Validate (and normalize) the request limits; errors name the field."""
+        for name in ("max_body_bytes", "max_token_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GatewayConfig.{name} must be an integer >= 1, got {v!r}")
+        self.context_tokens = dict(self.context_tokens)
+        unlisted = set(self.context_tokens) - set(self.models)
+        if unlisted:
+            raise ValueError(f"GatewayConfig.context_tokens names models not served {sorted(unlisted)}")
+        for m, v in self.context_tokens.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GatewayConfig.context_tokens[{m!r}] must be an integer >= 1, got {v!r}")
+        tenants = {t.name for t in self.tenants.values()}
+        unknown = set(self.limits) - tenants - {EVERY_TENANT}
+        if unknown:
+            raise ValueError(f"GatewayConfig.limits names unknown tenants {sorted(unknown)}; known: {sorted(tenants)} "
+                             f"(or {EVERY_TENANT!r} for every tenant)")
+        self.limits = {k: TenantLimits.of(v, f"GatewayConfig.limits[{k!r}]") for k, v in self.limits.items()}
+        self.honoured_params = tuple(self.honoured_params)
+        bad = sorted(set(self.honoured_params) - set(REFUSED_PARAMS))
+        if bad:
+            raise ValueError(f"GatewayConfig.honoured_params: {bad} are never refused; the refused ones are "
+                             f"{sorted(REFUSED_PARAMS)}")
+
+    @property
+    def refused_params(self) -> tuple[str, ...]:
+        """The parameters `validate` refuses (asking for something): REFUSED_PARAMS less `honoured_params`."""
+        return tuple(p for p in REFUSED_PARAMS if p not in self.honoured_params)
 
     def price_per_hour(self, node: str) -> float:
         prices = self.node_price_per_hour

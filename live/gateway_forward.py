@@ -28,7 +28,7 @@ from live import gateway_sse as sse
 from live import tracing
 from live.engines.openai_compat import capability_error
 from live.gateway_agents import connection_error
-from live.gateway_api import ApiError, include_usage
+from live.gateway_api import ApiError, check_context, include_usage
 from live.gateway_mirror import EngineFailed, Flight, Live, NodeLost
 from live.gateway_records import RequestInfo, apply_load_timings, request_row, tpot
 from live.gateway_upstream import UpstreamResponse
@@ -191,6 +191,12 @@ class ForwardMixin:
         if refusal is not None:  # what the engine cannot serve is the client's error, not an engine failure
             self._finish(req, t_arrival, "rejected", "unsupported_by_engine")
             return ApiError(400, refusal, "unsupported_by_engine").response()
+        if lv.max_context is not None and self.config.context_tokens.get(req.model) != lv.max_context:
+            try:  # the engine's own window (unless the config's, already checked, is the same)
+                check_context(body, path, lv.max_context, self.config.max_token_bytes)
+            except ApiError as e:
+                self._finish(req, t_arrival, "rejected", e.code or "rejected")
+                return e.response()
         stream = bool(body.get("stream"))
         synthesize = stream and not lv.streaming
         usage_chunk = include_usage(body)
@@ -249,7 +255,9 @@ class ForwardMixin:
         self._end(flight)
         status = upstream.status_code
         if status != 200:
-            self._finish(req, t_arrival, "failed", f"engine_{status}")
+            # an engine's 4xx is the client's error (a prompt too long for its tokenizer, a parameter it refuses):
+            # rejected, as the gateway's own 400s are; anything else is the engine's failure
+            self._finish(req, t_arrival, "rejected" if 400 <= status < 500 else "failed", f"engine_{status}")
             return Response(answer_raw, status_code=status, media_type="application/json")
         req.ttft_s = time.monotonic() - t_arrival  # non-stream: the first token arrives with the rest
         try:
@@ -442,6 +450,10 @@ class ForwardMixin:
         if req.token_stream:
             req.tpot_s = tpot(req.last_token_s, req.ttft_s, req.out_tokens)
         self._rows.append(request_row(req))
+        if self._permits:  # the tenant's limits: free its slot, settle its tokens against the engine's usage
+            permit = self._permits.pop(req.id, None)
+            if permit is not None:
+                self.limiter.release(permit, req.in_tokens + req.out_tokens)
         lv = self.live.get(req.instance) if req.cold_start else None
         if lv is not None and lv.url:
             self._spawn(self._add_engine_read(lv, req, len(self._rows) - 1))

@@ -25,7 +25,7 @@ from starlette.responses import Response
 
 from core.records import REQUEST_SCHEMA
 from live.gateway_actions import ACTION_COLUMNS
-from live.gateway_api import ApiError
+from live.gateway_api import REFUSED_PARAMS, ApiError
 from live.gateway_sse import error_event
 
 #: `live.gateway_api.safe_model_name` as an ECMA-262 / Python regex: not empty, no `/` or `\`, no `..`, no
@@ -43,11 +43,18 @@ _REF = "#/components/schemas/"
 # what each status means where the gateway answers it, with the `code` values it sends
 _STATUS_TEXT = {
     400: "Invalid request: unparsable JSON or not an object (`invalid_json`), a missing or ill-typed field "
-         "(`missing_required_parameter`, `invalid_model_name`, `invalid_value`, `invalid_type`), or a request "
-         "the chosen engine cannot serve (`unsupported_by_engine`).",
+         "(`missing_required_parameter`, `invalid_model_name`, `invalid_value`, `invalid_type`, "
+         "`invalid_content_length`), a parameter no engine honours (`unsupported_parameter`, `param` names it), a "
+         "prompt that certainly exceeds the model's context (`context_length_exceeded`), a request larger than "
+         "the tenant's whole token quota (`exceeds_token_quota`), or a request the chosen engine cannot serve "
+         "(`unsupported_by_engine`).",
     401: "Missing or invalid bearer token (`invalid_api_key`; `invalid_admin_token` on /admin).",
     403: "The API key's tenant may not use this model (`model_not_allowed`).",
     404: "The model does not exist (`model_not_found`).",
+    413: "The request body is over the gateway's `max_body_bytes` (`request_too_large`); refused before the rest "
+         "of it is read.",
+    429: "The tenant is over a limit: its request rate or concurrent requests (`rate_limit_exceeded`) or its token "
+         "quota (`insufficient_quota`); `Retry-After` says when to retry.",
     500: "An internal error of the gateway (`internal_error`).",
     502: "The engine or its node failed (`node_down`, `load_failed`, `engine_failed`, `migration_failed`, "
          "`bad_engine_answer`).",
@@ -107,8 +114,16 @@ def _request_schema(path: str) -> dict[str, Any]:
         "stream": {"type": "boolean", "description": "Answer as server-sent events (text/event-stream)."},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                            "description": "`include_usage`: end the stream with a usage chunk."},
+        **{name: _refused_schema(name) for name in REFUSED_PARAMS},
     }
     return {"type": "object", "required": ["model", need], "properties": props}
+
+
+def _refused_schema(name: str) -> dict[str, Any]:
+    """A parameter of `REFUSED_PARAMS`: accepted only with a value that asks for nothing (or null)."""
+    return {"anyOf": [{"type": "null"}, *({"const": v} for v in REFUSED_PARAMS[name])],
+            "description": "No engine behind the gateway honours it: anything but these values is refused (400 "
+                           "`unsupported_parameter`) unless the gateway's `honoured_params` lists it."}
 
 
 def _choice(chat: bool, chunk: bool) -> dict[str, Any]:
@@ -195,12 +210,15 @@ def _completion_operation(path: str, request_id_header: str) -> dict[str, Any]:
               "content": _json({"anyOf": [_ref("Error"), _ref("EngineError")]})}
     relayed = {"description": "An engine's client error (other than 400), relayed with its status and body.",
                "headers": headers, "content": _json(_ref("EngineError"))}
+    retry = {**headers, "Retry-After": {"description": "Whole seconds after which a retry may pass.",
+                                        "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
     return {"post": {
         "operationId": "createChatCompletion" if chat else "createCompletion",
         "summary": f"OpenAI {'chat ' if chat else ''}completion, placed by the gateway's policy",
         "security": [{API_KEY: []}],
         "requestBody": {"required": True, "content": _json(_ref(f"{name}Request"))},
-        "responses": {"200": ok, "400": client, **_errors(401, 403, 404, headers=headers), "4XX": relayed,
+        "responses": {"200": ok, "400": client, **_errors(401, 403, 404, 413, headers=headers),
+                      **_errors(429, headers=retry), "4XX": relayed,
                       **_errors(500, 502, 503, 504, headers=headers)}}}
 
 
