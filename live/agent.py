@@ -220,8 +220,9 @@ def serve(config: AgentConfig, log_level: str = "info") -> None:
     if config.parent_pid:
         exit_with_parent(config.parent_pid, on_exit=agent.shutdown)
     try:
+        tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)} if config.tls_cert else {}
         AgentServer(uvicorn.Config(create_app(agent), host=config.host, port=config.port, log_level=log_level,
-                                   lifespan="on", timeout_graceful_shutdown=10)).run()
+                                   lifespan="on", timeout_graceful_shutdown=10, **tls)).run()
     finally:
         agent.shutdown()  # also when uvicorn failed before the lifespan ran (port taken, ...)
 

@@ -95,6 +95,10 @@ class AgentConfig:
     max_errors: int = 50  # recent errors kept for /status
     parent_pid: int | None = None  # stop the engines and exit when this process is gone (None: never)
     tracing: TracingConfig = field(default_factory=TracingConfig)  # OpenTelemetry traces (`live.tracing`): off
+    # HTTPS: the agent's certificate chain and private key (PEM); both or neither. The token still travels in
+    # the Authorization header, so over any network but loopback give the agent a certificate.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -106,6 +110,12 @@ class AgentConfig:
             raise ValueError(f"unknown tiers {sorted(unknown)}; tiers are {TIER_ORDER}")
         if not self.tiers:
             raise ValueError("AgentConfig needs at least one local tier")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("AgentConfig.tls_cert and tls_key go together (both PEM files) or not at all")
+        for field_name in ("tls_cert", "tls_key"):
+            path = getattr(self, field_name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"AgentConfig.{field_name}: no such file {str(path)!r}")
         for name, tier in self.tiers.items():
             if tier.name != name:
                 raise ValueError(f"AgentConfig.tiers[{name!r}] is configured as tier {tier.name!r}")
@@ -168,6 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-with-parent", type=int, metavar="PID", help="stop the engines and exit when PID is gone")
     p.add_argument("--tracing-exporter", choices=EXPORTERS, default="off", help="OpenTelemetry traces (default off)")
     p.add_argument("--tracing-endpoint", default="", help="OTLP/HTTP endpoint of --tracing-exporter otlp")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
     return p
 
 
@@ -214,7 +226,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
                              nic_Bps=args.nic_Bps,
                              host_dir=Path(args.host_dir) if args.host_dir is not None else None,
                              memory_budget_bytes=memory_budget, parent_pid=args.exit_with_parent,
-                             tracing=TracingConfig(args.tracing_exporter, args.tracing_endpoint))
+                             tracing=TracingConfig(args.tracing_exporter, args.tracing_endpoint),
+                             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                             tls_key=Path(args.tls_key) if args.tls_key else None)
     except ValueError as e:
         p.error(str(e))
     return config, args.log_level

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -83,9 +84,11 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
 
 
 def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
-                 log_path: str | os.PathLike[str] | None = None, what: str = "server") -> None:
+                 log_path: str | os.PathLike[str] | None = None, what: str = "server",
+                 verify: ssl.SSLContext | bool = True) -> None:
     """Poll `url`/healthz until it answers 200; RuntimeError after `timeout_s`, or as soon as `proc` (the
-    server's process, if given) exits, with the end of its log at `log_path`."""
+    server's process, if given) exits, with the end of its log at `log_path`. `verify`: a context trusting an
+    https server's CA, or True for the system's CAs."""
     import httpx  # a live dependency; imported here so the helpers above need none
 
     def tail() -> str:
@@ -100,7 +103,7 @@ def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | Non
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}{tail()}")
         try:
-            if httpx.get(url + "/healthz", timeout=1, trust_env=False).status_code == 200:
+            if httpx.get(url + "/healthz", timeout=1, trust_env=False, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass

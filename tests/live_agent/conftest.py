@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,7 @@ from live.checkpoint import generate_checkpoint
 from live.engines.base import free_port
 from live.lifecycle import wait_healthy
 from live.registry import Registry
+from tests.tls_certs import TestCerts
 
 # without the live extra (pip install -e ".[live]") these tests are skipped, not failed
 for _dep in ("torch", "safetensors", "tokenizers", "starlette", "uvicorn"):
@@ -48,10 +50,12 @@ class AgentProc:
     tiers: dict[str, Path]
     log_path: Path
     host_dir: Path  # the agent's host-memory staging of cloud loads (not a tier)
+    verify: ssl.SSLContext | bool = True  # trusts an https agent's CA
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
-        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120,
+                                   verify=self.verify)
 
     def post(self, path: str, body: dict) -> httpx.Response:
         return self.client.post(path, json=body)
@@ -87,8 +91,8 @@ def cloud(tmp_path: Path, tiny_ckpt: Path) -> Cloud:
     return Cloud(url, root, registry)
 
 
-def _wait_healthy(agent: AgentProc) -> None:
-    wait_healthy(agent.url, START_TIMEOUT_S, agent.proc, agent.log_path, "agent")
+def _wait_healthy(agent: AgentProc, verify: ssl.SSLContext | bool = True) -> None:
+    wait_healthy(agent.url, START_TIMEOUT_S, agent.proc, agent.log_path, "agent", verify)
 
 
 @pytest.fixture
@@ -98,9 +102,9 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
 
     def start(store_url: str, capacities: dict[str, int] | None = None, store_options: dict | None = None,
               extra: Sequence[str] = (), tier_dirs: dict[str, Path] | None = None,
-              host_dir: Path | None = None) -> AgentProc:
+              host_dir: Path | None = None, tls: TestCerts | None = None) -> AgentProc:
         """`extra`: more agent flags (e.g. --tier-bw); `tier_dirs`, `host_dir`: reuse these dirs (a restarted
-        agent)."""
+        agent); `tls`: serve HTTPS with that certificate."""
         capacities = capacities or {"dram": 1 << 30, "nvme": 1 << 30, "sata": 1 << 30}
         port = free_port()
         node = f"t{uuid.uuid4().hex[:6]}"
@@ -110,15 +114,18 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
                 "--store", store_url, "--copy-streams", "4", "--log-level", "warning",
                 "--store-options", json.dumps({store_url: store_options or {}}), "--host-dir", str(host_dir),
                 *extra]
+        if tls is not None:
+            argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
         for name, cap in capacities.items():
             argv += ["--tier", f"{name}={tiers[name]}:{cap}"]
         log_path = tmp_path / f"{node}.log"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        agent = AgentProc(proc, f"http://127.0.0.1:{port}", tiers, log_path, host_dir)
+        agent = AgentProc(proc, f"{'https' if tls else 'http'}://127.0.0.1:{port}", tiers, log_path, host_dir,
+                          ssl.create_default_context(cafile=tls.ca) if tls else True)
         started.append(agent)
-        _wait_healthy(agent)
+        _wait_healthy(agent, agent.verify)
         return agent
 
     yield start
