@@ -74,8 +74,13 @@ log = logging.getLogger(__name__)
 
 def gateway_config(cfg: Mapping[str, Any], agents: Sequence[AgentRef], tenants: dict[str, Tenant],
                    admin_token: str, models: Mapping[str, ModelSpec] | None = None,
-                   model_details: Mapping[str, dict[str, Any]] | None = None) -> GatewayConfig:
+                   model_details: Mapping[str, dict[str, Any]] | None = None,
+                   audit_log: str | Path | None = None) -> GatewayConfig:
     """GatewayConfig from the `gateway` block; unknown keys are errors naming the key.
+
+    Keys beyond the tenants and the admin token (`principals`, `keys_file`) and the audit log's path (`audit_log`)
+    come from the block too; `audit_log` here is the default (the run's `audit.jsonl`), which the block's own
+    `audit_log` (null: none) overrides.
 
     `models` (the catalog's real specs, `catalog_model_specs`) replace the gateway's nominal stand-ins;
     `model_details` (`catalog_model_details`: the chat template in use) go into its /v1/models items. The
@@ -91,6 +96,8 @@ def gateway_config(cfg: Mapping[str, Any], agents: Sequence[AgentRef], tenants: 
     derived: dict[str, Any] = {} if models is None else {"models": dict(models)}
     if model_details is not None:
         derived["model_details"] = dict(model_details)
+    if audit_log is not None and "audit_log" not in extra:
+        derived["audit_log"] = str(audit_log)
     if cfg.get("tracing") is not None and "tracing" not in extra:  # the top-level block, shared with the agents
         derived["tracing"] = dict(cfg["tracing"])
     try:
@@ -121,11 +128,28 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve_gateway(gateway: Gateway, sock: socket.socket, log_level: str, on_ready: Any) -> None:
+def _tls_files(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """uvicorn's ssl arguments from the `tls` block (`cert`, `key`: PEM files), {} without one; ConfigError
+    naming the field otherwise."""
+    tls = dict(cfg.get("tls") or {})
+    unknown = sorted(set(tls) - {"cert", "key"})
+    if unknown:
+        raise ConfigError(f"tls: unknown key(s) {unknown}; known: ['cert', 'key']")
+    cert, key = tls.get("cert"), tls.get("key")
+    if (cert is None) != (key is None):
+        raise ConfigError("tls: cert and key go together (PEM files), or neither")
+    for name, path in (("cert", cert), ("key", key)):
+        if path is not None and not os.path.isfile(str(path)):
+            raise ConfigError(f"tls.{name}: no such file {str(path)!r}")
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)} if cert else {}
+
+
+async def _serve_gateway(gateway: Gateway, sock: socket.socket, log_level: str, on_ready: Any,
+                         tls: Mapping[str, str] | None = None) -> None:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(create_app(gateway), log_level=log_level, lifespan="on",
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, **dict(tls or {})))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
@@ -164,8 +188,9 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     progressive = cfg.get("engine", {}).get("progressive")
     progressive = bool(bundle.progressive if progressive is None else progressive)
     host = str(cfg.get("host", "127.0.0.1"))
+    tls = _tls_files(cfg)
     sock = _listen_socket(host, int(cfg.get("port", 8080)))
-    url = f"http://{host}:{sock.getsockname()[1]}"
+    url = f"{'https' if tls else 'http'}://{host}:{sock.getsockname()[1]}"
     shm = Path("/dev/shm")  # dram on tmpfs; created last, so that a config error leaves no memory behind
     dram_root = Path(tempfile.mkdtemp(prefix="tierlab-live-", dir=shm if shm.is_dir() else None))
     agents: list[AgentProcess] = []
@@ -175,8 +200,8 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     try:
         agents = start_agents(cfg, workdir, dram_root, stores, agent_token, progressive, out_dir / "logs", node)
         refs = [AgentRef(a.node, a.url, agent_token) for a in agents]
-        gateway = Gateway(gateway_config(cfg, refs, tenants, admin_token, specs, catalog_model_details(entries)),
-                          bundle)
+        gateway = Gateway(gateway_config(cfg, refs, tenants, admin_token, specs, catalog_model_details(entries),
+                                         out_dir / "audit.jsonl"), bundle)
 
         def ready() -> None:
             _write_private(out_dir / "serve.json", {
@@ -194,7 +219,7 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
         t0 = time.monotonic()
         with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            runner.run(_serve_gateway(gateway, sock, str(cfg.get("log_level", "warning")), ready))
+            runner.run(_serve_gateway(gateway, sock, str(cfg.get("log_level", "warning")), ready, tls))
     finally:
         # a second Ctrl-C must not cut the clean-up short: that is what leaves orphans behind
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

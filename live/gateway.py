@@ -30,10 +30,14 @@ mid-stream ends the client's stream with an SSE error event. `request_timeout_s`
     GET  /metrics                                    Prometheus text (prometheus_client; `live.gateway_metrics`)
     GET  /openapi.json                               the OpenAPI 3.1 document of these endpoints
                                                      (`live.gateway_openapi`)
-    GET  /admin/records                              the request records as JSON (Bearer <admin_token>)
-    GET  /admin/actions                              the policy actions carried out, as JSON (same token)
+    GET  /admin/records, /admin/actions, /admin/audit records, actions, the audit log (operator or admin key)
+    POST /admin/tiers/copy, /admin/tiers/evict       an operator's tier moves (`live.gateway_admin`)
+    GET, POST /admin/keys, DELETE /admin/keys/{key_id}  key management (admin key)
 
-Auth is `Authorization: Bearer <api key>`; errors use OpenAI's shape `{"error": {message, type, param, code}}`.
+Auth is `Authorization: Bearer <key>`; each key has a role (tenant, operator, admin) and each route needs a
+permission its role holds (`live.gateway_auth`); keys are held as their sha256 only. Every /admin call is written
+to the hash-chained audit log (`GatewayConfig.audit_log`). Errors use OpenAI's shape
+`{"error": {message, type, param, code}}`.
 Before any placement a request is checked against the limits (`GatewayConfig`): body size (413, before the rest
 is read), parameters no engine honours (400 `unsupported_parameter`), a prompt that certainly exceeds the model's
 context (400 `context_length_exceeded`), and the tenant's rate, token quota and concurrency (`live.gateway_limits`,
@@ -48,6 +52,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
@@ -64,12 +69,13 @@ from starlette.routing import Route as HttpRoute
 from core.policies.base import PolicyBundle
 from core.records import REQUEST_SCHEMA, frame, rows_to_columns
 from core.state import CapacityError, ClusterState, ClusterView
+from live.audit import AuditLog
 from live.gateway_actions import ACTION_COLUMNS, ActionsMixin
+from live.gateway_admin import admin_routes, audit
 from live.gateway_agents import AgentClient
 from live.gateway_api import (
     ApiError,
     Tenant,
-    authenticate,
     bearer,
     check_context,
     completion_limit,
@@ -77,9 +83,9 @@ from live.gateway_api import (
     prompt_tokens,
     prompt_tokens_lower_bound,
     read_body,
-    token_matches,
     validate,
 )
+from live.gateway_auth import PREHASHED, KeyStore, allowed, config_principals, stored_digest
 from live.gateway_config import (
     DEFAULT_NODE_PRICE_PER_HOUR,
     NOMINAL_GPU,
@@ -95,7 +101,7 @@ from live.gateway_metrics import GatewayMetrics
 from live.gateway_migration import MigrationMixin
 from live.gateway_mirror import EngineFailed, Flight, Live, MirrorMixin, NodeLost, WallClock, log
 from live.gateway_openapi import openapi_endpoint
-from live.gateway_records import RequestInfo, instance_frame, records_json, request_frame, write_request_records
+from live.gateway_records import RequestInfo, instance_frame, request_frame, write_request_records
 from live.gateway_upstream import Upstream
 from live.tracing import Tracing, span
 
@@ -146,6 +152,26 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         self.limiter = Limiter(config.limits, lambda: self.clock.now)  # type: ignore[arg-type]  # normalized
         self._permits: dict[int, Permit] = {}  # request id -> its limiter permit, released by `_finish`
         self._refused = config.refused_params
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self.keys = KeyStore(config_principals(config.tenants, config.admin_token, config.principals),
+                             config.keys_file, set(config.models), self._keys_reloaded)
+        # no key stays in plain text: the config's own keys become their stored form (which a config also accepts,
+        # so a config can build a second gateway)
+        config.tenants = {PREHASHED + stored_digest(k): t for k, t in config.tenants.items()}
+        config.admin_token = PREHASHED + stored_digest(config.admin_token) if config.admin_token else ""
+
+    def _keys_reloaded(self, outcome: str, details: dict[str, Any]) -> None:
+        """Audit a re-read of the keys file (called on the request path: the entry is written in the background)."""
+        if self.audit is not None and self.loop is not None and self.loop.is_running():
+            self._spawn(audit(self, "keys.reload", str(details.get("file", "")), outcome, "gateway", details))
+
+    def tenant_of(self, request: Request) -> Tenant:
+        """The tenant whose key the request bears; ApiError 401 for no key, an unknown one, or a key of a role
+        that does not serve (an admin or operator key is not an API key)."""
+        principal = self.keys.lookup(bearer(request))
+        if principal is None or not allowed(principal.role, "serve"):
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
+        return principal.tenant
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,7 +184,8 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         timeout = httpx.Timeout(c.request_timeout_s, connect=c.connect_timeout_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         # trust_env=False: the cluster is reached directly, never through a proxy from the environment
-        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        verify = ssl.create_default_context(cafile=c.agent_ca) if c.agent_ca else True  # https agents
+        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, verify=verify)
         self._upstream = Upstream(c.connect_timeout_s, c.request_timeout_s)
         self._agents = AgentClient(self._http, self.agents, self._node_down, c.health_timeout_s)
         statuses = await asyncio.gather(*(self._agents.status(a.name) for a in c.agents))
@@ -228,7 +255,7 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         c = self.config
         try:
             with span("auth"):
-                tenant = authenticate(request, c.tenants)
+                tenant = self.tenant_of(request)
             req.tenant = tenant.name
             raw = await read_body(request, c.max_body_bytes)
             body = parse_body(raw)
@@ -323,7 +350,7 @@ def create_app(gateway: Gateway) -> Starlette:
 
     async def models(request: Request) -> Response:
         try:
-            tenant = authenticate(request, gateway.config.tenants)
+            tenant = gateway.tenant_of(request)
         except ApiError as e:
             return e.response()
         details = gateway.config.model_details
@@ -337,28 +364,10 @@ def create_app(gateway: Gateway) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(gateway.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
-    def admin_only(request: Request) -> Response | None:
-        if not token_matches(bearer(request), gateway.config.admin_token):
-            return ApiError(401, "missing or invalid admin token (Authorization: Bearer <admin_token>)",
-                            "invalid_admin_token").response()
-        return None
-
-    async def admin_records(request: Request) -> Response:
-        if (denied := admin_only(request)) is not None:
-            return denied
-        # a long run has many rows: build the JSON off the event loop (records() copies the row lists first)
-        return JSONResponse(await asyncio.to_thread(lambda: records_json(gateway.records())))
-
-    async def admin_actions(request: Request) -> Response:
-        if (denied := admin_only(request)) is not None:
-            return denied
-        return JSONResponse(await asyncio.to_thread(lambda: records_json(gateway.actions())))
-
     routes = [
         HttpRoute("/healthz", healthz),
         HttpRoute("/metrics", metrics),
-        HttpRoute("/admin/records", admin_records),
-        HttpRoute("/admin/actions", admin_actions),
+        *admin_routes(gateway),
         HttpRoute("/v1/models", models),
         HttpRoute("/v1/completions", completion("/v1/completions"), methods=["POST"]),
         HttpRoute("/v1/chat/completions", completion("/v1/chat/completions"), methods=["POST"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from core.policies.base import PolicyBundle
 from core.specs import EngineSpec, GpuSpec, ModelSpec
 from live.gateway_api import DEFAULT_MAX_TOKEN_BYTES, REFUSED_PARAMS, Tenant
+from live.gateway_auth import Principal, load_keys_file, principal_from
 from live.gateway_limits import EVERY_TENANT, TenantLimits
 from live.tracing import TracingConfig
 
@@ -50,8 +52,14 @@ class GatewayConfig:
     """Agents, tenants (API key -> Tenant), models and the knobs of the request path.
 
     `node_price_per_hour` ($ per node-hour, one number for every node or one per node name) prices each
-    request's `cost_usd` (see `live.gateway_records`). `admin_token` opens GET /admin/records and /admin/actions
-    ("" keeps them shut). `health_interval_s = 0` turns the agent health loop off.
+    request's `cost_usd` (see `live.gateway_records`). `health_interval_s = 0` turns the agent health loop off.
+
+    Keys and roles (`live.gateway_auth`): `tenants` (API key -> Tenant) are tenant keys, `admin_token` an admin key
+    named "admin" ("" for none), `principals` more keys of any role (entries `{name, role, models, key | sha256}`,
+    hashed here), and `keys_file` a file of such entries the gateway re-reads when it changes. A key may be given
+    pre-hashed as `sha256:<hex>`. The `Gateway` keeps hashes only: it replaces the plain keys of `tenants` and
+    `admin_token` with their `sha256:<hex>` form. `audit_log`: the path of the hash-chained audit log
+    (`live.audit`) of every /admin call and key change (None: no audit log).
 
     The gateway plans with each node as its agent describes it (`live.gateway_nodes`): tier pacing, the store,
     the memory budget (`accelerator.memory_bytes`) and the engine's batch limit. `nominal_gpu` stands in for a
@@ -86,10 +94,18 @@ class GatewayConfig:
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES  # most UTF-8 bytes one token stands for (`check_context`)
     limits: dict[str, TenantLimits | Mapping[str, Any]] = field(default_factory=dict)  # tenant name or "*"
     honoured_params: tuple[str, ...] = ()
+    principals: list[Principal | Mapping[str, Any]] = field(default_factory=list)
+    keys_file: str | None = None
+    audit_log: str | None = None
+    # CA bundle (PEM) the gateway trusts for https:// agents (None: the system's CAs); an agent whose certificate
+    # it does not trust is unreachable to it, so never used
+    agent_ca: str | None = None
 
     def __post_init__(self) -> None:
         if not self.agents:
             raise ValueError("GatewayConfig.agents needs at least one agent")
+        if self.agent_ca is not None and not os.path.isfile(self.agent_ca):
+            raise ValueError(f"GatewayConfig.agent_ca: no such file {self.agent_ca!r}")
         self.tracing = TracingConfig.of(self.tracing)
         names = [a.name for a in self.agents]
         if len(set(names)) != len(names):
@@ -111,7 +127,8 @@ class GatewayConfig:
         for node, p in per_node.items():
             if not (isinstance(p, int | float) and math.isfinite(p) and p >= 0):
                 raise ValueError(f"GatewayConfig.node_price_per_hour[{node!r}] must be >= 0, got {p!r}")
-        for tenant in self.tenants.values():
+        self._check_principals()
+        for tenant in self.tenant_list():
             for m in tenant.models:
                 self.models.setdefault(m, nominal_model(m))
         unlisted = set(self.model_details) - set(self.models)
@@ -132,7 +149,7 @@ class GatewayConfig:
         for m, v in self.context_tokens.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"GatewayConfig.context_tokens[{m!r}] must be an integer >= 1, got {v!r}")
-        tenants = {t.name for t in self.tenants.values()}
+        tenants = {t.name for t in self.tenant_list()}
         unknown = set(self.limits) - tenants - {EVERY_TENANT}
         if unknown:
             raise ValueError(f"GatewayConfig.limits names unknown tenants {sorted(unknown)}; known: {sorted(tenants)} "
@@ -143,6 +160,28 @@ class GatewayConfig:
         if bad:
             raise ValueError(f"GatewayConfig.honoured_params: {bad} are never refused; the refused ones are "
                              f"{sorted(REFUSED_PARAMS)}")
+
+    def _check_principals(self) -> None:
+        """Hash the `principals` entries (errors name the entry, never its key) and read `keys_file` once: a bad
+        file is an error at start (later, a bad version is reported and the previous keys stay)."""
+        self.principals = [p if isinstance(p, Principal) else principal_from(p, f"GatewayConfig.principals[{i}]",
+                                                                            "config")
+                           for i, p in enumerate(self.principals)]
+        self._file_principals: list[Principal] = []
+        if self.keys_file is not None:
+            self.keys_file = str(self.keys_file)
+            try:
+                self._file_principals = load_keys_file(self.keys_file)
+            except OSError as e:
+                raise ValueError(f"GatewayConfig.keys_file: cannot read {self.keys_file} ({e.strerror})") from None
+        if self.audit_log is not None:
+            self.audit_log = str(self.audit_log)
+
+    def tenant_list(self) -> list[Tenant]:
+        """The tenants configured at start: `tenants`, and the tenant entries of `principals` and `keys_file`."""
+        more = [p.tenant for p in (*self.principals, *self._file_principals)
+                if isinstance(p, Principal) and p.role == "tenant"]
+        return [*self.tenants.values(), *more]
 
     @property
     def refused_params(self) -> tuple[str, ...]:

@@ -24,8 +24,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core.records import REQUEST_SCHEMA
+from live.audit import FIELDS as AUDIT_FIELDS
 from live.gateway_actions import ACTION_COLUMNS
 from live.gateway_api import REFUSED_PARAMS, ApiError
+from live.gateway_auth import KEY_ID_LEN, ROLES
 from live.gateway_sse import error_event
 
 #: `live.gateway_api.safe_model_name` as an ECMA-262 / Python regex: not empty, no `/` or `\`, no `..`, no
@@ -61,6 +63,19 @@ _STATUS_TEXT = {
     503: "No capacity: the policy rejected the request or nothing could serve it within the queue timeout "
          "(`code` is the policy's reason).",
     504: "The request timed out waiting for, or on, an engine (`timeout`).",
+}
+# the same statuses on /admin endpoints
+_ADMIN_TEXT = {
+    400: "Invalid request: unparsable JSON or not an object (`invalid_json`), a missing, unknown or ill-typed field "
+         "(`missing_required_parameter`, `unknown_parameter`, `invalid_type`, `invalid_value`, "
+         "`invalid_model_name`).",
+    401: "No key, an unknown key, or a tenant key (`invalid_admin_token`): /admin needs an operator or admin key.",
+    403: "The key's role lacks the permission this endpoint needs (`insufficient_role`), e.g. an operator key on "
+         "key management.",
+    404: "No valid key has this key_id (`key_not_found`).",
+    409: "The key (or its key_id) is already taken, or was revoked (`key_exists`).",
+    413: _STATUS_TEXT[413],
+    500: _STATUS_TEXT[500],
 }
 
 
@@ -161,7 +176,9 @@ def _components() -> dict[str, Any]:
     return {
         "securitySchemes": {
             API_KEY: {"type": "http", "scheme": "bearer", "description": "A tenant's API key."},
-            ADMIN_TOKEN: {"type": "http", "scheme": "bearer", "description": "The gateway's admin token."},
+            ADMIN_TOKEN: {"type": "http", "scheme": "bearer",
+                          "description": "An operator or admin key (`live.gateway_auth`: the role decides what it "
+                                         "may call; a tenant key never opens /admin)."},
         },
         "schemas": {
             "Error": _error_schema(gateway=True),
@@ -184,14 +201,113 @@ def _components() -> dict[str, Any]:
                                                        "description": "The cluster mirror is built."}}},
             "Records": _table_schema(list(REQUEST_SCHEMA), "One row per finished request (core.records)."),
             "Actions": _table_schema(list(ACTION_COLUMNS), "One row per policy action carried out."),
+            **_admin_schemas(),
         },
     }
 
 
-def _errors(*statuses: int, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+def _errors(*statuses: int, headers: dict[str, Any] | None = None, text: dict[int, str] = _STATUS_TEXT
+            ) -> dict[str, Any]:
     """The gateway's own error responses for `statuses`."""
-    return {str(s): {"description": _STATUS_TEXT[s], "content": _json(_ref("Error")),
+    return {str(s): {"description": text[s], "content": _json(_ref("Error")),
                      **({"headers": headers} if headers else {})} for s in statuses}
+
+
+def _admin_errors(*statuses: int) -> dict[str, Any]:
+    return _errors(*statuses, text=_ADMIN_TEXT)
+
+
+def _admin_schemas() -> dict[str, Any]:
+    """The bodies of the /admin endpoints beyond records and actions (`live.gateway_admin`)."""
+    cell = {"type": ["string", "number", "boolean", "null"]}
+    key = {"type": "object", "required": ["key_id", "name", "role", "models", "source"], "properties": {
+        "key_id": {"type": "string", "pattern": f"^[0-9a-f]{{{KEY_ID_LEN}}}$",
+                   "description": "The key's fingerprint (the first hex digits of its sha256), never the key."},
+        "name": {"type": "string"}, "role": {"enum": list(ROLES)},
+        "models": {"type": "array", "items": {"type": "string"}},
+        "source": {"enum": ["config", "file", "api"]}}}
+    entry = {"type": "object", "required": list(AUDIT_FIELDS), "properties": {
+        "seq": {"type": "integer"}, "time_unix": {"type": "number"}, "actor": {"type": "string"},
+        "action": {"type": "string"}, "target": {"type": "string"}, "outcome": {"type": "string"},
+        "details": {"type": "object"}, "prev": {"type": "string"}, "hash": {"type": "string"}}}
+    return {
+        "Key": key,
+        "KeyList": {"type": "object", "required": ["keys", "keys_file"], "properties": {
+            "keys": {"type": "array", "items": _ref("Key")},
+            "keys_file": {"type": "object", "required": ["path", "error"], "properties": {
+                "path": {"type": ["string", "null"]},
+                "error": {"type": "string", "description": "Why its last change was not taken (\"\" if it was)."}}}}},
+        "KeyRequest": {"type": "object", "required": ["name", "role"], "additionalProperties": False, "properties": {
+            "name": {"type": "string", "minLength": 1}, "role": {"enum": list(ROLES)},
+            "models": {"type": "array", "items": {"type": "string"},
+                       "description": "A tenant's models (served ones); none for admin and operator keys."},
+            "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$",
+                       "description": "The key's sha256 (hex); without it a key is generated and answered once."}}},
+        "KeyCreated": {"allOf": [_ref("Key")], "properties": {"key": {
+            "type": "string", "description": "The generated key: shown this once, stored as its hash only."}}},
+        "KeyRevoked": {"allOf": [_ref("Key")], "required": ["revoked"], "properties": {"revoked": {"const": True}}},
+        "AuditLog": {"type": "object", "required": ["path", "entries", "verdict"], "properties": {
+            "path": {"type": ["string", "null"], "description": "null: the gateway keeps no audit log."},
+            "entries": {"type": "array", "items": entry, "description": "The last entries (at most 1000)."},
+            "verdict": {"type": "object", "required": ["ok", "entries", "bad_line", "problem"], "properties": {
+                "ok": {"type": "boolean"}, "entries": {"type": "integer"}, "bad_line": {"type": ["integer", "null"]},
+                "problem": {"type": "string"}}}}},
+        "TierCopyRequest": _move_request("to_tier"),
+        "TierEvictRequest": _move_request("tier"),
+        "TierMove": {"type": "object", "required": ["action"], "properties": {"action": {
+            "type": "object", "required": list(ACTION_COLUMNS), "properties": dict.fromkeys(ACTION_COLUMNS, cell),
+            "description": "The move's row of GET /admin/actions (`detail` \"operator\")."}}},
+    }
+
+
+def _move_request(tier: str) -> dict[str, Any]:
+    return {"type": "object", "required": ["node", "model", tier], "additionalProperties": False, "properties": {
+        "node": {"type": "string"}, "model": {"type": "string", "pattern": MODEL_NAME_PATTERN},
+        tier: {"type": "string", "description": "A tier of the node (dram, nvme, sata, ...)."}}}
+
+
+def _admin_get(operation_id: str, summary: str, schema: str, errors: tuple[int, ...] = (401, 403, 500)
+               ) -> dict[str, Any]:
+    return {"operationId": operation_id, "summary": summary, "security": [{ADMIN_TOKEN: []}],
+            "responses": {"200": {"description": summary + ".", "content": _json(_ref(schema))},
+                          **_admin_errors(*errors)}}
+
+
+def _move_operation(operation_id: str, summary: str, request: str) -> dict[str, Any]:
+    moved = {"content": _json(_ref("TierMove"))}
+    return {"post": {
+        "operationId": operation_id, "summary": summary, "security": [{ADMIN_TOKEN: []}],
+        "requestBody": {"required": True, "content": _json(_ref(request))},
+        "responses": {"200": {"description": "Done.", **moved},
+                      "202": {"description": "Still running after the load timeout (`outcome` \"running\").", **moved},
+                      "409": {"description": "Skipped: unknown node, model or tier, already there or not there, no "
+                                             "room, a node without an agent (`reason` says).", **moved},
+                      "502": {"description": "The agent failed it (`reason` says).", **moved},
+                      **_admin_errors(400, 401, 403, 413, 500)}}}
+
+
+def _admin_paths() -> dict[str, Any]:
+    return {
+        "/admin/audit": {"get": _admin_get("adminAudit", "The audit log's last entries and its chain verdict",
+                                           "AuditLog")},
+        "/admin/tiers/copy": _move_operation("adminTierCopy", "Copy a model into a tier of a node", "TierCopyRequest"),
+        "/admin/tiers/evict": _move_operation("adminTierEvict", "Drop a model from a tier of a node",
+                                              "TierEvictRequest"),
+        "/admin/keys": {
+            "get": _admin_get("adminListKeys", "The valid keys, by fingerprint", "KeyList"),
+            "post": {"operationId": "adminAddKey", "summary": "Add a key (in memory until restart)",
+                     "security": [{ADMIN_TOKEN: []}],
+                     "requestBody": {"required": True, "content": _json(_ref("KeyRequest"))},
+                     "responses": {"201": {"description": "Added.", "content": _json(_ref("KeyCreated"))},
+                                   **_admin_errors(400, 401, 403, 409, 413, 500)}}},
+        "/admin/keys/{key_id}": {"delete": {
+            "operationId": "adminRevokeKey", "summary": "Revoke a key until restart, whichever source lists it",
+            "security": [{ADMIN_TOKEN: []}],
+            "parameters": [{"name": "key_id", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": f"^[0-9a-f]{{{KEY_ID_LEN}}}$"}}],
+            "responses": {"200": {"description": "Revoked.", "content": _json(_ref("KeyRevoked"))},
+                          **_admin_errors(400, 401, 403, 404, 500)}}},
+    }
 
 
 def _completion_operation(path: str, request_id_header: str) -> dict[str, Any]:
@@ -230,7 +346,6 @@ def _get(operation_id: str, summary: str, ok: dict[str, Any], security: list[dic
 
 def openapi_document(request_id_header: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route of `live.gateway.create_app`."""
-    admin = [{ADMIN_TOKEN: []}]
     public: list[dict[str, list[str]]] = []
     return {
         "openapi": "3.1.0",
@@ -245,10 +360,10 @@ def openapi_document(request_id_header: str) -> dict[str, Any]:
             "/metrics": _get("metrics", "Prometheus metrics", {
                 "description": "Prometheus text exposition.",
                 "content": {"text/plain": {"schema": {"type": "string"}}}}, public),
-            "/admin/records": _get("adminRecords", "The request records", {
-                "description": "Request records.", "content": _json(_ref("Records"))}, admin, (401,)),
-            "/admin/actions": _get("adminActions", "The policy actions carried out", {
-                "description": "Policy actions.", "content": _json(_ref("Actions"))}, admin, (401,)),
+            "/admin/records": {"get": _admin_get("adminRecords", "The request records", "Records")},
+            "/admin/actions": {"get": _admin_get("adminActions", "The policy and operator actions carried out",
+                                                 "Actions")},
+            **_admin_paths(),
             "/openapi.json": _get("openapi", "This document", {
                 "description": "The OpenAPI document.", "content": _json({"type": "object"})}, public),
         },

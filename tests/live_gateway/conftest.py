@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from live.engines.base import free_port  # noqa: E402
 from live.engines.null_server import NullEngineProcess  # noqa: E402
 from live.gateway import AgentRef, Gateway, GatewayConfig, Tenant, create_app  # noqa: E402
 from live.registry import Registry  # noqa: E402
+from tests.tls_certs import TestCerts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_TOKEN = "agent-token"
@@ -61,20 +63,23 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None = None, log: Pat
 
 
 def start_agent(tmp: Path, node: str, store_url: str, port: int | None = None,
-                extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], str]:
+                extra_args: tuple[str, ...] = (), tls: TestCerts | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """A real `python -m live.agent` with dram and sata tiers under `tmp` (same dirs on a restart); `extra_args`
-    are more of its flags (--memory-budget, --max-num-seqs, --tier-bw, ...)."""
+    are more of its flags (--memory-budget, --max-num-seqs, --tier-bw, ...); `tls`: serve HTTPS with it."""
     port = port or free_port()
     argv = [sys.executable, "-m", "live.agent", "--node", node, "--port", str(port), "--token", AGENT_TOKEN,
             "--store", store_url, "--log-level", "warning", *extra_args]
+    if tls is not None:
+        argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
     for name in ("dram", "sata"):
         argv += ["--tier", f"{name}={tmp / f'{node}-{name}'}:{1 << 30}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     log = tmp / f"{node}.log"
     with open(log, "ab") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc, log)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    lifecycle.wait_healthy(url, START_TIMEOUT_S, proc, log, "agent",
+                           ssl.create_default_context(cafile=tls.ca) if tls else True)
     return proc, url
 
 
