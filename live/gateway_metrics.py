@@ -16,6 +16,8 @@ config: a model outside the catalog is `model="_unknown"`, a request that failed
     tierlab_instances{status}, tierlab_model_instances{model,status}, tierlab_loads_in_flight,
     tierlab_queue_depth, tierlab_model_queue_depth{model}, tierlab_engine_requests_in_flight{model},
     tierlab_agents{state}, tierlab_agent_up{node}          gauges read off the mirror
+    tierlab_gateway_asyncio_tasks                          tasks of the gateway's event loop at scrape time (the
+                                                           soak's leak check, `experiments.soak`)
 
 The records are read incrementally (a cursor over the appended rows); cold rows are re-read at every scrape
 because their phases are completed after the request (the engine's own read, `_add_engine_read`).
@@ -23,6 +25,7 @@ because their phases are completed after the request (the engine's own read, `_a
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
 from collections import Counter, defaultdict
@@ -211,6 +214,7 @@ class GatewayMetrics(Collector):
                           sorted(self._phases().items()))
         yield from self._cost_families()
         yield from self._mirror_families()
+        yield from self._loop_families()
 
     def _cost_families(self) -> Iterator[Metric]:
         costs = self._costs()
@@ -257,3 +261,12 @@ class GatewayMetrics(Collector):
         yield samples(GaugeMetricFamily("tierlab_agent_up", "1 while the node's agent answers, else 0.",
                                          labels=["node"]), [((n,), int(up)) for n, up in sorted(agents_up.items())])
 
+    def _loop_families(self) -> Iterator[Metric]:
+        # read-only: counting the loop's tasks changes nothing; a scrape from outside a running loop (a test calling
+        # exposition() directly) has no loop to count, so the gauge is left out rather than reported as 0
+        try:
+            n_tasks = len(asyncio.all_tasks())
+        except RuntimeError:
+            return
+        yield GaugeMetricFamily("tierlab_gateway_asyncio_tasks", "Tasks of the gateway's event loop (not done) at "
+                                "scrape time; flat under steady load, else tasks leak.", value=n_tasks)

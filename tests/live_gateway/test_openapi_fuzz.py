@@ -4,9 +4,12 @@ body schema), never a 5xx, and invalid bodies rejected."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -18,7 +21,8 @@ from live.gateway import REQUEST_ID_HEADER, Gateway  # noqa: E402
 from live.gateway_openapi import openapi_document  # noqa: E402
 from tests.live_gateway.conftest import ADMIN_TOKEN, MODEL, GatewayServer, serving, static_config  # noqa: E402
 
-MAX_EXAMPLES = 30
+# generated requests per operation and mode: 30 by default, the issue's 1,000 in CI (.ci/run sets it)
+MAX_EXAMPLES = int(os.environ.get("TIERLAB_FUZZ_EXAMPLES", "30"))
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_headers_conformance, checks.response_schema_conformance, checks.negative_data_rejection]
 
@@ -55,4 +59,7 @@ def test_generated_requests_get_documented_answers(gateway: GatewayServer, opera
         case.call_and_validate(base_url=gateway.url, headers={"authorization": f"Bearer {token}"}, checks=CHECKS,
                                timeout=30)
 
+    t0 = time.monotonic()
     run()
+    assert httpx.get(gateway.url + "/healthz", timeout=10).status_code == 200  # alive after every generated case
+    print(f"{operation.label} ({mode.value}): {MAX_EXAMPLES} generated requests in {time.monotonic() - t0:.1f} s")
