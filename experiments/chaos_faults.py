@@ -1,0 +1,327 @@
+"""The fault injector of `experiments.chaos`: a seeded schedule, and one small class per fault kind.
+
+Each fault acts on the live stack from outside, as an operator's mistake or a machine's failure would:
+
+- `engine_kill`: SIGKILL one engine process of a node (a descendant of its agent, found in /proc);
+- `agent_kill`: SIGKILL a node agent, and at the fault's end start it again with the same command line and
+  environment (read from /proc before the kill) on the same port and tier dirs; the new agent watches this
+  process instead of `experiments.serve` (`--exit-with-parent`), and this process stops it after the run;
+- `tier_fill`: a sparse junk file in a node's tier dir sized to the tier's free space (the agent counts file
+  sizes, so copies into the tier fail with TierFullError while no disk is used); removed at the fault's end;
+- `tier_delay`: books a node's paced tier (its `.tierlab-pace` read and write links, `live.pacing`) busy for the
+  fault's duration, as a concurrent transfer hogging the device would: copies and engine reads from it wait.
+
+Not here: stopping the object store (moto keeps its data in memory, so a restarted server is empty and the
+catalog must be published again: `experiments.serve` publishes once, at start). See docs/reliability.md.
+
+A fault never raises into the load: a failure to inject is recorded (`error`) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import numpy as np
+
+from core.errors import ConfigError
+from experiments.soak import _cmdline, _flag, describe, stack_pids
+from live.lifecycle import pid_alive
+from live.pacing import READ, WRITE, Device, PaceSpec, state_path_in
+
+FILL_NAME = "chaos-fill.bin"  # a file, not a dir: never listed as a model, and removed at the fault's end
+HEALTH_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One line of the config's `faults` list: `count` faults of `kind`, each lasting `duration_s`."""
+
+    kind: str
+    count: int = 1
+    duration_s: float = 3.0
+    tier: str = "nvme"  # tier_fill / tier_delay: which tier
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULTS:
+            raise ConfigError(f"faults: unknown kind {self.kind!r}; known: {sorted(FAULTS)}")
+        if not isinstance(self.count, int) or self.count < 0:
+            raise ConfigError(f"faults.{self.kind}.count: a non-negative integer is needed, got {self.count!r}")
+        if not (isinstance(self.duration_s, int | float) and self.duration_s >= 0):
+            raise ConfigError(f"faults.{self.kind}.duration_s: must be >= 0, got {self.duration_s!r}")
+
+
+@dataclass
+class FaultRecord:
+    """One scheduled fault and what happened to it (times in seconds since the load started)."""
+
+    index: int
+    kind: str
+    node: str
+    start_s: float
+    end_s: float
+    tier: str = ""
+    target: str = ""  # what was hit: a pid, a file, a tier
+    injected_at: float | None = None
+    cleared_at: float | None = None
+    healthy_at: float | None = None  # agent_kill: the restarted agent answered /healthz
+    recovered_at: float | None = None  # filled by the analysis: first completed request sent after end_s
+    error: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def schedule(specs: Sequence[FaultSpec], nodes: Sequence[str], duration_s: float, seed: int,
+             warmup_s: float, tail_s: float) -> list[FaultRecord]:
+    """Faults placed one per slot over [warmup_s, duration_s - tail_s), kinds shuffled, each at a seeded offset
+    inside its slot and on a seeded node. Slots do not overlap, so each fault's recovery is its own."""
+    kinds = [s for s in specs for _ in range(s.count)]
+    if not kinds:
+        return []
+    if not nodes:
+        raise ConfigError("faults: the stack has no node to inject into")
+    window = duration_s - tail_s - warmup_s
+    slot = window / len(kinds)
+    longest = max(s.duration_s for s in kinds)
+    if slot <= longest:
+        raise ConfigError(f"faults: {len(kinds)} faults of up to {longest} s do not fit one per slot in the "
+                          f"{window:.1f} s between warmup_s and duration_s - tail_s")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(kinds))
+    out = []
+    for i, k in enumerate(order):
+        spec = kinds[int(k)]
+        start = warmup_s + i * slot + float(rng.uniform(0.0, slot - spec.duration_s))
+        node = str(nodes[int(rng.integers(0, len(nodes)))])
+        out.append(FaultRecord(i, spec.kind, node, round(start, 3), round(start + spec.duration_s, 3),
+                               tier=spec.tier if spec.kind in ("tier_fill", "tier_delay") else ""))
+    return out
+
+
+# --------------------------------------------------------------------------- what a fault acts on
+
+
+@dataclass
+class Node:
+    """A node agent as the injector knows it: its pid (changes on restart) and its command line."""
+
+    name: str
+    url: str
+    pid: int
+    argv: list[str] = field(default_factory=list)
+    restarted: subprocess.Popen[bytes] | None = None  # an agent this process started (it stops it at the end)
+
+    def tiers(self) -> dict[str, tuple[Path, int]]:
+        """Tier name -> (dir, capacity bytes), from the agent's `--tier=name=dir:capacity` flags."""
+        out = {}
+        for a in self.argv:
+            if a.startswith("--tier="):
+                name, rest = a[len("--tier="):].split("=", 1)
+                d, cap = rest.rsplit(":", 1)
+                out[name] = (Path(d), int(cap))
+        return out
+
+    def paces(self) -> dict[str, tuple[float, float, float]]:
+        """Tier name -> (read B/s, write B/s, latency s) of its paced tiers (`--tier-bw=name=r:w:l`)."""
+        out = {}
+        for a in self.argv:
+            if a.startswith("--tier-bw="):
+                name, rest = a[len("--tier-bw="):].split("=", 1)
+                r, w, lat = (float(x) for x in rest.split(":"))
+                out[name] = (r, w, lat)
+        return out
+
+
+class Context:
+    """The stack's nodes, and every pid seen in it (for the check that none is left after the stop)."""
+
+    def __init__(self, info: Mapping[str, Any], log_dir: Path) -> None:
+        self.root = int(info["pid"])
+        self.nodes = {str(a["node"]): Node(str(a["node"]), str(a["url"]), int(a["pid"]), _cmdline(int(a["pid"])))
+                      for a in info.get("agents", [])}
+        self.log_dir = log_dir
+        self.seen: dict[int, str] = {}  # pid -> role label, every process of the stack ever sampled
+
+    def pids(self) -> list[int]:
+        """Every live process of the stack: serve's tree plus the agents this process restarted and theirs."""
+        out = stack_pids(self.root)
+        for n in self.nodes.values():
+            if n.restarted is not None and n.restarted.poll() is None:
+                out += stack_pids(n.restarted.pid)
+        return out
+
+    def sample(self) -> None:
+        for pid in self.pids():
+            if pid not in self.seen:
+                argv = " ".join(_cmdline(pid))
+                if argv:
+                    self.seen[pid] = describe(pid, self.root)[0]
+
+    def engines(self, node: str) -> list[int]:
+        n = self.nodes[node]
+        return [p for p in stack_pids(n.pid)[1:] if describe(p, self.root)[0] == "engine"]
+
+    def stop_restarted(self, grace_s: float = 20.0) -> None:
+        """SIGTERM each agent this process restarted (it stops its engines), SIGKILL its group if it lingers."""
+        from live.lifecycle import stop_process
+
+        for n in self.nodes.values():
+            if n.restarted is not None:
+                stop_process(n.restarted, grace_s)
+
+
+# --------------------------------------------------------------------------- the faults
+
+
+class Fault:
+    """A fault kind: `inject` at the record's start, `clear` at its end; both fill the record's fields."""
+
+    kind: ClassVar[str] = ""
+
+    def inject(self, ctx: Context, rec: FaultRecord) -> None:
+        raise NotImplementedError
+
+    def clear(self, ctx: Context, rec: FaultRecord) -> None:
+        """Most faults need nothing at their end."""
+
+
+class EngineKill(Fault):
+    """SIGKILL one engine of the node (the lowest pid: the oldest); of another node if it runs none."""
+
+    kind = "engine_kill"
+
+    def inject(self, ctx: Context, rec: FaultRecord) -> None:
+        engines = ctx.engines(rec.node)
+        if not engines:  # the scheduled node runs none now (e.g. a restarted agent): the next node that does
+            for name in sorted(ctx.nodes):
+                engines = ctx.engines(name)
+                if engines:
+                    rec.detail["scheduled_node"], rec.node = rec.node, name
+                    break
+        if not engines:
+            rec.error = "no engine running on any node"
+            return
+        pid = min(engines)
+        rec.target = f"engine pid {pid} ({_flag(_cmdline(pid), '--model-name') or '?'})"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class AgentKill(Fault):
+    """SIGKILL the node's agent; at the end, the same command line and environment started again."""
+
+    kind = "agent_kill"
+
+    def __init__(self) -> None:
+        self._env: dict[int, dict[str, str]] = {}
+
+    def inject(self, ctx: Context, rec: FaultRecord) -> None:
+        n = ctx.nodes[rec.node]
+        n.argv = _cmdline(n.pid) or n.argv
+        try:  # the agent's token is in its environment only; the restarted agent must accept the gateway's
+            raw = Path(f"/proc/{n.pid}/environ").read_bytes()
+        except OSError as e:
+            rec.error = f"cannot read the agent's environment: {e}"
+            return
+        self._env[rec.index] = dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+        rec.target = f"agent pid {n.pid}"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(n.pid, signal.SIGKILL)
+        if n.restarted is not None:
+            n.restarted.wait(timeout=10)  # reap it: it is this process's child
+
+    def clear(self, ctx: Context, rec: FaultRecord) -> None:
+        n = ctx.nodes[rec.node]
+        env = self._env.pop(rec.index, None)
+        if env is None or not n.argv:
+            return
+        argv = list(n.argv)
+        i = argv.index("--exit-with-parent")  # the new agent is this process's child: it must watch this one
+        argv[i + 1] = str(os.getpid())
+        deadline = time.monotonic() + 10.0
+        while pid_alive(n.pid) and time.monotonic() < deadline:  # the port is free once the old one is gone
+            time.sleep(0.05)
+        ctx.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(ctx.log_dir / f"agent-{n.name}-restart{rec.index}.log", "wb") as f:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                    cwd=env.get("PWD") or None, start_new_session=True)
+        n.pid, n.restarted = proc.pid, proc
+        rec.detail["new_pid"] = proc.pid
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(n.url + "/healthz", timeout=1).status_code == 200:
+                    return  # the caller stamps healthy_at
+            time.sleep(0.05)
+        rec.error = f"restarted agent not healthy (exit {proc.poll()})"
+
+
+class TierFill(Fault):
+    """A sparse file sized to the tier's free space: the agent counts file sizes, so its copies into the tier
+    find it full, while the disk (or tmpfs) spends nothing on it."""
+
+    kind = "tier_fill"
+
+    def inject(self, ctx: Context, rec: FaultRecord) -> None:
+        from live.agent_tiers import dir_bytes
+
+        tiers = ctx.nodes[rec.node].tiers()
+        if rec.tier not in tiers:
+            rec.error = f"node has no tier {rec.tier!r}"
+            return
+        d, cap = tiers[rec.tier]
+        free = max(0, cap - dir_bytes(d))
+        path = d / FILL_NAME
+        with open(path, "wb") as f:
+            f.truncate(free)
+        rec.target = f"{rec.node}/{rec.tier}/{FILL_NAME} ({free / 1e6:.0f} MB)"
+        rec.detail.update(path=str(path), fill_bytes=free)
+
+    def clear(self, ctx: Context, rec: FaultRecord) -> None:
+        if rec.detail.get("path"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(rec.detail["path"]).unlink()
+
+
+class TierDelay(Fault):
+    """The tier's read and write links booked for the fault's duration, through the agent's own pacing state:
+    every transfer on the tier queues behind the booking, as behind a hog on the same device."""
+
+    kind = "tier_delay"
+
+    def inject(self, ctx: Context, rec: FaultRecord) -> None:
+        n = ctx.nodes[rec.node]
+        tiers, paces = n.tiers(), n.paces()
+        if rec.tier not in paces or rec.tier not in tiers:
+            rec.error = f"tier {rec.tier!r} is not paced on the node (only a paced tier can be delayed)"
+            return
+        r, w, lat = paces[rec.tier]
+        dev = Device(PaceSpec(str(state_path_in(tiers[rec.tier][0].absolute())), r, w, lat, rec.tier))
+        try:
+            hold = rec.end_s - rec.start_s
+            for link, bw in ((READ, r), (WRITE, w)):
+                if np.isfinite(bw):
+                    dev.reserve(link, int(hold * bw))
+        finally:
+            dev.close()
+        rec.target = f"{rec.tier} links of {rec.node} for {rec.end_s - rec.start_s:g} s"
+
+
+FAULTS: dict[str, type[Fault]] = {f.kind: f for f in (EngineKill, AgentKill, TierFill, TierDelay)}
+
+
+def fault_specs(cfg: Sequence[Mapping[str, Any]] | None) -> list[FaultSpec]:
+    try:
+        return [FaultSpec(**dict(f)) for f in (cfg or [])]
+    except TypeError as e:
+        raise ConfigError(f"faults: {e}") from None
