@@ -65,6 +65,7 @@ from experiments.serve_nodes import (  # noqa: F401
     stop_agents,
 )
 from live.gateway import AgentRef, Gateway, GatewayConfig, Tenant, create_app
+from live.lifecycle import pid_alive
 from live.outputs import action_counts, live_summary, moves_frame, one_line, write_outputs
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,25 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+DRAM_PREFIX = "tierlab-live-"  # each run's dram tier: a fresh dir on tmpfs
+DRAM_OWNER_FILE = ".owner-pid"  # the run's pid: a dir whose owner is gone was left by a killed run
+
+
+def sweep_dead_dram_roots(parent: Path) -> list[str]:
+    """Remove the dram tiers under `parent` left by runs that were killed (their `finally` never ran, and tmpfs
+    is memory); the names removed. A dir without an owner file, or whose owner lives, is left alone."""
+    removed = []
+    for d in sorted(parent.glob(f"{DRAM_PREFIX}*")):
+        try:
+            owner = int((d / DRAM_OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not pid_alive(owner):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
 
 
 def _tls_files(cfg: Mapping[str, Any]) -> dict[str, str]:
@@ -192,7 +212,12 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     sock = _listen_socket(host, int(cfg.get("port", 8080)))
     url = f"{'https' if tls else 'http'}://{host}:{sock.getsockname()[1]}"
     shm = Path("/dev/shm")  # dram on tmpfs; created last, so that a config error leaves no memory behind
-    dram_root = Path(tempfile.mkdtemp(prefix="tierlab-live-", dir=shm if shm.is_dir() else None))
+    dram_parent = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    swept = sweep_dead_dram_roots(dram_parent)
+    if swept:
+        log.warning("removed dram tiers of runs that were killed: %s", swept)
+    dram_root = Path(tempfile.mkdtemp(prefix=DRAM_PREFIX, dir=dram_parent))
+    (dram_root / DRAM_OWNER_FILE).write_text(f"{os.getpid()}\n")
     agents: list[AgentProcess] = []
     moves: list[dict[str, Any]] = []
     gateway: Gateway | None = None
