@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 
 from core.errors import ConfigError
-from experiments.soak import _cmdline, _flag, describe, stack_pids
+from experiments.stack_procs import cmdline, describe, flag, stack_pids
 from live.lifecycle import pid_alive
 from live.pacing import READ, WRITE, Device, PaceSpec, state_path_in
 
@@ -147,7 +147,7 @@ class Context:
 
     def __init__(self, info: Mapping[str, Any], log_dir: Path) -> None:
         self.root = int(info["pid"])
-        self.nodes = {str(a["node"]): Node(str(a["node"]), str(a["url"]), int(a["pid"]), _cmdline(int(a["pid"])))
+        self.nodes = {str(a["node"]): Node(str(a["node"]), str(a["url"]), int(a["pid"]), cmdline(int(a["pid"])))
                       for a in info.get("agents", [])}
         self.log_dir = log_dir
         self.seen: dict[int, str] = {}  # pid -> role label, every process of the stack ever sampled
@@ -163,7 +163,7 @@ class Context:
     def sample(self) -> None:
         for pid in self.pids():
             if pid not in self.seen:
-                argv = " ".join(_cmdline(pid))
+                argv = " ".join(cmdline(pid))
                 if argv:
                     self.seen[pid] = describe(pid, self.root)[0]
 
@@ -212,7 +212,7 @@ class EngineKill(Fault):
             rec.error = "no engine running on any node"
             return
         pid = min(engines)
-        rec.target = f"engine pid {pid} ({_flag(_cmdline(pid), '--model-name') or '?'})"
+        rec.target = f"engine pid {pid} ({flag(cmdline(pid), '--model-name') or '?'})"
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -227,7 +227,7 @@ class AgentKill(Fault):
 
     def inject(self, ctx: Context, rec: FaultRecord) -> None:
         n = ctx.nodes[rec.node]
-        n.argv = _cmdline(n.pid) or n.argv
+        n.argv = cmdline(n.pid) or n.argv
         try:  # the agent's token is in its environment only; the restarted agent must accept the gateway's
             raw = Path(f"/proc/{n.pid}/environ").read_bytes()
         except OSError as e:

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.soak import SoakOptions, columns, describe, plan, read_process, scrape_tasks, stack_pids
+from experiments.soak import SoakOptions, columns, plan, scrape_tasks
 from experiments.soak_analysis import Bounds, analyze, count_growth, fit_line, lost_requests
+from experiments.stack_procs import describe, read_process, stack_pids
 from tests.live_serve.serving import checkpoint_cache, env
 
 REPO = Path(__file__).resolve().parents[2]
