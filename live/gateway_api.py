@@ -3,7 +3,6 @@ body-size cap and the prompt's context check."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 from collections.abc import Collection, Container, Mapping
@@ -47,20 +46,6 @@ def bearer(request: Request) -> str:
     """The token of an `Authorization: Bearer <token>` header, or ""."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def token_matches(given: str, expected: str) -> bool:
-    """Constant-time comparison; an empty expected token never matches (the door stays shut)."""
-    return bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
-
-
-def authenticate(request: Request, tenants: Mapping[str, Tenant]) -> Tenant:
-    """The tenant owning the request's API key; ApiError 401 if there is none."""
-    key = bearer(request)
-    for known, tenant in tenants.items():
-        if token_matches(key, known):
-            return tenant
-    raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
 
 
 def safe_model_name(name: str) -> bool:
