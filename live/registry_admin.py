@@ -168,6 +168,25 @@ def gc(stores: Sequence[Store], name: str | None, keep: Iterable[str], grace_s: 
                                  "nothing of it was collected") from e
         for store in stores:
             items += _collect(store, model, protected, now, grace_s, dry_run)
+            items += _collect_temps(store, model, now, grace_s, dry_run)
+    return items
+
+
+def _collect_temps(store: Store, name: str, now: float, grace_s: float, dry_run: bool) -> list[GcItem]:
+    """Temp objects of atomic writes under `name/` older than `grace_s`: a writer killed between write and
+    rename leaves them (listings hide them, so the revision groups never include them). Younger ones may be a
+    publish in flight and stay."""
+    items = []
+    for key, info in store.list_detail(name, temps=True).items():
+        age = now - info.modified_unix
+        if age < grace_s:
+            continue
+        if not dry_run:
+            store.delete(key)
+            log.info("gc: deleted stale temp object %s from %s (%d bytes, %.0f s old)", key, store.url,
+                     info.size_bytes, age)
+        items.append(GcItem(name, "", store.url, key, info.size_bytes, age, "stale temp object",
+                            deleted=not dry_run))
     return items
 
 

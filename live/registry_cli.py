@@ -121,8 +121,15 @@ def _run(reg: Registry, args: argparse.Namespace, p: argparse.ArgumentParser, au
     else:
         with _audited(audit, "gc", args.name or "*", args.store, keep=list(args.keep), grace_s=args.grace_s) as facts:
             items = reg.gc(args.name, keep=args.keep, grace_s=args.grace_s, dry_run=False)
-            facts["removed"] = [f"{i.model}@{i.revision or '?'} {i.store_url}" for i in items]
+            facts["removed"] = [f"{_collected_name(i.__dict__)} {i.store_url}" for i in items]
     return {"dry_run": args.dry_run, "collected": [i.__dict__ for i in items]}
+
+
+def _collected_name(item: dict) -> str:
+    """`model@revision`, or the key of a stale temp object (no revision: the in-place slot's is unknown)."""
+    if item["reason"] == "stale temp object":
+        return item["prefix"]
+    return f"{item['model']}@{item['revision'] or '?'}"
 
 
 def _text(out: dict) -> str:
@@ -141,7 +148,7 @@ def _text(out: dict) -> str:
         return "\n".join(lines)
     if "collected" in out:
         verb = "would remove" if out["dry_run"] else "removed"
-        lines = [f"{verb} {i['model']}@{i['revision'] or '?'} from {i['store_url']} ({i['size_bytes']:,d} B, "
+        lines = [f"{verb} {_collected_name(i)} from {i['store_url']} ({i['size_bytes']:,d} B, "
                  f"{i['age_s']:.0f} s old, {i['reason']})" for i in out["collected"]]
         return "\n".join(lines) or "nothing to collect"
     return "\n".join(f"{k}: {v}" for k, v in out.items() if v is not None)

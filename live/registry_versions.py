@@ -247,5 +247,5 @@ class GcItem:
     prefix: str
     size_bytes: int
     age_s: float
-    reason: str  # e.g. "unreferenced", "incomplete publish"
+    reason: str  # "unreferenced", "incomplete publish" or "stale temp object" (then `prefix` is its key)
     deleted: bool

@@ -203,8 +203,9 @@ class Store:
         """Keys of all objects under `prefix`, sorted, relative to the store root; temp keys hidden."""
         return sorted(self.list_detail(prefix))
 
-    def list_detail(self, prefix: str = "") -> dict[str, ObjectInfo]:
-        """Key -> size and last-modified time of every object under `prefix` (one listing); temp keys hidden."""
+    def list_detail(self, prefix: str = "", *, temps: bool = False) -> dict[str, ObjectInfo]:
+        """Key -> size and last-modified time of every object under `prefix` (one listing); temp keys hidden,
+        or with `temps` only the temp keys (the leftovers of interrupted atomic writes, for `gc`)."""
         base = self.path(prefix) if prefix.strip("/") else self.root
         try:
             found = self.fs.find(base, withdirs=False, detail=True)
@@ -215,7 +216,7 @@ class Store:
         for p, info in found.items():
             p = self.fs._strip_protocol(p)
             rel = p[len(root):] if p.startswith(root) else p
-            if not any(part.startswith(TMP_PREFIX) for part in rel.split("/")):
+            if any(part.startswith(TMP_PREFIX) for part in rel.split("/")) == temps:
                 out[rel] = ObjectInfo(int(info.get("size") or 0), _modified_unix(info))
         return dict(sorted(out.items()))
 

@@ -51,7 +51,7 @@ class StoreUnderTest:
         return Registry([self.url], store_options={self.url: self.options})
 
     def temp_leftovers(self) -> list[str]:
-        """Temp objects of interrupted atomic writes (`.tierlab-tmp-*`): hidden from listings, never collected."""
+        """Temp objects of interrupted atomic writes (`.tierlab-tmp-*`): hidden from listings, collected by gc."""
         if self.root is not None:
             return sorted(str(p.relative_to(self.root)) for p in self.root.rglob(f"{TMP_PREFIX}*"))
         fs = open_store(self.url, self.options).fs
@@ -156,9 +156,11 @@ def test_publisher_killed(kind: str, tmp_path: Path, tiny_ckpt: Path, tiny_ckpt_
         states = check_registry(store, MODEL, known, trial_dir / "republished")
         assert states.get(rev2) == "current", states
         # temp files of an atomic write the kill interrupted: hidden from every listing (never a visible partial
-        # object), but nothing removes them: gc works from listings (it removes them only with a revision dir)
+        # object); gc collects them once past its grace, and a re-publish never adds its own
         temps_end = store.temp_leftovers()
         assert set(temps_end) <= set(temps), f"the re-publish left temp files of its own: {temps_end}"
+        if trial % 2 == 0:
+            assert temps_end == [], f"gc (grace 0) left temp files of the killed publish: {temps_end}"
         left = [f"store-temp:{len(temps)}"] if temps else []
         left += [f"store-temp-after-gc+republish:{len(temps_end)}"] if temps_end else []
         summary.add(fraction, f"{'first' if first else 'second'}:{new_state if killed else 'done'}", ",".join(left))
@@ -166,14 +168,8 @@ def test_publisher_killed(kind: str, tmp_path: Path, tiny_ckpt: Path, tiny_ckpt_
 
 
 @pytest.mark.parametrize("first", [
-    pytest.param(True, id="in-place", marks=pytest.mark.xfail(strict=True, reason=(
-        "store temp files (`.tierlab-tmp-*`) of a write a SIGKILL interrupted are never removed: listings hide "
-        "them, so gc (which deletes an in-place slot key by key from a listing) leaves them, and a re-publish "
-        "writes new temp names beside them")),
-    ),
-    pytest.param(False, id="revision-dir", marks=pytest.mark.xfail(strict=True, reason=(
-        "a revision dir whose only object is the temp file of the interrupted first write has no visible key, "
-        "so gc does not see that revision at all (no recursive delete) and the re-publish leaves the temp file"))),
+    pytest.param(True, id="in-place"),
+    pytest.param(False, id="revision-dir"),
 ])
 def test_publisher_killed_mid_write_leaves_no_temp_after_gc(first: bool, tmp_path: Path, tiny_ckpt: Path,
                                                             tiny_ckpt_v2: Path) -> None:
