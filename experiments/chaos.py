@@ -55,6 +55,7 @@ from experiments.soak import (
     start_stack,
 )
 from experiments.soak_analysis import lost_requests
+from experiments.store_servers import StoreServer
 from live.agent_tiers import REVISION_FILE, STAGING_PREFIX
 from live.lifecycle import wait_gone
 from live.pacing import PACE_FILE
@@ -144,7 +145,7 @@ def verify_tiers(ctx: Context, stores: Sequence[str], store_options: Mapping[str
     from live.manifest import verify
     from live.registry import Registry
 
-    registry = Registry(list(stores), dict(store_options))
+    registry = Registry(list(stores), {k: dict(v) for k, v in store_options.items()})
     checked, problems = 0, []
     for node in ctx.nodes.values():
         for tier, (d, _cap) in node.tiers().items():
@@ -195,13 +196,23 @@ def run(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "work"
     stores = [str(s) for s in (cfg.get("stores") or [f"file://{work / 'cloud'}"])]
+    store_options = {str(k): dict(v) for k, v in (cfg.get("store_options") or {}).items()}
     overrides = [str(o) for o in [*(cfg.get("serve") or []), *(cfg.get("serve_extra") or [])]]
     overrides += [f"workdir={work}", f"gateway.request_timeout_s={gateway_timeout_s}"]
     progress = bool(cfg.get("progress", True))
     ctx: Context | None = None
+    server: StoreServer | None = None
     try:
+        if cfg.get("object_store"):  # the primary store on a server this run controls; the others follow it
+            server = StoreServer(str(cfg["object_store"]), work / "object-store")
+            server.start()
+            url, url_options = server.new_store("tierlab-chaos")
+            stores, store_options = [url, *stores], {**store_options, url: url_options}
+            # serve's store_options is an empty struct dict: deleted and added, as URL keys cannot merge into it
+            overrides += [f"stores={hydra_list(stores)}", "~store_options",
+                          f"+store_options={hydra_dict(store_options)}"]
         with start_stack(out_dir / "serve", overrides) as stack:
-            ctx = Context(stack.info, out_dir / "logs")
+            ctx = Context(stack.info, out_dir / "logs", server)
             dram_root = Path(str(stack.info.get("dram_root", "")))
             models = [str(m) for m in (cfg.get("models") or gateway_models(stack))]
             reqs = plan(opts, models)
@@ -210,11 +221,13 @@ def run(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
             load = asyncio.run(drive(stack, ctx, reqs, faults, opts, progress))
             sent = [r for r in reqs if r.sent]
             ids, outcomes = gateway_rows(stack, len(sent), opts.drain_timeout_s)
-            tiers = verify_tiers(ctx, stores, cfg.get("store_options") or {})  # dram is on tmpfs: gone after the stop
+            tiers = verify_tiers(ctx, stores, store_options)  # dram is on tmpfs: gone after the stop
             ctx.sample()
     finally:
         if ctx is not None:
             ctx.stop_restarted()
+        if server is not None:
+            server.stop()
     left_pids = wait_gone(sorted(ctx.seen), timeout_s=15.0)
     files = leftover_files([work / n for n in sorted(ctx.nodes)] + [dram_root])
     if dram_root.exists():
@@ -240,6 +253,28 @@ def run(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     if not cfg.get("keep_workdir", False):
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _hydra_str(value: object) -> str:
+    """A quoted hydra override string (any characters: a URL, a connection string)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def hydra_list(items: Sequence[object]) -> str:
+    """`[a,b]` for a hydra override, each item quoted."""
+    return "[" + ",".join(_hydra_str(i) for i in items) + "]"
+
+
+def hydra_dict(mapping: Mapping[str, Any]) -> str:
+    """`{key:value}` for a hydra override, nested one level as store options are: keys with `:` (URLs) are
+    escaped, values quoted."""
+    def key(k: str) -> str:
+        return str(k).replace(":", "\\:")
+
+    def value(v: Any) -> str:
+        return hydra_dict(v) if isinstance(v, Mapping) else _hydra_str(v)
+
+    return "{" + ",".join(f"{key(k)}:{value(v)}" for k, v in mapping.items()) + "}"
 
 
 # --------------------------------------------------------------------------- the summary (pure)
@@ -283,8 +318,15 @@ def summarize(client: Sequence[Mapping[str, Any]], faults: Sequence[Mapping[str,
         rec = min(after) if after else None
         if rec is not None and f.get("healthy_at") is not None:  # an agent restart: recovered once it is back too
             rec = max(rec, float(f["healthy_at"]))
-        rows.append({**f, "recovered_at": None if rec is None else round(rec, 3),
-                     "recovery_s": None if rec is None else round(rec - end, 3)})
+        row = {**f, "recovered_at": None if rec is None else round(rec, 3),
+               "recovery_s": None if rec is None else round(rec - end, 3)}
+        model = (f.get("detail") or {}).get("model")
+        if model:  # a store outage's cold model: its requests sent during the outage, which had to fail over
+            hit = [r for r in client if r.get("model") == model and float(f["start_s"]) <= float(r["at_s"]) < end]
+            lat = [float(r["e2e_s"]) for r in hit if r.get("outcome") == "completed" and r.get("e2e_s") is not None]
+            row["cold_model_requests"] = {"sent": len(hit), "completed": len(lat),
+                                          "max_e2e_s": round(max(lat), 3) if lat else None}
+        rows.append(row)
     by_kind: dict[str, int] = {}
     for f in faults:
         by_kind[str(f["kind"])] = by_kind.get(str(f["kind"]), 0) + 1
@@ -345,23 +387,23 @@ def render(chaos: Mapping[str, Any], soak: Mapping[str, Any] | None, command: st
              f"{_fmt(s['p99_outside_faults_s'], ' s')} | {_fmt(s['max_e2e_s'], ' s')} |", "",
              "Failed by cause: " + (", ".join(f"`{k}` {v}" for k, v in s["failed_by_cause"].items()) or "none")
              + ".", "",
-             "| # | fault | node | target | start (s) | end (s) | recovery (s) | error |",
-             "|---:|---|---|---|---:|---:|---:|---|"]
+             "| # | fault | node | target | start (s) | end (s) | recovery (s) | cold model: sent / completed "
+             "during, max e2e | error |",
+             "|---:|---|---|---|---:|---:|---:|---|---|"]
     for f in chaos["faults"]:
-        lines.append(f"| {f['index']} | {f['kind']}{' ' + f['tier'] if f['tier'] else ''} | {f['node']} | "
-                     f"{f['target'] or '-'} | {f['start_s']:.1f} | {f['end_s']:.1f} | {_fmt(f['recovery_s'])} | "
-                     f"{f['error'] or ''} |")
+        kind = f"{f['kind']}{' ' + f['tier'] if f.get('tier') else ''}{' ' + f['mode'] if f.get('mode') else ''}"
+        cm = f.get("cold_model_requests")
+        cold = f"{cm['sent']} / {cm['completed']}, {_fmt(cm['max_e2e_s'], ' s')}" if cm else "-"
+        lines.append(f"| {f['index']} | {kind} | {f['node']} | {f['target'] or '-'} | {f['start_s']:.1f} | "
+                     f"{f['end_s']:.1f} | {_fmt(f['recovery_s'])} | {cold} | {f['error'] or ''} |")
     lines += ["", "Recovery: from the fault's end to the end of the first request sent after it that completed "
-              "(for an agent kill, not before the restarted agent answered /healthz).",
+              "(for an agent kill, not before the restarted agent answered /healthz). Tier faults and store "
+              "outages first make one model cold (unloaded everywhere, its tier copies evicted but, for a tier "
+              "delay, the one in the delayed tier), so that its next load meets the fault; its requests sent "
+              "during the fault are counted in the cold-model column.",
               "", "Invariants:", ""]
     lines += [f"- {k.replace('_', ' ')}: {'yes' if v else '**NO**'}" for k, v in chaos["checks"].items()]
-    lines += ["", "Not injected: object-store outages (moto keeps its data in memory, so a restarted server is "
-              "empty and the catalog would need publishing again; `experiments.serve` publishes once, at start).",
-              "",
-              "Limit: in this workload (two small models that stay loaded) no copy or load reads or writes the "
-              "filled or delayed tier during its fault window, so the tier faults are injected and cleaned up but "
-              "exercise nothing; their recovery times are those of requests the fault did not touch.",
-              ""]
+    lines += [""]
     lines += ["## Soak", ""]
     if soak is None:
         lines += ["No stored soak (docs/reliability/soak.json): run `python -m experiments.soak publish=true`.", ""]

@@ -6,13 +6,18 @@ Each fault acts on the live stack from outside, as an operator's mistake or a ma
 - `agent_kill`: SIGKILL a node agent, and at the fault's end start it again with the same command line and
   environment (read from /proc before the kill) on the same port and tier dirs; the new agent watches this
   process instead of `experiments.serve` (`--exit-with-parent`), and this process stops it after the run;
-- `tier_fill`: a sparse junk file in a node's tier dir sized to the tier's free space (the agent counts file
-  sizes, so copies into the tier fail with TierFullError while no disk is used); removed at the fault's end;
-- `tier_delay`: books a node's paced tier (its `.tierlab-pace` read and write links, `live.pacing`) busy for the
-  fault's duration, as a concurrent transfer hogging the device would: copies and engine reads from it wait.
-
-Not here: stopping the object store (moto keeps its data in memory, so a restarted server is empty and the
-catalog must be published again: `experiments.serve` publishes once, at start). See docs/reliability.md.
+- `tier_fill`: a model (seeded) made cold (see `store_outage`), then a sparse junk file in a node's tier dir
+  sized to the tier's free space (the agent counts file sizes, so copies into the tier fail with TierFullError
+  while no disk is used); removed at the fault's end;
+- `tier_delay`: a model made cold but for its copy in the delayed tier, then the node's paced tier (its
+  `.tierlab-pace` read and write links, `live.pacing`) booked busy for the fault's duration, as a concurrent
+  transfer hogging the device would: copies and engine reads from it wait;
+- `store_outage`: the primary object store (a moto or azurite server the chaos run started,
+  `experiments.store_servers`) hangs (`mode: hang`, SIGSTOP: connections accepted, never answered) or goes
+  down (`mode: down`, SIGKILL, restarted on the same port with the same data at the fault's end: azurite only,
+  as moto keeps its objects in memory). So that the outage meets loads, one model (seeded) is unloaded from
+  every node and evicted from every tier first: its next requests cold-start from the cloud, which must fail
+  over to the next store (`live.store_health`).
 
 A fault never raises into the load: a failure to inject is recorded (`error`) and the run goes on.
 """
@@ -34,9 +39,11 @@ import numpy as np
 
 from core.errors import ConfigError
 from experiments.stack_procs import cmdline, describe, flag, stack_pids
+from experiments.store_servers import StoreServer
 from live.lifecycle import pid_alive
 from live.pacing import READ, WRITE, Device, PaceSpec, state_path_in
 
+STORE_MODES = ("hang", "down")
 FILL_NAME = "chaos-fill.bin"  # a file, not a dir: never listed as a model, and removed at the fault's end
 HEALTH_TIMEOUT_S = 60.0
 
@@ -49,6 +56,7 @@ class FaultSpec:
     count: int = 1
     duration_s: float = 3.0
     tier: str = "nvme"  # tier_fill / tier_delay: which tier
+    mode: str = "hang"  # store_outage: "hang" (SIGSTOP) or "down" (SIGKILL, restart at the end)
 
     def __post_init__(self) -> None:
         if self.kind not in FAULTS:
@@ -57,6 +65,8 @@ class FaultSpec:
             raise ConfigError(f"faults.{self.kind}.count: a non-negative integer is needed, got {self.count!r}")
         if not (isinstance(self.duration_s, int | float) and self.duration_s >= 0):
             raise ConfigError(f"faults.{self.kind}.duration_s: must be >= 0, got {self.duration_s!r}")
+        if self.mode not in STORE_MODES:
+            raise ConfigError(f"faults.{self.kind}.mode: one of {list(STORE_MODES)}, got {self.mode!r}")
 
 
 @dataclass
@@ -69,7 +79,8 @@ class FaultRecord:
     start_s: float
     end_s: float
     tier: str = ""
-    target: str = ""  # what was hit: a pid, a file, a tier
+    mode: str = ""  # store_outage: hang | down
+    target: str = ""  # what was hit: a pid, a file, a tier, a store
     injected_at: float | None = None
     cleared_at: float | None = None
     healthy_at: float | None = None  # agent_kill: the restarted agent answered /healthz
@@ -104,7 +115,8 @@ def schedule(specs: Sequence[FaultSpec], nodes: Sequence[str], duration_s: float
         start = warmup_s + i * slot + float(rng.uniform(0.0, slot - spec.duration_s))
         node = str(nodes[int(rng.integers(0, len(nodes)))])
         out.append(FaultRecord(i, spec.kind, node, round(start, 3), round(start + spec.duration_s, 3),
-                               tier=spec.tier if spec.kind in ("tier_fill", "tier_delay") else ""))
+                               tier=spec.tier if spec.kind in ("tier_fill", "tier_delay") else "",
+                               mode=spec.mode if spec.kind == "store_outage" else ""))
     return out
 
 
@@ -145,8 +157,11 @@ class Node:
 class Context:
     """The stack's nodes, and every pid seen in it (for the check that none is left after the stop)."""
 
-    def __init__(self, info: Mapping[str, Any], log_dir: Path) -> None:
+    def __init__(self, info: Mapping[str, Any], log_dir: Path, store: StoreServer | None = None) -> None:
         self.root = int(info["pid"])
+        self.agent_token = str(info.get("agent_token") or "")
+        self.models = [str(m) for m in info.get("models", [])]
+        self.store = store  # the primary object store's server, when the run started one
         self.nodes = {str(a["node"]): Node(str(a["node"]), str(a["url"]), int(a["pid"]), cmdline(int(a["pid"])))
                       for a in info.get("agents", [])}
         self.log_dir = log_dir
@@ -181,6 +196,33 @@ class Context:
 
 
 # --------------------------------------------------------------------------- the faults
+
+
+def cold_model(ctx: Context, rec: FaultRecord) -> str:
+    """The model a fault makes cold so that loads meet it: seeded by the fault's index."""
+    return sorted(ctx.models)[rec.index % len(ctx.models)] if ctx.models else ""
+
+
+def make_cold(ctx: Context, model: str, keep: tuple[str, str] | None = None) -> dict[str, int]:
+    """Unload `model`'s instances and evict its tier copies on every node (but the copy in `keep`, a (node,
+    tier)), through the agents' API as the gateway's own actions do, so that its next request loads it; what
+    could not go (an instance still loading, a tier busy) is counted, not fatal."""
+    headers = {"Authorization": f"Bearer {ctx.agent_token}"}
+    done = {"unloaded": 0, "evicted": 0, "refused": 0}
+    for n in ctx.nodes.values():
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            status = httpx.get(n.url + "/status", headers=headers, timeout=5).json()
+            for inst in status.get("instances", []):
+                if inst.get("model") == model:
+                    r = httpx.post(n.url + "/unload", json={"instance": inst.get("id")}, headers=headers, timeout=30)
+                    done["unloaded" if r.status_code == 200 else "refused"] += 1
+            for tier, t in status.get("tiers", {}).items():
+                if model in t.get("models", {}) and (n.name, tier) != keep:
+                    r = httpx.post(n.url + "/tiers/evict", json={"model": model, "tier": tier}, headers=headers,
+                                   timeout=30)
+                    done["evicted" if r.status_code == 200 else "refused"] += 1
+    return done
+
 
 
 class Fault:
@@ -279,6 +321,8 @@ class TierFill(Fault):
         if rec.tier not in tiers:
             rec.error = f"node has no tier {rec.tier!r}"
             return
+        model = cold_model(ctx, rec)  # its next load comes from the cloud and its copies meet the full tier
+        rec.detail.update(model=model, **make_cold(ctx, model))
         d, cap = tiers[rec.tier]
         free = max(0, cap - dir_bytes(d))
         path = d / FILL_NAME
@@ -305,6 +349,8 @@ class TierDelay(Fault):
         if rec.tier not in paces or rec.tier not in tiers:
             rec.error = f"tier {rec.tier!r} is not paced on the node (only a paced tier can be delayed)"
             return
+        model = cold_model(ctx, rec)  # its next load reads this node's copy in the delayed tier, if it has one
+        rec.detail.update(model=model, **make_cold(ctx, model, keep=(rec.node, rec.tier)))
         r, w, lat = paces[rec.tier]
         dev = Device(PaceSpec(str(state_path_in(tiers[rec.tier][0].absolute())), r, w, lat, rec.tier))
         try:
@@ -317,7 +363,38 @@ class TierDelay(Fault):
         rec.target = f"{rec.tier} links of {rec.node} for {rec.end_s - rec.start_s:g} s"
 
 
-FAULTS: dict[str, type[Fault]] = {f.kind: f for f in (EngineKill, AgentKill, TierFill, TierDelay)}
+class StoreOutage(Fault):
+    """The primary object store hung or down for the fault's duration, while one model (seeded by the fault's
+    index) must be fetched from the cloud: it is unloaded from every node and evicted from every tier first."""
+
+    kind = "store_outage"
+
+    def inject(self, ctx: Context, rec: FaultRecord) -> None:
+        if ctx.store is None:
+            rec.error = "no object store server to stop (set object_store in the chaos config)"
+            return
+        if rec.mode == "down" and not ctx.store.persistent:
+            rec.error = (f"mode 'down' needs a store that keeps its objects over a restart (azurite), "
+                         f"not {ctx.store.kind}")
+            return
+        model = cold_model(ctx, rec)
+        rec.detail.update(model=model, **make_cold(ctx, model))
+        if rec.mode == "hang":
+            ctx.store.hang()
+        else:
+            ctx.store.kill()
+        rec.target = f"{ctx.store.kind} store at {ctx.store.endpoint} ({rec.mode}); {model} made cold"
+
+    def clear(self, ctx: Context, rec: FaultRecord) -> None:
+        if ctx.store is None or rec.error:
+            return
+        if rec.mode == "hang":
+            ctx.store.resume()
+        else:
+            ctx.store.start()
+
+
+FAULTS: dict[str, type[Fault]] = {f.kind: f for f in (EngineKill, AgentKill, TierFill, TierDelay, StoreOutage)}
 
 
 def fault_specs(cfg: Sequence[Mapping[str, Any]] | None) -> list[FaultSpec]:

@@ -13,7 +13,7 @@ What it does, in order:
    (`agent_argv`);
 4. runs the gateway in this process (uvicorn) with that bundle and those model specs (the agents report
    their node description on /status), prints the URL and an API key, and writes `serve.json` (URL, keys,
-   admin token, pids; mode 0600) into the output directory;
+   admin and agent tokens, pids; mode 0600) into the output directory;
 5. on Ctrl-C (or SIGTERM): stops the gateway, writes records.parquet, tier_moves.parquet (the agents'
    movements), instances.parquet (instance lifecycle) and summary.json (the simulator's keys, cold starts by
    source tier in `cold_start_by_tier`), stops the agents (each stops its engines), and checks that no engine
@@ -231,7 +231,8 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         def ready() -> None:
             _write_private(out_dir / "serve.json", {
                 "url": url, "openai_base_url": url + "/v1", "pid": os.getpid(), "policy": bundle.name,
-                "admin_token": admin_token, "models": models, "dram_root": str(dram_root),
+                "admin_token": admin_token, "agent_token": agent_token, "models": models,
+                "dram_root": str(dram_root),
                 "tenants": {t.name: {"api_key": k, "models": list(t.models)} for k, t in tenants.items()},
                 "agents": [{"node": a.node, "url": a.url, "pid": a.proc.pid} for a in agents]})
             key, tenant = next(iter(tenants.items()))

@@ -27,7 +27,7 @@ import pandas as pd
 
 from core.decisions import Action, Copy, Evict, StartInstance, StopInstance
 from core.state import NodeState
-from live.gateway_agents import AgentUnreachable
+from live.gateway_agents import AgentRefused, AgentUnreachable
 from live.gateway_mirror import Live
 
 if TYPE_CHECKING:
@@ -136,7 +136,18 @@ class ActionsMixin:
         # "cloud" is sent too: the agent then fetches even if one of its tiers holds the model (mvp's promise)
         body: dict[str, Any] = {"model": inst.model.name, "source_tier": source_tier}
         try:
-            out = await self._agents.post(inst.node, "/load", body, self.config.load_timeout_s)
+            try:
+                out = await self._agents.post(inst.node, "/load", body, self.config.load_timeout_s)
+            except AgentRefused as e:
+                if e.code != "insufficient_storage" or source_tier == "cloud":
+                    raise
+                # the tier to copy into is full (another writer, a stale view): serve the request anyway, from
+                # where the model is or from the cloud into host memory (the agent's choice with no tier named)
+                log.warning("load of %s on %s: tier %s is full, loading without it (%s)", inst.model.name,
+                            inst.node, source_tier, e)
+                out = await self._agents.post(inst.node, "/load", {"model": inst.model.name},
+                                              self.config.load_timeout_s)
+                out.setdefault("timings", {})["fallback_from"] = source_tier  # records name the real source
             agent_instance = out["instance"]["id"]
             url = out["instance"]["url"]
         except Exception as e:  # any failure ends this instance; waiters see lv.error

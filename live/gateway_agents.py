@@ -19,6 +19,15 @@ class AgentUnreachable(RuntimeError):
     """A node's agent could not be reached (or the node has none)."""
 
 
+class AgentRefused(RuntimeError):
+    """A node's agent answered with an error: its HTTP `status` and error `code` (e.g. insufficient_storage)."""
+
+    def __init__(self, message: str, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
 def connection_error(e: BaseException) -> bool:
     """A failure to reach or keep a connection (refused, reset, closed early), as opposed to a slow peer."""
     slow = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)
@@ -54,7 +63,7 @@ class AgentClient:
             return None
 
     async def post(self, node: str, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """POST to a node's agent; its JSON answer. AgentUnreachable if it cannot be reached, RuntimeError if it
+        """POST to a node's agent; its JSON answer. AgentUnreachable if it cannot be reached, AgentRefused if it
         answers with an error."""
         agent = self.agents[node]
         if not agent.url:
@@ -69,7 +78,11 @@ class AgentClient:
                     raise AgentUnreachable(f"agent {node} unreachable on {path}: {e!r}") from None
                 raise
         if r.status_code != 200:
-            raise RuntimeError(f"agent {node} {path} -> {r.status_code}: {r.text[:300]}")
+            try:
+                code = str(r.json()["error"]["code"])
+            except (ValueError, KeyError, TypeError):
+                code = ""
+            raise AgentRefused(f"agent {node} {path} -> {r.status_code}: {r.text[:300]}", r.status_code, code)
         return r.json()
 
     async def healthy(self, node: str) -> bool:

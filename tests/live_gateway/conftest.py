@@ -20,6 +20,7 @@ for _dep in ("torch", "safetensors", "tokenizers", "starlette", "uvicorn", "open
     pytest.importorskip(_dep)
 import uvicorn  # noqa: E402
 
+from core.policies.base import PolicyBundle  # noqa: E402
 from live import lifecycle  # noqa: E402
 from live.checkpoint import generate_checkpoint  # noqa: E402
 from live.engines.base import free_port  # noqa: E402
@@ -120,8 +121,10 @@ def publish_tiny(tmp: Path) -> str:
 
 
 @contextlib.contextmanager
-def cluster(tmp: Path, nodes: tuple[str, ...], **config: object) -> Iterator[Cluster]:
-    """Agents for `nodes` over a fresh store, and a gateway over them; everything stopped at the end."""
+def cluster(tmp: Path, nodes: tuple[str, ...], bundle: PolicyBundle | None = None,
+            **config: object) -> Iterator[Cluster]:
+    """Agents for `nodes` over a fresh store, and a gateway (with `bundle`, default the gateway's) over them;
+    everything stopped at the end."""
     store_url = publish_tiny(tmp)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls: dict[str, str] = {}
@@ -129,7 +132,8 @@ def cluster(tmp: Path, nodes: tuple[str, ...], **config: object) -> Iterator[Clu
         for node in nodes:
             procs[node], urls[node] = start_agent(tmp, node, store_url)
         agents = [AgentRef(node, urls[node], AGENT_TOKEN) for node in nodes]
-        gateway = Gateway(GatewayConfig(agents=agents, tenants=KEYS, admin_token=ADMIN_TOKEN, **config))  # type: ignore[arg-type]
+        gateway = Gateway(GatewayConfig(agents=agents, tenants=KEYS, admin_token=ADMIN_TOKEN, **config),  # type: ignore[arg-type]
+                          bundle)
         with serving(gateway) as gs:
             yield Cluster(tmp, store_url, procs, urls, gs)
     finally:

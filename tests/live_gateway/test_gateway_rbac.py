@@ -268,6 +268,15 @@ def test_keys_added_and_revoked_through_the_admin_api(gs: GatewayServer) -> None
     assert key_id == hash_key(key)[:16] and len(key) > 40
     assert httpx.get(gs.url + "/v1/models", headers=auth(key), timeout=10).status_code == 200
     assert key not in httpx.get(url, headers=auth(ADMIN_TOKEN), timeout=10).text
+    # its requests are counted under its name in /metrics (not as an unknown tenant)
+    r = httpx.post(gs.url + "/v1/chat/completions", headers=auth(key), timeout=30,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    for _ in range(50):  # the record row lands just after the answer
+        if 'tenant="dave"' in (text := httpx.get(gs.url + "/metrics", timeout=10).text):
+            break
+        time.sleep(0.1)
+    assert f'tierlab_requests_total{{model="{MODEL}",outcome="completed",tenant="dave"}} 1.0' in text, text[:3000]
     # an operator may neither add nor revoke
     assert httpx.post(url, headers=auth(OPERATOR_KEY), json={"name": "x", "role": "admin"}, timeout=10
                       ).status_code == 403

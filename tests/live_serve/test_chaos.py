@@ -1,6 +1,7 @@
 """The chaos replay (`python -m experiments.chaos`): its seeded schedule and its summary on synthetic data, and a
 short seeded run through the real stack (null engine, 2 nodes, ~30 s) with engine kills, an agent SIGKILL and
-restart, a full tier and a delayed tier, after which every invariant must hold."""
+restart, a full tier and a delayed tier, and one with the primary object store (azurite) hung and stopped while a
+model it must serve is cold, after which every invariant must hold."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def test_schedule_refuses_what_does_not_fit_and_unknown_kinds() -> None:
     with pytest.raises(ConfigError, match="do not fit"):
         schedule([FaultSpec("tier_fill", 5, 10.0)], ["n0"], 40.0, 0, 5.0, 5.0)
     with pytest.raises(ConfigError, match="unknown kind"):
-        FaultSpec("store_outage")
+        FaultSpec("disk_melt")
+    with pytest.raises(ConfigError, match="mode"):
+        FaultSpec("store_outage", mode="flaky")
     with pytest.raises(ConfigError, match="no node"):
         schedule(SPECS, [], 120.0, 0, 5.0, 5.0)
 
@@ -122,7 +125,8 @@ def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
               "{kind: tier_fill, count: 1, duration_s: 3.0, tier: nvme}, "
               "{kind: tier_delay, count: 1, duration_s: 3.0, tier: sata}]")
     argv = [sys.executable, "-m", "experiments.chaos", "duration_s=32", "rate_rps=4", "seed=1", "progress=false",
-            f"hydra.run.dir={out}", f"faults={faults}", f'serve_extra=["checkpoint_cache={checkpoint_cache()}"]']
+            f"hydra.run.dir={out}", f"faults={faults}", f'serve_extra=["checkpoint_cache={checkpoint_cache()}"]',
+            "object_store=null"]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=REPO, timeout=300)
     assert (out / "chaos.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "chaos.json").read_text())
@@ -140,4 +144,41 @@ def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert s["requests"] >= 80 and result["requests"]["gateway_rows"] == s["requests"]
     assert result["tiers"]["model_dirs_checked"] >= 1 and result["processes"]["seen"] >= 5
     assert (out / "reliability.md").read_text().count("| engine_kill |") == 2
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_store_outages_fail_over_to_the_next_store_within_the_budget(tmp_path: Path) -> None:
+    """The primary store (azurite, started by the run) hung (SIGSTOP) and then stopped and restarted, each while
+    a model made cold must be fetched: its requests complete, within the failover budget on top of a load, the
+    agents saw the store fail and come back, and every invariant holds."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("adlfs")
+    from experiments.store_servers import ServiceUnavailable, azurite_blob_exe
+
+    try:
+        azurite_blob_exe()
+    except ServiceUnavailable as e:
+        pytest.skip(f"azurite unavailable here: {e}")
+    out = tmp_path / "chaos"
+    faults = ("[{kind: store_outage, count: 1, duration_s: 4.0, mode: hang}, "
+              "{kind: store_outage, count: 1, duration_s: 4.0, mode: down}]")
+    argv = [sys.executable, "-m", "experiments.chaos", "duration_s=26", "rate_rps=4", "seed=2", "progress=false",
+            f"hydra.run.dir={out}", f"faults={faults}", f'serve_extra=["checkpoint_cache={checkpoint_cache()}"]',
+            "object_store=azurite", "keep_workdir=false"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=REPO, timeout=300)
+    assert (out / "chaos.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "chaos.json").read_text())
+    print("\n" + (proc.stdout.strip().splitlines() or [""])[0])
+    assert result["checks"] == {k: True for k in result["checks"]}, (result["checks"], result["faults"])
+    assert result["stores"][0] == "az://tierlab-chaos/models" and result["stores"][1].startswith("file://")
+    for f in result["faults"]:
+        assert f["kind"] == "store_outage" and not f["error"], f
+        assert f["detail"]["unloaded"] + f["detail"]["evicted"] >= 1, f  # the outage met a cold model
+        cold = f["cold_model_requests"]
+        assert cold["sent"] >= 1 and cold["completed"] == cold["sent"], f
+        assert cold["max_e2e_s"] < 2.0 + 2.0, f  # the 2 s failover budget on top of a tiny model's cold start
+    agent_logs = "".join(p.read_text() for p in (out / "serve" / "logs").glob("agent-*.log"))
+    failures = [ln for ln in agent_logs.splitlines() if "tierlab-chaos/models did not answer" in ln]
+    assert any("Timeout" in ln for ln in failures), agent_logs  # the hung store: a timeout, not a 30 s wait
+    assert any("Cannot connect" in ln for ln in failures), agent_logs  # the stopped one: refused
     assert proc.returncode == 0, proc.stderr[-3000:]
