@@ -28,6 +28,7 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.specs import EngineSpec, GpuSpec, ModelSpec
+from core.variants import speculative_speedup
 
 #: the shortest decode step a measured table may hold: a GPU kernel launch alone takes a few microseconds
 MIN_STEP_S = 1e-6
@@ -93,8 +94,8 @@ class InferenceModel:
 
     __slots__ = ("_allreduce_fixed_s", "_allreduce_tok_s", "_attn_decode_tok_s", "_attn_prefill_coef",
                  "_dense_flop_tok_s", "_dense_traffic_tok_s", "_head_flop_tok_s", "_head_read_s", "_kv_read_tok_s",
-                 "_layers_fixed_s", "_measured", "_step_s", "_weights_s", "n_layers", "prefill_stalls_decode",
-                 "request_overhead_s")
+                 "_layers_fixed_s", "_measured", "_plain", "_step_s", "_weights_s", "decode_mult", "n_layers",
+                 "prefill_mult", "prefill_stalls_decode", "request_overhead_s", "spec_max_batch", "spec_speedup")
 
     def __init__(
         self, model: ModelSpec, gpu: GpuSpec, n_gpus: int, engine: EngineSpec,
@@ -105,7 +106,9 @@ class InferenceModel:
             if t.engine == engine.name and t.gpu == gpu.name and t.model in (model.name, model.base):
                 self._measured = t
                 break
-        n, layers, dt, hidden = n_gpus, model.n_layers, model.dtype_bytes, model.hidden_size
+        # a weight variant is timed at its base's dtype, then scaled by its measured multipliers (core/variants.py)
+        dt = model.dtype_bytes if model.roofline_dtype_bytes is None else model.roofline_dtype_bytes
+        n, layers, hidden = n_gpus, model.n_layers, model.hidden_size
         flops = gpu.flops * n * engine.prefill_mfu  # the instance's reachable matmul FLOP/s
         weight_Bps = gpu.hbm_Bps * n * engine.weight_read_eff
         # dense layers: FLOPs per token, the weights read once per pass, the elementwise kernels' traffic (norms
@@ -129,6 +132,13 @@ class InferenceModel:
         self._step_s = float(engine.step_overhead_s)
         self.request_overhead_s = float(engine.request_overhead_s)
         self.prefill_stalls_decode = bool(engine.prefill_stalls_decode)
+        # variants: time multipliers and the speculative-decoding speed-up (1.0: x * 1.0 == x, results unchanged)
+        self.prefill_mult = float(model.prefill_time_mult)
+        self.decode_mult = float(model.decode_time_mult)
+        self.spec_speedup = (speculative_speedup(model.spec_acceptance, model.spec_draft_tokens, model.spec_draft_cost)
+                             if model.spec_draft_tokens > 0 else 1.0)
+        self.spec_max_batch = int(model.spec_max_batch)
+        self._plain = self.decode_mult == 1.0 and self.spec_speedup == 1.0
 
     def dense_s(self, tokens: float) -> float:
         """All dense layers (projections, MLP, elementwise kernels) for `tokens` tokens, no attention or comms."""
@@ -148,9 +158,11 @@ class InferenceModel:
     def prefill_s(self, tokens: int) -> float:
         """Time to prefill a prompt of `tokens` tokens: one forward pass, so one `step_overhead_s`."""
         if self._measured is not None:
-            return tokens / self._measured.prefill_tokens_per_s + self._step_s
-        attention = tokens * tokens * self._attn_prefill_coef
-        return self.dense_s(tokens) + attention + self.logits_s(1) + self.allreduce_s(tokens) + self._step_s
+            t = tokens / self._measured.prefill_tokens_per_s + self._step_s
+        else:
+            attention = tokens * tokens * self._attn_prefill_coef
+            t = self.dense_s(tokens) + attention + self.logits_s(1) + self.allreduce_s(tokens) + self._step_s
+        return t * self.prefill_mult if self.prefill_mult != 1.0 else t
 
     def decode_iter_s(self, batch: int, ctx_tokens_total: float) -> float:
         """One decode iteration for `batch` sequences holding `ctx_tokens_total` tokens of KV in all.
@@ -159,15 +171,24 @@ class InferenceModel:
         advances one token per iteration, so the overhead slows every sequence in the batch.
         """
         if batch <= 0:
-            return self._weights_s + self._step_s
-        if self._measured is not None:
-            return self._measured.iter_s(batch) + self._step_s
-        # dense_s + attention + logits_s + allreduce_s, inlined: the simulator calls this once per decode step
-        flop_s = batch * self._dense_flop_tok_s
-        dense = (flop_s if flop_s > self._weights_s else self._weights_s) + batch * self._dense_traffic_tok_s
-        kv_read = ctx_tokens_total * self._kv_read_tok_s
-        attn_flop = ctx_tokens_total * self._attn_decode_tok_s
-        head = batch * self._head_flop_tok_s
-        return (dense + self._layers_fixed_s + (kv_read if kv_read > attn_flop else attn_flop)
-                + (head if head > self._head_read_s else self._head_read_s)
-                + self._allreduce_fixed_s + batch * self._allreduce_tok_s + self._step_s)
+            t = self._weights_s + self._step_s
+        elif self._measured is not None:
+            t = self._measured.iter_s(batch) + self._step_s
+        else:
+            # dense_s + attention + logits_s + allreduce_s, inlined: the simulator calls this once per decode step
+            flop_s = batch * self._dense_flop_tok_s
+            dense = (flop_s if flop_s > self._weights_s else self._weights_s) + batch * self._dense_traffic_tok_s
+            kv_read = ctx_tokens_total * self._kv_read_tok_s
+            attn_flop = ctx_tokens_total * self._attn_decode_tok_s
+            head = batch * self._head_flop_tok_s
+            t = (dense + self._layers_fixed_s + (kv_read if kv_read > attn_flop else attn_flop)
+                 + (head if head > self._head_read_s else self._head_read_s)
+                 + self._allreduce_fixed_s + batch * self._allreduce_tok_s + self._step_s)
+        if self._plain:
+            return t
+        # a variant: x its decode multiplier; speculation yields `spec_speedup` x the tokens per unit of time
+        # (off for batches of `spec_max_batch` and more)
+        t *= self.decode_mult
+        if self.spec_speedup != 1.0 and (self.spec_max_batch <= 0 or batch < self.spec_max_batch):
+            t /= self.spec_speedup
+        return t

@@ -35,8 +35,11 @@ def summarize(
     wall_s: float,
     ttft_slo_s: float,
     extra: dict[str, Any] | None = None,
+    memory_waste_parts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run's headline numbers. `slo_attainment` is the share of all requests completed within the TTFT SLO."""
+    """The run's headline numbers. `slo_attainment` is the share of all requests completed within the TTFT SLO.
+    `memory_waste_parts`: `core.memory_waste.waste_parts` of the run (None where the world does not account them,
+    as live does not yet)."""
     n = len(requests)
     outcome = requests["outcome"]
     completed = requests[outcome == "completed"]
@@ -78,6 +81,7 @@ def summarize(
             cost_usd / (completed["prompt_tokens"].sum() + completed["output_tokens"].sum()) * 1000
             if len(completed) else None),
         "memory_waste_frac": memory_waste_frac,
+        "memory_waste_parts": memory_waste_parts,
         "sim_s": sim_s,
         "wall_s": wall_s,
         "requests_per_wall_s": n / wall_s if wall_s > 0 else None,
@@ -153,6 +157,21 @@ def availability(
         "unavailable_s": union_length_s(no_path_intervals),
         "failover_recovery_s": {"count": int(rec.size), "mean": _mean(rec), "p50": _q(rec, 0.5),
                                 "max": float(rec.max()) if rec.size else None},
+    }
+
+
+def prefix_cache_stats(requests: pd.DataFrame) -> dict[str, Any]:
+    """Prefix (KV) cache use over the completed requests: `prefix_hit_rate` is token-weighted (prompt tokens
+    served from an instance's prefix cache over all prompt tokens), `prefix_hit_requests` the share of requests
+    with any cached token, `cached_tokens` the total. None / 0 without completed requests."""
+    done = requests[requests["outcome"] == "completed"]
+    cached = int(done["cached_tokens"].sum()) if "cached_tokens" in done else 0
+    prompt = int(done["prompt_tokens"].sum())
+    return {
+        "prefix_hit_rate": cached / prompt if prompt else None,
+        "prefix_hit_requests": float((done["cached_tokens"] > 0).mean()) if len(done) and "cached_tokens" in done
+        else None,
+        "cached_tokens": cached,
     }
 
 

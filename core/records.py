@@ -39,6 +39,11 @@ REQUEST_SCHEMA: dict[str, str] = {
     "outcome": "string",
     "reason": "string",
     "cost_usd": "float64",
+    "cache": "string",  # "" served by an engine; "exact" / "semantic": answered by the response cache (no engine)
+    "cached_tokens": "int64",  # prompt tokens served from the instance's prefix (KV) cache, not prefilled (0: none)
+    "variant": "string",  # the weight format that served it ("" = the catalog's own; fp8, int8, ...: core/variants.py)
+    "client_region": "string",  # where the client is (core/regions.py; "" = regions off)
+    "network_s": "float64",  # client <-> serving region round trip, already in ttft_s and e2e_s (NaN = not modelled)
 }
 
 MOVE_SCHEMA: dict[str, str] = {

@@ -137,7 +137,18 @@ def engine_from_dict(data: Mapping[str, Any], where: str = "engine") -> EngineSp
     over = [f for f in EFFICIENCIES if getattr(e, f) > 1]
     if over:
         raise ConfigError(f"{where}: {', '.join(over)} must be <= 1 (a share of the peak)")
+    _prefix_cache_fields(e, where)
     return e
+
+
+def _prefix_cache_fields(e: EngineSpec, where: str) -> None:
+    """The prefix-cache options (core/prefix_cache.py): a share of the KV budget, whole blocks."""
+    if not 0.0 <= e.prefix_cache_frac <= 1.0:
+        raise ConfigError(f"{where}.prefix_cache_frac must be in [0, 1], got {e.prefix_cache_frac}")
+    for f, low in (("prefix_cache_blocks", 0), ("prefix_block_tokens", 1)):
+        v = getattr(e, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"{where}.{f} must be an integer >= {low}, got {v!r}")
 
 
 def cluster_from_dict(data: Mapping[str, Any], where: str = "cluster") -> ClusterSpec:

@@ -34,24 +34,49 @@ class ModelSpec:
     hidden_size: int
     n_kv_heads: int
     head_dim: int
-    dtype_bytes: int = 2  # bf16, as stored and moved between tiers
+    dtype_bytes: float = 2  # bf16, as stored and moved between tiers (a quantised variant: 1 fp8/int8, 0.5 int4)
     base: str = ""  # the architecture this deployment is a copy of
     resident_dtype_bytes: int | None = None  # bytes per parameter once loaded, if the engine converts (None: same)
     # the LM head (vocab_size x hidden_size): its logits are computed only for the tokens that sample (the last one
     # of a prefill, every sequence of a decode step); 0 = unknown, the head then counts as part of every token's FLOPs
     vocab_size: int = 0
     tied_embeddings: bool = False  # the input embedding is the LM head (one matrix counted in params_b, not two)
+    # weight / KV variants and speculative decoding (core/variants.py builds them; every default: as before)
+    variant: str = ""  # the weight format served ("" = the catalog's own, bf16), recorded per request
+    embed_dtype_bytes: float | None = None  # bytes per embedding / LM-head parameter (quantised checkpoints keep bf16)
+    kv_dtype_bytes: float | None = None  # bytes per KV-cache element (None: dtype_bytes; fp8 KV cache: 1)
+    kv_reserve_basis_bytes: float | None = None  # what engine.kv_reserve_frac applies to (None: resident_bytes)
+    roofline_dtype_bytes: float | None = None  # bytes per parameter the roofline is timed at (None: dtype_bytes)
+    prefill_time_mult: float = 1.0  # measured prefill-time ratio of this variant to its base (core/variants.py)
+    decode_time_mult: float = 1.0  # measured decode-step-time ratio of this variant to its base
+    draft_resident_bytes: float = 0.0  # a speculative-decoding draft model's weights, resident next to this one
+    spec_draft_tokens: int = 0  # speculative decoding: tokens the draft proposes per step (0: off)
+    spec_acceptance: float = 0.0  # per-token acceptance rate alpha of the draft's proposals
+    spec_draft_cost: float = 0.0  # one draft step's time over one target step's (c)
+    spec_max_batch: int = 0  # speculation is off for decode batches of at least this many sequences (0: never)
+
+    @property
+    def embed_params(self) -> float:
+        """Parameters of the input embedding and LM head (one matrix when tied; 0 when vocab_size is unknown)."""
+        return self.head_params * (1 if self.tied_embeddings else 2)
 
     @property
     def weights_bytes(self) -> float:
         """The checkpoint's size: what a tier holds and what a load moves."""
-        return self.params_b * 1e9 * self.dtype_bytes
+        if self.embed_dtype_bytes is None:
+            return self.params_b * 1e9 * self.dtype_bytes
+        emb = self.embed_params
+        return (self.params_b * 1e9 - emb) * self.dtype_bytes + emb * self.embed_dtype_bytes
 
     @property
     def resident_bytes(self) -> float:
         """What the weights take in the engine's memory (a CPU engine computing in float32 doubles a bf16
-        checkpoint; a quantized serving format shrinks it)."""
-        return self.params_b * 1e9 * (self.resident_dtype_bytes or self.dtype_bytes)
+        checkpoint; a quantized serving format shrinks it), a speculative-decoding draft model included."""
+        if self.embed_dtype_bytes is None or self.resident_dtype_bytes is not None:
+            own = self.params_b * 1e9 * (self.resident_dtype_bytes or self.dtype_bytes)
+        else:
+            own = self.weights_bytes
+        return own + self.draft_resident_bytes if self.draft_resident_bytes else own
 
     @property
     def layer_bytes(self) -> float:
@@ -60,7 +85,8 @@ class ModelSpec:
     @property
     def kv_bytes_per_token(self) -> float:
         # K and V, every layer, every KV head.
-        return 2.0 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype_bytes
+        kv_dtype = self.dtype_bytes if self.kv_dtype_bytes is None else self.kv_dtype_bytes
+        return 2.0 * self.n_layers * self.n_kv_heads * self.head_dim * kv_dtype
 
     @property
     def flops_per_token(self) -> float:
@@ -76,8 +102,7 @@ class ModelSpec:
     def layer_params(self) -> float:
         """Parameters of one transformer layer: params_b less the LM head and an untied input embedding (a lookup,
         no FLOPs), split evenly over the layers (norms are in there too: a rounding error)."""
-        embeddings = self.head_params * (1 if self.tied_embeddings else 2)
-        return (self.params_b * 1e9 - embeddings) / self.n_layers
+        return (self.params_b * 1e9 - self.embed_params) / self.n_layers
 
 
 @dataclass(frozen=True)
@@ -236,6 +261,23 @@ class EngineSpec:
     # a prefill runs in the same forward passes as the running sequences' decode tokens (mixed batches, as the CPU
     # engine and vLLM-style schedulers do), so decoding stalls while an instance prefills (False: they overlap)
     prefill_stalls_decode: bool = False
+    # prefix (KV) caching (core/prefix_cache.py; False: the simulator as before, bit for bit): each instance keeps
+    # the KV of prompt blocks it computed in `prefix_cache_frac` of its KV budget (LRU by block), and a prefill
+    # computes only the tokens past the request's cached prefix. Needs a workload with block ids (Mooncake).
+    prefix_cache: bool = False
+    prefix_cache_frac: float = 0.5
+    prefix_block_tokens: int = 512  # tokens per block id (Mooncake's hash_ids: 512)
+    # GPU memory placement (core/state.py, docs/results/memory_waste.md; every default: the simulator as before).
+    # gpu_pool: an instance's weights are sharded over its tensor-parallel GPUs, its KV cache may take bytes on any
+    # GPU of its node (memory pooled over the node's GPU interconnect; engines that can attend over remote KV only).
+    # kv_elastic: KV cache is mapped on demand in pages of kv_page_bytes, up to the static reservation as a cap,
+    # and released when sequences end (kvcached-style virtual KV); kv_elastic_min_frac of the cap is kept mapped.
+    gpu_pool: bool = False
+    kv_elastic: bool = False
+    kv_page_bytes: float = 32 * 2**20
+    kv_elastic_min_frac: float = 0.0
+    kv_elastic_fit_frac: float = 0.0  # placement asks for this share of the KV cap free besides (not mapped)
+    prefix_cache_blocks: int = 0  # > 0: a fixed capacity per instance in blocks (e.g. a host-memory KV store), not frac
 
 
 @dataclass(frozen=True)

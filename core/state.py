@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from core import memory_pool
 from core.specs import ClusterSpec, EngineSpec, ModelSpec, NodeSpec, TierSpec
 
 
@@ -107,15 +108,21 @@ class InstanceState:
         "active",
         "gpu_bytes",
         "gpu_ids",
+        "gpu_shares",
         "id",
         "idle_since_s",
         "kv_budget_bytes",
+        "kv_pool",
+        "kv_reserved_bytes",
+        "kv_shares",
         "kv_used_bytes",
         "last_used_s",
         "max_num_seqs",
         "model",
         "node",
         "ready_at_s",
+        "res_int",
+        "res_t",
         "served",
         "source_tier",
         "started_s",
@@ -152,6 +159,19 @@ class InstanceState:
         self.last_used_s = started_s
         self.idle_since_s = started_s
         self.served = 0
+        # memory accounting (docs/results/memory_waste.md): bytes held on each GPU, the KV cache mapped now (the
+        # whole budget unless the engine maps KV on demand, EngineSpec.kv_elastic) and the pages mapped since the
+        # start on each GPU, the integral of gpu_bytes up to res_t, and who maps KV pages (None: static KV)
+        self.gpu_shares: dict[int, float] = {}
+        self.kv_reserved_bytes = kv_budget_bytes
+        self.kv_shares: dict[int, float] = {}
+        self.res_int = 0.0
+        self.res_t = started_s
+        self.kv_pool: ClusterState | None = None
+
+    def reserved_byte_s(self, now_s: float) -> float:
+        """GPU byte-seconds this instance has reserved from its start until `now_s`."""
+        return self.res_int + self.gpu_bytes * (now_s - self.res_t)
 
     @property
     def ready(self) -> bool:
@@ -176,12 +196,15 @@ class InstanceState:
 class NodeState:
     """One node: GPU memory per GPU, local tiers, instances, loads in flight."""
 
-    __slots__ = ("_footprints", "engine", "gpu_free_bytes", "instances", "loads_in_flight", "spec", "tiers", "up")
+    __slots__ = ("_fit_pad", "_footprints", "_pool_weights", "engine", "gpu_free_bytes", "instances",
+                 "loads_in_flight", "spec", "tiers", "up")
 
     def __init__(self, spec: NodeSpec, engine: EngineSpec) -> None:
         self.spec = spec
         self.engine = engine
         self._footprints: dict[str, tuple[int, float, float]] = {}
+        self._pool_weights: dict[float, float] = {}  # gpu_pool: footprint's per-GPU bytes -> its weights per GPU
+        self._fit_pad: dict[float, float] = {}  # kv_elastic: footprint's per-GPU bytes -> free bytes asked besides
         usable = spec.gpu.mem_bytes * engine.gpu_mem_util
         self.gpu_free_bytes = [usable] * spec.n_gpus
         self.tiers: dict[str, TierState] = {name: TierState(t) for name, t in spec.tiers.items()}
@@ -239,12 +262,34 @@ class NodeState:
         """`gpus_needed` for `model` on this node, cached (specs never change)."""
         fp = self._footprints.get(model.name)
         if fp is None:
-            fp = self._footprints[model.name] = gpus_needed(model, self.spec, self.engine)
+            fp = gpus_needed(model, self.spec, self.engine)
+            eng = self.engine
+            if eng.kv_elastic:  # only the mapped minimum of KV is reserved at the start; kv stays the cap
+                n, _, kv = fp
+                fp = (n, (min(model.resident_bytes, n * self.usable_bytes) + kv * eng.kv_elastic_min_frac) / n, kv)
+                if eng.kv_elastic_fit_frac > 0:
+                    self._fit_pad[fp[1]] = kv * max(0.0, eng.kv_elastic_fit_frac - eng.kv_elastic_min_frac) / n
+            if eng.gpu_pool:
+                n, per_gpu, kv = fp
+                self._pool_weights[per_gpu] = min(model.resident_bytes / n, per_gpu)
+            self._footprints[model.name] = fp
         return fp
+
+    @property
+    def usable_bytes(self) -> float:
+        """What the engine may use of one GPU (`gpu_mem_util` of its memory)."""
+        return self.spec.gpu.mem_bytes * self.engine.gpu_mem_util
 
     def gpu_fit(self, need_bytes: float, per_gpu: float) -> tuple[int, ...] | None:
         """GPU ids that can take an instance needing `need_bytes` in all (`per_gpu` on each), or None."""
         n = max(1, round(need_bytes / per_gpu)) if per_gpu > 0 else 1
+        weights = self._pool_weights.get(per_gpu) if self.engine.gpu_pool else None
+        pad = self._fit_pad.get(per_gpu, 0.0) if self._fit_pad else 0.0
+        if pad:  # elastic KV: ask for room for some KV growth too (placement only; nothing more is mapped)
+            need_bytes, per_gpu = need_bytes + pad * n, per_gpu + pad
+        if weights is not None:
+            plan = self.pool_plan(n, need_bytes, weights)
+            return None if plan is None else plan[0]
         if n == 1:
             best = None
             for i, free in enumerate(self.gpu_free_bytes):
@@ -257,6 +302,10 @@ class NodeState:
             return None
         return tuple(sorted(candidates, key=lambda i: self.gpu_free_bytes[i])[:n])
 
+    def pool_plan(self, n: int, need_bytes: float,
+                  weights_per_gpu: float) -> tuple[tuple[int, ...], dict[int, float]] | None:
+        """Pooled placement (`EngineSpec.gpu_pool`) on this node's free memory: `core.memory_pool.pool_plan`."""
+        return memory_pool.pool_plan(self.gpu_free_bytes, n, need_bytes, weights_per_gpu)
 
 def gpus_needed(model: ModelSpec, node: NodeSpec, engine: EngineSpec) -> tuple[int, float, float]:
     """GPUs an instance of `model` takes on `node`, the bytes it reserves on each, and its KV budget.
@@ -266,7 +315,9 @@ def gpus_needed(model: ModelSpec, node: NodeSpec, engine: EngineSpec) -> tuple[i
     it (KV shrinks to what is left if the GPU count is capped by the node).
     """
     usable = node.gpu.mem_bytes * engine.gpu_mem_util
-    want = model.resident_bytes * (1.0 + engine.kv_reserve_frac)
+    basis = model.kv_reserve_basis_bytes  # a weight variant keeps its base's KV reserve (core/variants.py)
+    want = (model.resident_bytes * (1.0 + engine.kv_reserve_frac) if basis is None
+            else model.resident_bytes + basis * engine.kv_reserve_frac)
     n = 1
     while n * usable < want and n < node.n_gpus:
         n *= 2
@@ -290,6 +341,9 @@ class ClusterState:
         # (node, model) -> "snapshot" | "pool" | "full": how a start would go now (set by a world that keeps
         # engine pools or GPU snapshots, core.engine_start; None: every start is full)
         self.start_mode: Callable[[str, str], str] | None = None
+        # called after any change of a node's GPU memory: (node, instance, "add" | "remove" | "grow" | "shrink");
+        # set by a world that accounts memory over time or maps KV on demand (a release may admit waiting requests)
+        self.on_gpu_change: Callable[[str, InstanceState, str], None] | None = None
 
     # ---- instances -------------------------------------------------------------------
     def add_instance(
@@ -300,32 +354,69 @@ class ClusterState:
         spec = self.models[model]  # before any change: an unknown model must leave no trace
         if len(set(gpu_ids)) != len(gpu_ids):
             raise CapacityError(f"node {node}: GPU ids repeat in {gpu_ids}")
-        for g in gpu_ids:
-            if ns.gpu_free_bytes[g] + 1e-6 < per_gpu_bytes:
-                raise CapacityError(f"node {node} gpu {g}: need {per_gpu_bytes:.0f} B, free {ns.gpu_free_bytes[g]:.0f}")
-        for g in gpu_ids:
-            ns.gpu_free_bytes[g] -= per_gpu_bytes
+        pooled = None
+        if self.engine.gpu_pool and per_gpu_bytes in ns._pool_weights:
+            pooled = memory_pool.spread(ns.gpu_free_bytes, gpu_ids, per_gpu_bytes * len(gpu_ids),
+                                        ns._pool_weights[per_gpu_bytes])
+            if pooled is None:
+                raise CapacityError(f"node {node}: pooled placement of {model} on GPUs {gpu_ids} does not fit")
+        else:
+            for g in gpu_ids:
+                if ns.gpu_free_bytes[g] + 1e-6 < per_gpu_bytes:
+                    raise CapacityError(f"node {node} gpu {g}: need {per_gpu_bytes:.0f} B, "
+                                        f"free {ns.gpu_free_bytes[g]:.0f}")
+        shares = pooled if pooled is not None else dict.fromkeys(gpu_ids, per_gpu_bytes)
+        for g, b in shares.items():
+            ns.gpu_free_bytes[g] -= b
         self._next_instance += 1
         inst = InstanceState(
             id=f"i{self._next_instance}", model=spec, node=node, gpu_ids=gpu_ids,
             gpu_bytes=per_gpu_bytes * len(gpu_ids), kv_budget_bytes=kv_budget,
             max_num_seqs=self.engine.max_num_seqs, source_tier=source_tier, started_s=now_s,
         )
+        inst.gpu_shares = shares
+        if pooled is not None:
+            inst.gpu_bytes = sum(shares.values())
+        if self.engine.kv_elastic:
+            inst.kv_pool = self
+            inst.kv_reserved_bytes = min(kv_budget, kv_budget * self.engine.kv_elastic_min_frac)
         ns.instances[inst.id] = inst
         self.instances[inst.id] = inst
         self.instances_by_model[model].append(inst)
+        if self.on_gpu_change is not None:
+            self.on_gpu_change(node, inst, "add")
         return inst
 
     def remove_instance(self, inst: InstanceState) -> None:
         ns = self.nodes[inst.node]
-        per_gpu = inst.gpu_bytes / len(inst.gpu_ids)
-        for g in inst.gpu_ids:
-            ns.gpu_free_bytes[g] += per_gpu
+        if self.engine.gpu_pool or self.engine.kv_elastic:
+            for g, b in inst.gpu_shares.items():
+                ns.gpu_free_bytes[g] += b
+            for g, b in inst.kv_shares.items():
+                ns.gpu_free_bytes[g] += b
+        else:
+            per_gpu = inst.gpu_bytes / len(inst.gpu_ids)
+            for g in inst.gpu_ids:
+                ns.gpu_free_bytes[g] += per_gpu
         inst.status = "stopped"
         del ns.instances[inst.id]
         del self.instances[inst.id]
         self.instances_by_model[inst.model.name].remove(inst)
+        if self.on_gpu_change is not None:
+            self.on_gpu_change(inst.node, inst, "remove")
 
+    # ---- KV pages mapped on demand (EngineSpec.kv_elastic; core/memory_pool.py) ----------
+    def kv_grow(self, inst: InstanceState, used_bytes: float, now_s: float) -> bool:
+        """Map KV pages so that `used_bytes` of KV fit `inst` (up to its budget); False if the node has no room."""
+        ok = memory_pool.kv_grow(self, inst, used_bytes, now_s)
+        if ok and self.on_gpu_change is not None:
+            self.on_gpu_change(inst.node, inst, "grow")
+        return ok
+
+    def kv_shrink(self, inst: InstanceState, now_s: float) -> None:
+        """Unmap the KV pages `inst` no longer uses; tells `on_gpu_change` when any were."""
+        if memory_pool.kv_shrink(self, inst, now_s) and self.on_gpu_change is not None:
+            self.on_gpu_change(inst.node, inst, "shrink")
 
 class ClusterView:
     """What a policy sees: the cluster at `now_s`, read-only.

@@ -223,6 +223,19 @@ def claim_storage_cost(ctx: Context) -> ClaimResult:
 
 
 # ====================================================================== 6. memory waste
+def _waste_parts_evidence(summary: dict[str, Any]) -> list[str]:
+    """One evidence line: the reference run's `memory_waste_parts` (docs/results/memory_waste.md), if present."""
+    parts = summary.get("memory_waste_parts")
+    if not parts:
+        return []
+    r, c = parts["frac_of_reserved"], parts.get("frac_of_capacity") or {}
+    return [f"Parts of reserved GPU memory-time (core.memory_waste): KV reserved unused while busy "
+            f"{_pct(r['kv_unused'], 1)}, idle instances {_pct(r['idle'], 1)} (their KV {_pct(r['idle_kv'], 1)}), "
+            f"loading {_pct(r['loading'], 1)} (its KV {_pct(r['loading_kv'], 1)}); of GPU capacity: stranded "
+            f"{_pct(c.get('stranded'), 2)}, unallocated {_pct(c.get('unallocated'), 1)}. Elastic KV, pooled placement "
+            "and defragmentation: python -m experiments.memory_waste."]
+
+
 def claim_memory_waste(ctx: Context) -> ClaimResult:
     """memory_waste_frac of production on the trace, vs the KV reservation and the load."""
     s = ctx.settings
@@ -271,7 +284,7 @@ def claim_memory_waste(ctx: Context) -> ClaimResult:
                 f"{x['reasons'].get('kv_cache_too_small', 0)}, TTFT p50 {_s(x['ttft_s']['p50'], 2)}"
                 for f, x in runs.items()) + "." for sc, runs in grid.items()
         ] + ["With little live KV, waste is close to reservation / (1 + reservation): the reservation, not "
-             "fragmentation, decides it."],
+             "fragmentation, decides it."] + _waste_parts_evidence(ref),
         assumptions=[
             "memory_waste_frac = the share of GPU memory-time reserved by instances that held neither weights nor "
             "live KV cache (core.metrics.memory_waste_frac). GPU memory no instance reserved is not counted.",

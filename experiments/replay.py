@@ -42,7 +42,7 @@ from live.outputs import live_summary, one_line, write_outputs
 REQUEST_ID_HEADER = "x-tierlab-request-id"
 # gateway columns that only the gateway knows (the client keeps its own arrival, TTFT, e2e and outcome)
 GATEWAY_COLUMNS = ("queue_s", "cold_start", "source_tier", "fetch_s", "to_gpu_s", "engine_init_s", "cold_start_s",
-                   "prefill_s", "tpot_s", "node", "instance", "cost_usd", "tenant")
+                   "prefill_s", "tpot_s", "node", "instance", "cost_usd", "tenant", "cache")
 _WORDS = ("the", "model", "loads", "its", "weights", "from", "a", "tier", "of", "storage", "and", "then", "serves",
           "tokens", "to", "every", "user", "who", "asks", "for", "them", "while", "cluster", "keeps", "hot", "models")
 
@@ -284,11 +284,18 @@ def merge_records(rows: Sequence[ClientRow], gateway: pd.DataFrame | None) -> pd
             "ttft_s": row.ttft_s + wait_s, "tpot_s": math.nan, "e2e_s": row.e2e_s + wait_s,
             "prompt_tokens": row.in_tokens or row.prompt_tokens, "output_tokens": row.out_tokens,
             "node": "", "instance": "", "outcome": row.outcome, "reason": row.reason, "cost_usd": math.nan,
+            "cache": "",
+            "cached_tokens": 0,
+            "variant": "",
+            "client_region": "",
+            "network_s": math.nan,
         }
         if g is not None:
             for c in GATEWAY_COLUMNS:
                 values[c] = g[c]
             values["queue_s"] = wait_s + float(g["queue_s"])
+            cached = g.get("cached_tokens", 0)  # the engine's prefix-cache hit (absent or NaN: none reported)
+            values["cached_tokens"] = int(cached) if pd.notna(cached) else 0
             if not row.reason:
                 values["reason"] = g["reason"] or ""
         if row.stream and (g is None or math.isnan(g["tpot_s"])):

@@ -237,6 +237,14 @@ def _healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s:
     raise RuntimeError(f"agent at {url} not healthy after {timeout_s:.0f} s; log {log_path}")
 
 
+def node_region_args(cfg: Mapping[str, Any], i: int) -> list[str]:
+    """`--region R` for node i from `node_regions` (a list, used in turn; conf/regions names), else nothing."""
+    regions = cfg.get("node_regions") or []
+    if isinstance(regions, str) or not all(isinstance(r, str) and r for r in regions):
+        raise ConfigError(f"node_regions: a list of region names is needed, got {regions!r}")
+    return ["--region", regions[i % len(regions)]] if regions else []
+
+
 def start_agents(cfg: Mapping[str, Any], workdir: Path, dram_root: Path, stores: Sequence[str], token: str,
                  progressive: bool, log_dir: Path, node: NodeOptions | None = None) -> list[AgentProcess]:
     """One `python -m live.agent` per node, each in its own session and watching this process."""
@@ -254,6 +262,7 @@ def start_agents(cfg: Mapping[str, Any], workdir: Path, dram_root: Path, stores:
             name, port = f"n{i}", free_port(host)
             dirs = {t: (dram_root if t == "dram" else workdir) / name / t for t in opts.tiers}
             argv = agent_argv(name, host, port, dirs, opts, stores, cfg, progressive, os.getpid())
+            argv += node_region_args(cfg, i)
             log_path = log_dir / f"agent-{name}.log"
             with open(log_path, "wb") as f:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,

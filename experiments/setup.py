@@ -20,6 +20,7 @@ from core.initial_state import EMPTY, FIELD, POLICY, InitialState, from_final_st
 from core.policies.base import PolicyBundle
 from core.spec_builders import validate_fit
 from core.specs import ClusterSpec, EngineSpec, ModelSpec
+from core.variants import apply_variants
 from core.warmup import check_warmup
 from core.workload import generators
 from core.workload.embedded import embedded_path
@@ -135,6 +136,7 @@ def build(cfg: Mapping[str, Any]) -> Setup:
     models_cfg = dict(cfg["models"])
     models_cfg.setdefault("zipf_s", cfg["workload"].get("zipf_s", 1.0))
     models, wl = load_models(models_cfg, wl, seed)
+    models = apply_variants(models, cfg.get("variants"))  # +variants=...: weight formats, KV dtype, speculation
     validate_fit(specs.cluster, models, specs.engine)
     warmup_s = check_warmup((cfg.get("metrics") or {}).get("warmup_s", 0.0), wl)
     initial = load_initial_state((cfg.get("sim") or {}).get("initial_state"), specs.cluster, models)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.records import write_table, write_tables
+from core.regions import setup_from_dict
 from experiments.entry import hydra_command
 from experiments.plots import cold_start_cdf, cost_breakdown
 from experiments.setup import build
@@ -28,6 +29,7 @@ def run(cfg: dict[str, Any], out_dir: Path | None, *, progress: bool = False) ->
         drain_timeout_s=s.sim.get("drain_timeout_s", 3600.0),
         ttft_slo_s=s.sim.get("ttft_slo_s", 10.0), progress=progress, seed=int(cfg.get("seed", 0)),
         warmup_s=s.warmup_s, initial_state=s.initial_state,
+        regions=setup_from_dict(cfg.get("regions")),  # +regions=... / scenario=edge_regions; absent: off
     )
     result.summary["workload"] = s.workload.name
     result.summary["models"] = len(s.models)

@@ -76,6 +76,7 @@ class AgentConfig:
     """One node agent: where it listens, its tiers, its registry and its engine settings."""
 
     node: str = "n0"
+    region: str = ""  # the region the node is in (core/regions.py; reported in /status; "" = none)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     token: str = ""
@@ -142,6 +143,7 @@ class AgentConfig:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m live.agent", description=DESCRIPTION)
     p.add_argument("--node", default="n0")
+    p.add_argument("--region", default="", help="the node's region (conf/regions; the gateway routes by it)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--token", default=os.environ.get("TIERLAB_AGENT_TOKEN", ""),
@@ -217,6 +219,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
         tier_map[name] = TierConfig(t.name, t.path, t.capacity_bytes, read_Bps, write_Bps, latency_s)
     try:
         config = AgentConfig(node=args.node, host=args.host, port=args.port, token=args.token, tiers=tier_map,
+                             region=args.region,
                              stores=list(args.store), store_options={k: dict(v) for k, v in options.items()},
                              engine=EngineSettings(args.threads, args.dtype, args.progressive, kind=args.engine,
                                                    toka_executable=args.toka, gpus=args.gpus,

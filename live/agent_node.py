@@ -439,7 +439,7 @@ class NodeAgent:
         with self._lock:
             instances = [i.to_json() for i in self.instances.values()]
             errors = list(self.errors)
-        return {"node": cfg.node, "tiers": tiers,
+        return {"node": cfg.node, "region": cfg.region, "tiers": tiers,
                 "host": {"path": str(self.host.path), "used_bytes": self.host.used_bytes(),
                          "copies": self.host.copies()},
                 "cloud": {"stream_Bps": cfg.cloud_stream_Bps, "streams": cfg.cloud_streams,

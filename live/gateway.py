@@ -44,6 +44,9 @@ context (400 `context_length_exceeded`), and the tenant's rate, token quota and 
 429 with `Retry-After`). Client errors, an engine's 4xx included, are recorded as `rejected`.
 Every completion response carries `x-tierlab-request-id`, the request_id of its row in `records()`
 (`core.records.REQUEST_SCHEMA`; rejected requests have rows too).
+With `GatewayConfig.response_cache` on, a deterministic request whose answer (or a similar prompt's, same tenant)
+is cached is answered after the limits without the policy or an engine (`live.gateway_cache`); a 200 says which
+in `x-tierlab-cache` (exact, semantic, miss, off) and the row in its `cache` column.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from starlette.routing import Route as HttpRoute
 
 from core.policies.base import PolicyBundle
 from core.records import REQUEST_SCHEMA, frame, rows_to_columns
+from core.response_cache import CacheConfig
 from core.state import CapacityError, ClusterState, ClusterView
 from live.audit import AuditLog
 from live.gateway_actions import ACTION_COLUMNS, ActionsMixin
@@ -80,12 +84,14 @@ from live.gateway_api import (
     check_context,
     completion_limit,
     parse_body,
+    prefix_keys,
     prompt_tokens,
     prompt_tokens_lower_bound,
     read_body,
     validate,
 )
 from live.gateway_auth import PREHASHED, KeyStore, allowed, config_principals, stored_digest
+from live.gateway_cache import CACHE_HEADER, GatewayCache
 from live.gateway_config import (
     DEFAULT_NODE_PRICE_PER_HOUR,
     NOMINAL_GPU,
@@ -101,7 +107,13 @@ from live.gateway_metrics import GatewayMetrics
 from live.gateway_migration import MigrationMixin
 from live.gateway_mirror import EngineFailed, Flight, Live, MirrorMixin, NodeLost, WallClock, log
 from live.gateway_openapi import openapi_endpoint
-from live.gateway_records import RequestInfo, instance_frame, request_frame, write_request_records
+from live.gateway_records import (
+    CLIENT_REGION_HEADER,
+    RequestInfo,
+    instance_frame,
+    request_frame,
+    write_request_records,
+)
 from live.gateway_upstream import Upstream
 from live.tracing import Tracing, span
 
@@ -152,6 +164,10 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         self.limiter = Limiter(config.limits, lambda: self.clock.now)  # type: ignore[arg-type]  # normalized
         self._permits: dict[int, Permit] = {}  # request id -> its limiter permit, released by `_finish`
         self._refused = config.refused_params
+        cache_cfg = config.response_cache
+        assert isinstance(cache_cfg, CacheConfig)  # normalized by GatewayConfig
+        # the edge response cache (`live.gateway_cache`); None: off
+        self.response_cache = GatewayCache(cache_cfg, lambda: self.clock.now) if cache_cfg.enabled else None
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self.keys = KeyStore(config_principals(config.tenants, config.admin_token, config.principals),
                              config.keys_file, set(config.models), self._keys_reloaded)
@@ -257,6 +273,7 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
             with span("auth"):
                 tenant = self.tenant_of(request)
             req.tenant = tenant.name
+            req.client_region = request.headers.get(CLIENT_REGION_HEADER, "")  # core/regions.py; "" = none
             raw = await read_body(request, c.max_body_bytes)
             body = parse_body(raw)
             if isinstance(body.get("model"), str):
@@ -275,14 +292,37 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
             return Response(status_code=400)
         else:
             req.prompt_tokens = prompt_tokens(body)
+            req.prefix_blocks = prefix_keys(body)  # for cache-aware placement (core.policies.prefix_aware)
             req.output_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
             try:
-                self.execute(self.bundle.on_arrival(req, self._view()))
-                response = await self._serve(req, body, raw, path, t_arrival, deadline)
+                cached = self._cached(req, tenant, body, path, t_arrival) if self.response_cache else None
+                if cached is not None:
+                    response = cached
+                else:
+                    self.execute(self.bundle.on_arrival(req, self._view()))
+                    response = await self._serve(req, body, raw, path, t_arrival, deadline)
             except Exception as e:  # a bug must still answer and leave its row
                 log.exception("request %d failed", req.id)
                 response = self._fail(req, t_arrival, 500, f"internal error: {e!r}", "internal_error")
         response.headers[REQUEST_ID_HEADER] = str(req.id)
+        if response.status_code == 200 and not req.cache:
+            response.headers[CACHE_HEADER] = "miss" if self.response_cache is not None else "off"
+        return response
+
+    def _cached(self, req: RequestInfo, tenant: Tenant, body: dict[str, Any], path: str,
+                t_arrival: float) -> Response | None:
+        """The response cache's answer (no engine, no policy), or None: then a cacheable request carries its
+        slot, so that its completed answer is stored (`live.gateway_cache`)."""
+        rc = self.response_cache
+        assert rc is not None
+        slot = rc.slot(tenant.name, path, body)
+        hit = rc.lookup(slot) if slot is not None else None
+        if hit is None:
+            req.cache_slot = slot
+            return None
+        response = rc.answer(hit, req, path, body)
+        req.ttft_s = time.monotonic() - t_arrival
+        self._finish(req, t_arrival, "completed", "")
         return response
 
     def _admit(self, req: RequestInfo, tenant: Tenant, body: dict[str, Any]) -> None:

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from core.prefix_cache import text_block_keys
+
 
 @dataclass(frozen=True)
 class Tenant:
@@ -153,6 +155,12 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     """A rough estimate (4 characters a token) for the policy; the engine's usage replaces it."""
     text = json.dumps(body.get("messages", body.get("prompt", "")))
     return max(1, len(text) // 4)
+
+
+def prefix_keys(body: dict[str, Any], block_chars: int = 64) -> tuple[int, ...]:
+    """The prompt's chained block ids (`core.prefix_cache.text_block_keys`) over the same text `prompt_tokens`
+    reads, so that cache-aware placement (`core.policies.prefix_aware`) can route by shared prefix."""
+    return text_block_keys(json.dumps(body.get("messages", body.get("prompt", ""))), block_chars)
 
 
 #: At most how many bytes of UTF-8 text one token stands for, by default: the tokenizers of the models tierlab serves

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.policies.base import PolicyBundle
+from core.response_cache import CacheConfig
 from core.specs import EngineSpec, GpuSpec, ModelSpec
 from live.gateway_api import DEFAULT_MAX_TOKEN_BYTES, REFUSED_PARAMS, Tenant
 from live.gateway_auth import Principal, load_keys_file, principal_from
@@ -100,6 +101,9 @@ class GatewayConfig:
     # CA bundle (PEM) the gateway trusts for https:// agents (None: the system's CAs); an agent whose certificate
     # it does not trust is unreachable to it, so never used
     agent_ca: str | None = None
+    # the edge response cache (`live.gateway_cache`, `core.response_cache`): {exact, semantic, threshold, ttl_s,
+    # capacity}; None or {}: off
+    response_cache: CacheConfig | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.agents:
@@ -107,6 +111,11 @@ class GatewayConfig:
         if self.agent_ca is not None and not os.path.isfile(self.agent_ca):
             raise ValueError(f"GatewayConfig.agent_ca: no such file {self.agent_ca!r}")
         self.tracing = TracingConfig.of(self.tracing)
+        if not isinstance(self.response_cache, CacheConfig):
+            try:
+                self.response_cache = CacheConfig.from_mapping(self.response_cache)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"GatewayConfig.response_cache: {e}") from None
         names = [a.name for a in self.agents]
         if len(set(names)) != len(names):
             raise ValueError(f"GatewayConfig.agents: node names repeat in {names}")

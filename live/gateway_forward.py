@@ -29,8 +29,10 @@ from live import tracing
 from live.engines.openai_compat import capability_error
 from live.gateway_agents import connection_error
 from live.gateway_api import ApiError, check_context, include_usage
+from live.gateway_cache import StreamText
 from live.gateway_mirror import EngineFailed, Flight, Live, NodeLost
-from live.gateway_records import RequestInfo, apply_load_timings, request_row, tpot
+from live.gateway_records import RequestInfo, apply_load_timings, cached_prompt_tokens, request_row, tpot
+from live.gateway_regions import emulate_rtt
 from live.gateway_upstream import UpstreamResponse
 
 if TYPE_CHECKING:
@@ -147,6 +149,7 @@ class ForwardMixin:
                     retries -= 1
                     continue
                 return self._fail(req, t_arrival, 502, str(e) or "engine load timed out", "load_failed")
+            await emulate_rtt(self, req, lv)  # regions: the client <-> node round trip (nothing when off)
             try:
                 with tracing.span("engine"):
                     return await self._forward(lv, path, body, raw, req, t_arrival, deadline)
@@ -204,6 +207,8 @@ class ForwardMixin:
             body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")} | {"stream": False}
             raw = json.dumps(body).encode()
         flight = Flight(lv, path, body)
+        if stream and not synthesize and req.cache_slot is not None:
+            flight.text = StreamText()  # the answer, gathered as it is relayed, for the response cache
         if (not stream or synthesize) and lv.streaming and self.may_migrate:
             # a whole answer shows no id until it is complete: name it, so a migration can detach it
             flight.engine_id = f"tl-{req.id}-{secrets.token_hex(4)}"
@@ -265,9 +270,12 @@ class ForwardMixin:
             usage = answer.get("usage") or {}
             req.in_tokens = int(usage.get("prompt_tokens", 0))
             req.out_tokens = int(usage.get("completion_tokens", 0))
+            req.cached_tokens = cached_prompt_tokens(usage)
         except (ValueError, AttributeError, TypeError):
             return self._fail(req, t_arrival, 502, "the engine's answer is not OpenAI JSON", "bad_engine_answer")
         self._finish(req, t_arrival, "completed", "")
+        if req.cache_slot is not None and self.response_cache is not None:
+            self.response_cache.store_whole(req.cache_slot, answer)
         if synthesize:
             content = sse.synthesize_stream(answer, path.endswith("chat/completions"), usage_chunk)
             return Response(content, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -337,6 +345,8 @@ class ForwardMixin:
             self._end(flight)
             flight.moved.set()
             self._finish(req, t_arrival, outcome, reason)
+            if outcome == "completed" and flight.text is not None and self.response_cache is not None:
+                self.response_cache.store(req.cache_slot, flight.text.answer(req))
             if lost is not None:
                 self._spawn(self._engine_lost(lv, lost))
             await upstream.aclose()
@@ -426,9 +436,12 @@ class ForwardMixin:
             if isinstance(usage, dict):
                 req.in_tokens = int(usage.get("prompt_tokens", 0) or 0)
                 req.out_tokens = int(usage.get("completion_tokens", 0) or 0)
+                req.cached_tokens = cached_prompt_tokens(usage)
             choice = sse.token_choice(msg)
             if choice is None:
                 continue
+            if flight is not None and flight.text is not None:
+                flight.text.add(choice)
             if math.isnan(req.ttft_s):
                 req.ttft_s = now
             req.last_token_s = now

@@ -16,6 +16,8 @@ config: a model outside the catalog is `model="_unknown"`, a request that failed
     tierlab_instances{status}, tierlab_model_instances{model,status}, tierlab_loads_in_flight,
     tierlab_queue_depth, tierlab_model_queue_depth{model}, tierlab_engine_requests_in_flight{model},
     tierlab_agents{state}, tierlab_agent_up{node}          gauges read off the mirror
+    tierlab_response_cache_hits_total{model,tenant,kind}  requests the response cache answered (exact, semantic)
+    tierlab_response_cache_lookups_total, tierlab_response_cache_entries   when the cache is on
     tierlab_gateway_asyncio_tasks                          tasks of the gateway's event loop at scrape time (the
                                                            soak's leak check, `experiments.soak`)
 
@@ -110,6 +112,7 @@ class GatewayMetrics(Collector):
         self.served: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # (instance, model, tenant)
         self.cold_starts: Counter[tuple[str, str]] = Counter()  # (model, source tier), instances
         self.cold_requests: Counter[tuple[str, str]] = Counter()
+        self.cache_hits: Counter[tuple[str, str, str]] = Counter()  # (model, tenant, exact|semantic)
         self.ttft: dict[str, Histogram] = defaultdict(lambda: Histogram(TTFT_BUCKETS_S))
         self.tpot: dict[str, Histogram] = defaultdict(lambda: Histogram(TPOT_BUCKETS_S))
         self.queue: dict[str, Histogram] = defaultdict(lambda: Histogram(QUEUE_BUCKETS_S))
@@ -132,13 +135,17 @@ class GatewayMetrics(Collector):
     def _read_rows(self) -> None:
         rows = self.gateway._rows
         catalog = self._catalog()
-        tenants = {t.name for t in self.gateway.config.tenants.values()}
+        # tenants of the config and of keys added since (keys file, /admin/keys): bounded by what admins add
+        tenants = {t.name for t in self.gateway.config.tenants.values()} | {
+            p.name for p in self.gateway.keys.principals() if p.role == "tenant"}
         for i in range(self._rows_seen, len(rows)):
             row = rows[i]
             model = row[_COL["model"]] if row[_COL["model"]] in catalog else OTHER_MODEL
             tenant = row[_COL["tenant"]] if row[_COL["tenant"]] in tenants else ""
             outcome = row[_COL["outcome"]]
             self.requests[model, tenant, outcome] += 1
+            if row[_COL["cache"]]:
+                self.cache_hits[model, tenant, row[_COL["cache"]]] += 1
             self.ttft[model].observe(row[_COL["ttft_s"]])
             self.tpot[model].observe(row[_COL["tpot_s"]])
             if outcome == "rejected":
@@ -181,7 +188,9 @@ class GatewayMetrics(Collector):
         if gw.state is None or not self.served:
             return {}
         blank = dict.fromkeys(REQUEST_SCHEMA, math.nan) | {"cold_start": False, "outcome": "completed",
-                                                           "reason": "", "source_tier": "", "node": ""}
+                                                           "reason": "", "source_tier": "", "node": "",
+                                                           "cache": "", "cached_tokens": 0,
+                                                           "variant": "", "client_region": ""}
         rows = [tuple((blank | {"request_id": n, "model": model, "tenant": tenant, "instance": inst,
                                 "prompt_tokens": p, "output_tokens": o}).values())
                 for n, ((inst, model, tenant), (p, o)) in enumerate(self.served.items())]
@@ -212,9 +221,21 @@ class GatewayMetrics(Collector):
                           "Cold requests' phases: fetch (tier hops and the engine's read), to_gpu, engine_init, "
                           "wait (the request's extra wait for its instance).", ["source_tier", "phase"],
                           sorted(self._phases().items()))
+        yield from self._cache_families()
         yield from self._cost_families()
         yield from self._mirror_families()
         yield from self._loop_families()
+
+    def _cache_families(self) -> Iterator[Metric]:
+        yield samples(CounterMetricFamily("tierlab_response_cache_hits", "Requests the response cache answered "
+                                           "(no engine), by model, tenant and kind (exact, semantic).",
+                                           labels=["model", "tenant", "kind"]), sorted(self.cache_hits.items()))
+        rc = self.gateway.response_cache
+        if rc is not None:  # on: its lookups (cacheable requests) and what it holds
+            yield CounterMetricFamily("tierlab_response_cache_lookups", "Cacheable requests looked up in the "
+                                      "response cache.", value=rc.cache.stats.lookups)
+            yield GaugeMetricFamily("tierlab_response_cache_entries", "Answers held by the response cache (all "
+                                    "tenants' partitions).", value=len(rc.cache))
 
     def _cost_families(self) -> Iterator[Metric]:
         costs = self._costs()

@@ -54,6 +54,7 @@ class Flight:
     move_to: Live | None = None  # set by a migration just before it detaches the sequence
     moved: asyncio.Event = field(default_factory=asyncio.Event)  # the relay resumed it (or gave up)
     strip_usage: bool = False  # the gateway asked the engine for the usage chunk; the client did not
+    text: Any = None  # a `live.gateway_cache.StreamText` gathering the answer when it is to be cached
 
 
 @dataclass(eq=False)

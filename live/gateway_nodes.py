@@ -120,7 +120,9 @@ def node_report(node: str, status: Mapping[str, Any] | None, nominal_gpu: GpuSpe
     cloud = st.get("cloud")
     if isinstance(cloud, Mapping) and cloud.get("nic_Bps") is not None:  # the agent paces its NIC: plan with it
         nic = _number(f"agent {node} /status cloud.nic_Bps", cloud["nic_Bps"])
-    spec = NodeSpec(node, gpu, 1, nic, tier_specs(node, st), od_usd_per_hour=price_per_hour)
+    region = st.get("region")  # the agent's --region (core/regions.py); absent or "": NodeSpec's default
+    where = {"region": region} if isinstance(region, str) and region else {}
+    spec = NodeSpec(node, gpu, 1, nic, tier_specs(node, st), od_usd_per_hour=price_per_hour, **where)
     return NodeReport(spec, max_num_seqs, kind)
 
 

@@ -24,10 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from core.records import REQUEST_SCHEMA
+from core.response_cache import KINDS
 from live.audit import FIELDS as AUDIT_FIELDS
 from live.gateway_actions import ACTION_COLUMNS
 from live.gateway_api import REFUSED_PARAMS, ApiError
 from live.gateway_auth import KEY_ID_LEN, ROLES
+from live.gateway_cache import CACHE_HEADER
 from live.gateway_sse import error_event
 
 #: `live.gateway_api.safe_model_name` as an ECMA-262 / Python regex: not empty, no `/` or `\`, no `..`, no
@@ -318,8 +320,14 @@ def _completion_operation(path: str, request_id_header: str) -> dict[str, Any]:
     events = {"oneOf": [_ref(f"{name}Chunk"), _ref("StreamError")],
               "description": "Each `data:` payload; the stream ends with `data: [DONE]`, or with an error event "
                              "if the engine failed mid-stream."}
+    cached = {CACHE_HEADER: {"description": "Whether the gateway's response cache answered (`live.gateway_cache`): "
+                                            "`exact` (the same deterministic request) or `semantic` (a similar "
+                                            "prompt of the same tenant, model and parameters), served without an "
+                                            "engine (a cached stream has the same events as a synthesized one); "
+                                            "`miss` (an engine answered) or `off` (the cache is off).",
+                             "schema": {"type": "string", "enum": [*KINDS, "miss", "off"]}}}
     ok = {"description": f"The answer; with `\"stream\": true`, server-sent events of {name}Chunk.",
-          "headers": headers,
+          "headers": {**headers, **cached},
           "content": {"application/json": {"schema": _ref(name)},
                       "text/event-stream": {"schema": {"type": "string"}, "x-tierlab-event-schema": events}}}
     client = {"description": _STATUS_TEXT[400] + " Or an engine's own error, relayed as is.", "headers": headers,

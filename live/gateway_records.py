@@ -25,6 +25,10 @@ from core.records import INSTANCE_SCHEMA, REQUEST_SCHEMA, frame, rows_to_columns
 from core.specs import ClusterSpec
 from core.state import InstanceState
 
+#: the request header naming the client's region (core/regions.py): the policy routes by it and, when the
+#: bundle's placement has a region table, the gateway waits the client <-> node round trip before forwarding
+CLIENT_REGION_HEADER = "x-tierlab-client-region"
+
 
 @dataclass
 class RequestInfo:
@@ -56,6 +60,15 @@ class RequestInfo:
     reason: str = ""
     token_stream: bool = False  # tokens were relayed as the engine produced them (TPOT is measurable)
     finished: bool = False
+    cache: str = ""  # "exact" / "semantic" when the response cache answered (`live.gateway_cache`)
+    cache_slot: Any = None  # its `live.gateway_cache.CacheSlot` when cacheable and the cache is on (not recorded)
+    # prefix caching: the prompt's block keys for cache-aware placement (`core.prefix_cache`), and the prompt
+    # tokens the engine reported it served from its prefix cache
+    prefix_blocks: tuple[int, ...] = ()
+    cached_tokens: int = 0
+    variant: str = ""  # the weight format that served it (core/variants.py; live serves the catalog's own)
+    client_region: str = ""  # the client's region (core/regions.py; "" = regions off)
+    network_s: float = math.nan  # the emulated client <-> agent region round trip, included in ttft_s / e2e_s
 
 
 def tpot(last_token_s: float, ttft_s: float, out_tokens: int) -> float:
@@ -64,6 +77,14 @@ def tpot(last_token_s: float, ttft_s: float, out_tokens: int) -> float:
     if out_tokens < 2 or math.isnan(ttft_s) or math.isnan(last_token_s):
         return math.nan
     return max(0.0, last_token_s - ttft_s) / (out_tokens - 1)
+
+
+def cached_prompt_tokens(usage: Mapping[str, Any]) -> int:
+    """Prompt tokens the engine served from its prefix cache: OpenAI's `usage.prompt_tokens_details.cached_tokens`
+    (the CPU engine's prefix cache reports it; vLLM too); 0 when absent."""
+    details = usage.get("prompt_tokens_details")
+    value = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def apply_load_timings(req: RequestInfo, timings: Mapping[str, Any]) -> None:
@@ -77,6 +98,8 @@ def apply_load_timings(req: RequestInfo, timings: Mapping[str, Any]) -> None:
     # ready_s counts from the engine's start() (EngineHandle.wait_ready), so it already holds engine_start_s
     ready = timings.get("ready_s", timings.get("engine_start_s"))
     req.engine_init_s = float(ready) if isinstance(ready, int | float) else math.nan
+    if timings.get("fallback_from") and isinstance(timings.get("source_tier"), str):
+        req.source_tier = timings["source_tier"]  # the placed tier was full: loaded from here instead
 
 
 def request_row(req: RequestInfo) -> tuple[Any, ...]:
@@ -84,7 +107,7 @@ def request_row(req: RequestInfo) -> tuple[Any, ...]:
     return (req.id, req.tenant, req.model, req.arrival_s, req.queue_s, req.cold_start, req.source_tier,
             req.fetch_s, req.to_gpu_s, req.engine_init_s, req.cold_start_s, req.prefill_s, req.ttft_s, req.tpot_s,
             req.e2e_s, req.in_tokens or req.prompt_tokens, req.out_tokens, req.node, req.instance, req.outcome,
-            req.reason, math.nan)
+            req.reason, math.nan, req.cache, req.cached_tokens, req.variant, req.client_region, req.network_s)
 
 
 def instance_event(time_s: float, inst: InstanceState, event: str, reason: str = "") -> tuple[Any, ...]:

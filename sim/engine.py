@@ -9,6 +9,14 @@ joins and leaves re-rate the clock. KV-cache capacity and the engine's sequence 
 bound the batch; further requests wait in the instance's queue. With the engine's
 `prefill_stalls_decode` (mixed prefill / decode forward passes), the clock stands still while
 the instance prefills: each prefill is a stall window the decoding sequences wait out.
+
+With the engine's `prefix_cache` (off by default: every result as before), the instance keeps the KV of the
+prompt blocks it computed (`core.prefix_cache.PrefixCache`, `prefix_cache_frac` of its KV budget, LRU), and a
+prefill computes only the tokens past the request's cached prefix. A prefill's blocks are cached when it ends.
+The cached blocks are not charged against the KV budget in use: like vLLM's free-block pool they are memory
+the running sequences may reclaim, and the cache's capacity is the share of it they are assumed to leave.
+Approximation: a prefill of the uncached suffix is timed as a prompt of that many tokens (its attention over
+the cached prefix is left out, an under-estimate for long cached prefixes).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from typing import TYPE_CHECKING
 import simpy
 
 from core.inference import InferenceModel
+from core.prefix_cache import PrefixCache
+from core.specs import EngineSpec
 from core.state import InstanceState
 
 if TYPE_CHECKING:
@@ -48,13 +58,14 @@ class SimEngine:
         "on_drained",
         "on_finish",
         "prefill_free_s",
+        "prefix",
         "queue",
         "state",
         "weights_resident_s",
     )
 
     def __init__(self, env: simpy.Environment, state: InstanceState, inf: InferenceModel,
-                 on_finish: Callable[[Request], None]) -> None:
+                 on_finish: Callable[[Request], None], engine: EngineSpec | None = None) -> None:
         self.env = env
         self.state = state
         self.inf = inf
@@ -75,6 +86,10 @@ class SimEngine:
         self.weights_resident_s = float("nan")
         self.forward: tuple[SimEngine, float, float] | None = None  # (destination, a s/token, b s)
         self.on_drained: Callable[[], None] | None = None
+        # the prefix (KV) cache, when the engine keeps one (EngineSpec.prefix_cache)
+        self.prefix: PrefixCache | None = None
+        if engine is not None and engine.prefix_cache:
+            self.prefix = PrefixCache.for_instance(state.kv_budget_bytes, self._kv_tok, engine)
 
     # -- admission ------------------------------------------------------------------------
     def kv_need(self, req: Request) -> float:
@@ -85,6 +100,9 @@ class SimEngine:
 
     def _can_admit(self, need: float) -> bool:
         s = self.state
+        if s.kv_pool is not None:  # KV mapped on demand (EngineSpec.kv_elastic): its pages must be mappable now
+            return (s.active < s.max_num_seqs and s.kv_used_bytes + need <= s.kv_budget_bytes
+                    and s.kv_pool.kv_grow(s, s.kv_used_bytes + need, self.env.now))
         return s.active < s.max_num_seqs and s.kv_used_bytes + need <= s.kv_budget_bytes
 
     def submit(self, req: Request) -> None:
@@ -137,6 +155,8 @@ class SimEngine:
         self.kv_int += s.kv_used_bytes * (now - self.kv_t)
         self.kv_t = now
         s.kv_used_bytes += delta
+        if delta < 0 and s.kv_pool is not None:
+            s.kv_pool.kv_shrink(s, now)  # pages no sequence uses go back to the node
 
     def _admit(self, req: Request, now: float, first_token_s: float | None = None) -> None:
         s = self.state
@@ -145,13 +165,25 @@ class SimEngine:
         self._kv_change(need)
         s.last_used_s = now
         req.admitted_s = now
+        prefix = self.prefix
         if first_token_s is None:
             start = self.prefill_free_s if self.prefill_free_s > now else now
-            first_token_s = start + self.inf.prefill_s(req.prompt_tokens)
+            tokens = req.prompt_tokens
+            if prefix is not None:
+                req.cached_tokens = prefix.lookup(req.prefix_blocks, tokens)
+                tokens -= req.cached_tokens
+            first_token_s = start + self.inf.prefill_s(tokens)
             req.prefill_start_s = start
         else:
             req.prefill_start_s = now
+            if prefix is not None:
+                req.cached_tokens = 0  # a progressive first pass on a fresh instance: nothing cached yet
         self.prefill_free_s = max(self.prefill_free_s, first_token_s)
+        if prefix is not None and req.prefix_blocks:
+            # the prompt's blocks are cached once computed (a request admitted meanwhile cannot use them yet)
+            blocks = req.prefix_blocks
+            self.env.timeout(first_token_s - now).callbacks.append(
+                lambda _e: prefix.insert(blocks) if req.instance is self else None)
         if self.inf.prefill_stalls_decode and first_token_s > req.prefill_start_s:
             self._stall(req.prefill_start_s, first_token_s)
         # the per-request overhead (front end, tokenizer) delays this request only: the prefill slot is free

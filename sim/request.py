@@ -13,6 +13,9 @@ class Request:
     __slots__ = (
         "admitted_s",
         "arrival_s",
+        "cache",
+        "cached_tokens",
+        "client_region",
         "cold",
         "deadline_s",
         "finish_s",
@@ -25,6 +28,7 @@ class Request:
         "output_tokens",
         "placed_s",
         "prefill_start_s",
+        "prefix_blocks",
         "pressure_node",
         "prompt_tokens",
         "reason",
@@ -33,7 +37,7 @@ class Request:
     )
 
     def __init__(self, id: int, model: str, tenant: str, prompt_tokens: int, output_tokens: int,
-                 arrival_s: float, deadline_s: float) -> None:
+                 arrival_s: float, deadline_s: float, prefix_blocks: tuple[int, ...] = ()) -> None:
         self.id = id
         self.model = model
         self.tenant = tenant
@@ -41,6 +45,8 @@ class Request:
         self.output_tokens = output_tokens
         self.arrival_s = arrival_s
         self.deadline_s = deadline_s
+        self.prefix_blocks = prefix_blocks  # prompt block ids (core/prefix_cache.py); () when the trace has none
+        self.cached_tokens = 0  # prompt tokens its prefill skipped (a prefix-cache hit on its instance)
         self.instance: Any = None  # the SimEngine it was routed to
         self.pressure_node: str | None = None  # the node where this waiting request last asked for GPU pressure
         self.node = ""
@@ -53,3 +59,5 @@ class Request:
         self.finish_s = _NAN
         self.outcome = ""
         self.reason = ""
+        self.cache = ""  # "exact" / "semantic": answered by the gateway's response cache (no engine)
+        self.client_region = ""  # where its client is (core/regions.py; "" = regions off)

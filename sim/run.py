@@ -24,14 +24,18 @@ from core.cost import (
 from core.engine_start import ENGINE_START_SCHEMA
 from core.inference import MeasuredTable
 from core.initial_state import InitialState, final_state
-from core.metrics import availability, memory_waste_frac, summarize
+from core.metrics import availability, memory_waste_frac, prefix_cache_stats, summarize
 from core.policies.base import PolicyBundle
 from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA, empty, frame, rows_to_columns
+from core.regions import RegionSetup
+from core.response_cache_model import SimCacheConfig, SimResponseCache, cache_summary, prompt_keys
 from core.spec_builders import validate_fit
 from core.specs import ClusterSpec, EngineSpec, ModelSpec
 from core.workload.trace import Workload
 from sim.faults import EVENT_SCHEMA
 from sim.initial import seed_tiers
+from sim.regions import attach as attach_regions
+from sim.regions import network_columns
 from sim.warmup import WarmupMark
 from sim.world import World
 
@@ -65,13 +69,17 @@ def simulate(
     seed: int = 0,
     warmup_s: float = 0.0,
     initial_state: InitialState | str | None = None,
+    response_cache: SimCacheConfig | None = None,
+    regions: RegionSetup | None = None,
 ) -> SimResult:
     """Simulate `workload` on `cluster` under `policy`; deterministic for the same inputs and `seed`
     (which draws only the faults: spot preemptions, node failures, store outages).
 
     `warmup_s` > 0: requests arriving before it are left out of the request table and the summary, and costs
     count from then on (`sim.warmup`). `initial_state`: what the local tiers hold at time 0 (a checked
-    `core.initial_state.InitialState`, or "policy"); None: empty."""
+    `core.initial_state.InitialState`, or "policy"); None: empty. `response_cache`: the gateway's response
+    cache as `core.response_cache_model` models it (None or disabled: off, and nothing changes). `regions`: client
+    regions and inter-region RTTs (core.regions, sim.regions; None: off, and nothing changes)."""
     validate_fit(cluster, models, engine)
     bar = None
     on_progress = None
@@ -88,7 +96,8 @@ def simulate(
     t0 = time.perf_counter()
     with _quiet_gc():
         world, wall_s, mark = _run_world(cluster, models, engine, policy, workload, measured, request_timeout_s,
-                                         drain_timeout_s, on_progress, t0, seed, warmup_s, initial_state)
+                                         drain_timeout_s, on_progress, t0, seed, warmup_s, initial_state,
+                                         response_cache, regions)
     if bar is not None:
         bar.update(len(workload) - bar.n)
         bar.close()
@@ -117,13 +126,20 @@ def _run_world(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: Engine
                workload: Workload, measured: Sequence[MeasuredTable], request_timeout_s: float,
                drain_timeout_s: float, on_progress: Callable[[float, int], None] | None,
                t0: float, seed: int = 0, warmup_s: float = 0.0,
-               initial_state: InitialState | str | None = None) -> tuple[World, float, WarmupMark | None]:
+               initial_state: InitialState | str | None = None,
+               response_cache: SimCacheConfig | None = None,
+               regions: RegionSetup | None = None) -> tuple[World, float, WarmupMark | None]:
     world = World(cluster, models, engine, policy, measured=measured, request_timeout_s=request_timeout_s,
                   drain_timeout_s=drain_timeout_s, on_progress=on_progress, seed=seed)
+    if response_cache is not None and response_cache.cache.enabled:
+        world.response_cache = SimResponseCache(response_cache)
+        world.prompt_keys = prompt_keys(workload.prompt_tokens, getattr(workload, "prefix_blocks", None))
+    if regions is not None:
+        attach_regions(world, regions, workload.tenant, seed)
     seed_tiers(world, initial_state)
     mark = WarmupMark(world, warmup_s) if warmup_s > 0 else None
     world.run(workload.arrival_s, workload.model, workload.tenant, workload.prompt_tokens, workload.output_tokens,
-              progress_every=20_000)
+              progress_every=20_000, prefix_blocks=workload.prefix_blocks)
     return world, time.perf_counter() - t0, mark
 
 
@@ -150,7 +166,7 @@ def request_columns(world: World) -> dict[str, Any]:
         cols["cold_start"][k] = r.cold
         done = r.outcome == "completed"
         ft = r.first_token_s if done else nan
-        prefill = eng.inf.prefill_s(r.prompt_tokens) if eng is not None else nan
+        prefill = eng.inf.prefill_s(r.prompt_tokens - r.cached_tokens) if eng is not None else nan
         cols["prefill_s"][k] = prefill if done else nan
         cols["ttft_s"][k] = ft - r.arrival_s
         cols["e2e_s"][k] = r.finish_s - r.arrival_s if done else nan
@@ -173,6 +189,13 @@ def request_columns(world: World) -> dict[str, Any]:
             cols["cold_start_s"][k] = nan
             cols["queue_s"][k] = wait
         cols["cost_usd"][k] = 0.0
+        cols["cache"][k] = r.cache
+        if r.cache:  # answered whole by the gateway's cache: no token stream to time
+            cols["tpot_s"][k] = nan
+        cols["cached_tokens"][k] = r.cached_tokens if done else 0
+        spec = world.state.models.get(r.model)
+        cols["variant"][k] = spec.variant if spec is not None else ""
+    network_columns(world, cols)  # sim.regions: client_region, network_s (the RTT, added to TTFT and e2e)
     return cols
 
 
@@ -215,6 +238,8 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
         cost_breakdown={"gpu": gpu_usd, **{f"storage_{t}": v for t, v in storage_usd_by_tier.items()},
                         "egress": egress_usd},
         memory_waste_frac=waste,
+        # memory_waste_frac's parts and the GPU memory no instance held (sim.memory, docs/results/memory_waste.md)
+        memory_waste_parts=world.memory.parts(st, start_s, end_s),
         sim_s=end_s,
         wall_s=wall_s,
         ttft_slo_s=ttft_slo_s,
@@ -239,8 +264,12 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
             "requeued_by_cause": dict(sorted(st.requeued_by_cause.items())),
             **availability(requests, no_path_intervals=no_path, recoveries_s=recoveries),
             **warm_extra,
+            # prefix caching only: off, the summary keeps its keys (and every result stays as it was)
+            **(prefix_cache_stats(requests) if world.engine.prefix_cache else {}),
         },
     )
+    if world.response_cache is not None:
+        summary["response_cache"] = cache_summary(requests, world.response_cache.modelled)
     if warmup is not None:  # the simulator's speed: every request it simulated, measured or not
         summary["requests_per_wall_s"] = len(world.requests) / wall_s if wall_s > 0 else None
     starts = frame(ENGINE_START_SCHEMA, rows_to_columns(ENGINE_START_SCHEMA, world.starts.rows))

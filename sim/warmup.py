@@ -74,7 +74,7 @@ class WarmupMark:
         for eng in world.engines.values():
             inst = eng.state
             life = now - inst.started_s
-            c.reserved_byte_s += inst.gpu_bytes * life
+            c.reserved_byte_s += inst.reserved_byte_s(now)
             c.weights_byte_s += inst.model.weights_bytes * life
             c.kv_byte_s += eng.kv_int + inst.kv_used_bytes * (now - eng.kv_t)
         for node, since in world._down_since.items():

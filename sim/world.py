@@ -34,12 +34,14 @@ from core.loadtime import (
     ready_time_s,
 )
 from core.policies.base import PolicyBundle
+from core.response_cache_model import SimResponseCache
 from core.specs import LOCAL_TIERS, ClusterSpec, EngineSpec, ModelSpec
 from core.state import ClusterState, ClusterView, InstanceState
 from sim.engine import SimEngine
 from sim.engine_start import EngineStarts
 from sim.fabric import Fabric, Flow
 from sim.faults import FaultInjector, StorePath
+from sim.memory import install_memory_ledger
 from sim.request import Request
 from sim.stopping import Stops
 
@@ -94,6 +96,7 @@ class World:
         drain_timeout_s: float = 3600.0,
         on_progress: Callable[[float, int], None] | None = None,
         seed: int = 0,
+        response_cache: SimResponseCache | None = None,
     ) -> None:
         self.env = simpy.Environment()
         self.cluster = cluster
@@ -137,16 +140,25 @@ class World:
         self._open_from = 0  # requests before this index are all resolved
         self.stops = Stops(self)  # engine stops that hold memory for a while (EngineSpec.stop_s)
         self.starts = EngineStarts(self)  # start-up phases, compile cache, engine pools, GPU snapshots
+        # the gateway's response cache (core.response_cache_model); None: off, every request is served
+        self.response_cache = response_cache
+        self.prompt_keys: Sequence[str | None] | None = None  # per request, the prompt's identity when known
+        # regions (core/regions.py, sim/regions.py): the table and each request's client region; None: off
+        self.regions: object | None = None
+        self.client_regions: Sequence[str] | None = None
+        install_memory_ledger(self)  # GPU memory over time (sim.memory); wakes engines waiting for KV pages
 
     # =========================================================================== running
     def run(self, arrival_s: np.ndarray, model: Sequence[str], tenant: Sequence[str],
-            prompt_tokens: np.ndarray, output_tokens: np.ndarray, progress_every: int = 50_000) -> None:
-        """Replay the arrivals, then drain; every request ends completed, rejected or failed."""
+            prompt_tokens: np.ndarray, output_tokens: np.ndarray, progress_every: int = 50_000,
+            prefix_blocks: Sequence[tuple[int, ...]] | None = None) -> None:
+        """Replay the arrivals, then drain; every request ends completed, rejected or failed.
+        `prefix_blocks`: each request's prompt block ids, for engines with a prefix cache (None: none)."""
         n = len(arrival_s)
         self.requests = [None] * n  # type: ignore[list-item]
         self.env.process(self._arrivals(arrival_s.tolist(), list(model), list(tenant),
                                         np.asarray(prompt_tokens).tolist(), np.asarray(output_tokens).tolist(),
-                                        progress_every))
+                                        progress_every, None if prefix_blocks is None else list(prefix_blocks)))
         if self.policy.tick_s:
             self.env.process(self._ticks(self.policy.tick_s))
         self.faults.start()
@@ -160,7 +172,7 @@ class World:
         self._finalize()
 
     def _arrivals(self, arr: list[float], models: list[str], tenants: list[str], prompts: list[int],
-                  outs: list[int], progress_every: int):
+                  outs: list[int], progress_every: int, blocks: list[tuple[int, ...]] | None = None):
         env = self.env
         timeout = self.request_timeout_s
         known = self.state.models
@@ -168,11 +180,20 @@ class World:
             if t > env.now:
                 yield env.timeout(t - env.now)
             req = Request(i, models[i], tenants[i], prompts[i], outs[i], t, t + timeout)
+            if blocks is not None:
+                req.prefix_blocks = blocks[i]
+            if self.client_regions is not None:
+                req.client_region = self.client_regions[i]
             self.requests[i] = req
             self.outstanding += 1
             if req.model not in known:
                 self._resolve(req, "rejected", "unknown_model")
                 continue
+            if self.response_cache is not None and self._cache_hit(req):
+                continue
+            if getattr(self.policy, "variants", None) is not None:  # a variant policy picks the deployment
+                picked = self.policy.pick_variant(req, self.view)
+                req.model = picked if picked in known else req.model
             acts = self.policy.on_arrival(req, self.view)
             if acts:
                 self._execute(acts)
@@ -181,6 +202,20 @@ class World:
                 self.on_progress(env.now, i)
         self.arrivals_done = True
         self._check_finished()
+
+    def _cache_hit(self, req: Request) -> bool:
+        """Answer `req` from the response cache if it hits: completed after the gateway's latency, no engine."""
+        rc = self.response_cache
+        assert rc is not None
+        key = self.prompt_keys[req.id] if self.prompt_keys is not None else None
+        kind = rc.on_arrival(req.id, req.tenant, req.model, key, req.arrival_s)
+        if not kind:
+            return False
+        req.cache = kind
+        req.prefill_start_s = req.arrival_s
+        req.first_token_s = req.finish_s = req.arrival_s + rc.latency_s
+        self._resolve(req, "completed", "")
+        return True
 
     def _ticks(self, tick_s: float):
         while not self.finished.triggered:
@@ -293,7 +328,7 @@ class World:
         now = self.env.now
         inst = self.state.add_instance(model_name, node, gpu_ids, per_gpu, kv, source_tier, now)
         self.gpu_ids[inst.id] = tuple(gpu_ids)
-        eng = SimEngine(self.env, inst, self._inference_model(model, node, n), self._on_finish)
+        eng = SimEngine(self.env, inst, self._inference_model(model, node, n), self._on_finish, engine=self.engine)
         self.engines[inst.id] = eng
         store = self.stores.current or self.cluster.store
         inst.ready_at_s = now + estimate_load_s(source_tier, model, ns.spec, store, self.engine, n, kv,
@@ -417,7 +452,7 @@ class World:
         eng.close_accounting()
         now = self.env.now
         life = now - inst.started_s
-        self.stats.reserved_byte_s += inst.gpu_bytes * life
+        self.stats.reserved_byte_s += inst.reserved_byte_s(now)  # gpu_bytes * life unless KV pages were mapped
         self.stats.weights_byte_s += inst.model.weights_bytes * life
         self.stats.kv_byte_s += eng.kv_int
         for req in eng.take_queue():
@@ -689,6 +724,9 @@ class World:
         req.reason = reason
         if outcome != "completed":
             req.finish_s = self.env.now
+        elif self.response_cache is not None and not req.cache:  # a served answer enters the cache
+            key = self.prompt_keys[req.id] if self.prompt_keys is not None else None
+            self.response_cache.on_completed(req.tenant, req.model, key, self.env.now)
         self.outstanding -= 1
         if self.arrivals_done and self.outstanding == 0:
             self._check_finished()

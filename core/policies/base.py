@@ -18,7 +18,12 @@ NO_ACTIONS: tuple[Action, ...] = ()
 
 
 class RequestView(Protocol):
-    """What a policy may read of a request."""
+    """What a policy may read of a request.
+
+    Optional (read with ``getattr(req, "prefix_blocks", ())``, as `core.policies.prefix_aware` does):
+    ``prefix_blocks``, the prompt's chained block ids for prefix caching (the simulator's from the trace's
+    ``hash_ids``, the live gateway's from the prompt text); empty when unknown.
+    """
 
     id: int
     model: str
@@ -188,8 +193,11 @@ class PolicyBundle:
         name: str = "custom",
         progressive: bool = False,
         engine_start: Mapping[str, Any] | EngineStartOptions | None = None,
+        variants: Any = None,
     ) -> None:
         self.name = name
+        # which weight variant serves a request (core.policies.variants; None: the requested deployment)
+        self.variants = variants
         # engine pools / GPU snapshots (checked here, so a bad config fails when the bundle is built)
         self.engine_start: EngineStartOptions = options_from(engine_start)
         self.placement = placement
@@ -205,6 +213,10 @@ class PolicyBundle:
 
     def place(self, req: RequestView, view: ClusterView) -> Decision:
         return self.placement.place(req, view)
+
+    def pick_variant(self, req: RequestView, view: ClusterView) -> str:
+        """The deployment that serves `req`: its own, or the variant the bundle's variant policy picks."""
+        return req.model if self.variants is None else self.variants.pick(req, view)
 
     def _both(self, name: str, *args: object) -> list[Action]:
         out: list[Action] = []

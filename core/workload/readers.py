@@ -47,6 +47,7 @@ def _tokens_workload(
     name: str,
     prompt_field: str,
     output_field: str,
+    prefix_blocks: list[tuple[int, ...]] | None = None,
 ) -> Workload:
     """Shared tail of the request-level readers: positivity checks with line numbers, then sort and build."""
     for values, field in ((prompt, prompt_field), (output, output_field)):
@@ -54,7 +55,7 @@ def _tokens_workload(
         if bad.size:
             i = bad[0]
             raise TraceFormatError(str(path), int(lines[i]), f"{field} must be a positive integer, got {values[i]}")
-    return Workload.from_columns(arrival_s, prompt, output, name=name)
+    return Workload.from_columns(arrival_s, prompt, output, name=name, prefix_blocks=prefix_blocks)
 
 
 def _ns_to_relative_s(ns: np.ndarray) -> np.ndarray:
@@ -176,14 +177,31 @@ def _json_number(rec: dict, key: str, *, integral: bool) -> float:
     return v
 
 
+def _hash_ids(rec: dict) -> tuple[int, ...] | None:
+    """A record's ``hash_ids`` as a tuple of non-negative ints; None when the field is absent."""
+    if "hash_ids" not in rec:
+        return None
+    v = rec["hash_ids"]
+    if not isinstance(v, list):
+        raise ValueError(f"field 'hash_ids' must be a list of integers, got {type(v).__name__}")
+    for i, h in enumerate(v):
+        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+            raise ValueError(f"field 'hash_ids' item {i} must be a non-negative integer, got {h!r}")
+    return tuple(v)
+
+
 def read_mooncake(path: PathLike, *, name: str | None = None) -> Workload:
-    """Mooncake JSON-lines trace: ``timestamp`` (ms, relative), ``input_length``, ``output_length``.
+    """Mooncake JSON-lines trace: ``timestamp`` (ms, relative), ``input_length``, ``output_length``, and
+    optionally ``hash_ids``.
 
     ``arrival_s = timestamp / 1000`` (kept relative to the trace's own origin, not re-based). ``hash_ids``
-    (prefix-cache block ids) are not part of `Workload` and are ignored. Models are unassigned.
+    (prefix-cache block ids, `core.prefix_cache.MOONCAKE_BLOCK_TOKENS` tokens each) become the workload's
+    ``prefix_blocks`` when every record has them (a record without them then has an empty tuple, no prefix
+    to share); a trace without any keeps ``prefix_blocks=None``. Models are unassigned.
     """
     p = _existing(path)
     ts, inp, out, lines = [], [], [], []
+    blocks: list[tuple[int, ...] | None] = []
     with p.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -199,12 +217,14 @@ def read_mooncake(path: PathLike, *, name: str | None = None) -> Workload:
                 ts.append(t)
                 inp.append(int(_json_number(rec, "input_length", integral=True)))
                 out.append(int(_json_number(rec, "output_length", integral=True)))
+                blocks.append(_hash_ids(rec))
                 lines.append(lineno)
             except json.JSONDecodeError as exc:
                 raise TraceFormatError(str(p), lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
             except (ValueError, UnicodeDecodeError) as exc:
                 raise TraceFormatError(str(p), lineno, str(exc)) from None
     stem = p.stem.removesuffix("_trace")
+    has_blocks = any(b is not None for b in blocks)
     return _tokens_workload(
         p,
         np.asarray(ts, dtype=np.float64) / 1e3,
@@ -214,6 +234,7 @@ def read_mooncake(path: PathLike, *, name: str | None = None) -> Workload:
         name=name or f"mooncake_{stem}",
         prompt_field="input_length",
         output_field="output_length",
+        prefix_blocks=[b if b is not None else () for b in blocks] if has_blocks else None,
     )
 
 

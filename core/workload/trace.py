@@ -61,12 +61,20 @@ class Workload:
     # deployments the workload declares besides those its requests name (e.g. a ServeGen client's fine-tunes
     # that get no request in a window): part of the catalog, so that it does not depend on the slice
     catalog: tuple[str, ...] = ()
+    # per request, the prompt's prefix-cache block ids (a tuple of ints; Mooncake's ``hash_ids``), or None when
+    # the trace has none: optional, so every other trace and generator is unchanged (core/prefix_cache.py)
+    prefix_blocks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for col, dtype in COLUMNS.items():
             object.__setattr__(self, col, _readonly(getattr(self, col), dtype))
         object.__setattr__(self, "duration_s", float(self.duration_s))
         object.__setattr__(self, "catalog", tuple(self.catalog))
+        if self.prefix_blocks is not None:
+            object.__setattr__(self, "prefix_blocks", _block_column(self.prefix_blocks))
+            if len(self.prefix_blocks) != len(self.arrival_s):
+                raise ConfigError(f"workload {self.name!r}: field 'prefix_blocks' has length "
+                                  f"{len(self.prefix_blocks)}, arrival_s has {len(self.arrival_s)}")
         self.validate()
 
     @classmethod
@@ -80,10 +88,11 @@ class Workload:
         tenant: str | Sequence[str] | np.ndarray | None = None,
         name: str = "workload",
         duration_s: float | None = None,
+        prefix_blocks: Sequence[Sequence[int]] | np.ndarray | None = None,
     ) -> Workload:
         """Build from possibly unsorted columns: scalars broadcast, rows are stably sorted by arrival.
 
-        ``duration_s`` defaults to the last arrival.
+        ``duration_s`` defaults to the last arrival. ``prefix_blocks``: per request, its prompt's block ids.
         """
         arrival = np.asarray(arrival_s, dtype=np.float64)
         n = arrival.size
@@ -95,12 +104,16 @@ class Workload:
             "output_tokens": np.asarray(output_tokens),
         }
         _check_lengths(name, cols)
+        blocks = _block_column(prefix_blocks) if prefix_blocks is not None else None
+        if blocks is not None and len(blocks) != n:
+            raise ConfigError(f"workload {name!r}: field 'prefix_blocks' has length {len(blocks)}, arrival_s has {n}")
         if n > 1 and np.any(arrival[1:] < arrival[:-1]):
             order = np.argsort(arrival, kind="stable")
             cols = {k: v[order] for k, v in cols.items()}
+            blocks = blocks[order] if blocks is not None else None
         if duration_s is None:
             duration_s = float(cols["arrival_s"][-1]) if n else 0.0
-        return cls(**cols, name=name, duration_s=duration_s)
+        return cls(**cols, name=name, duration_s=duration_s, prefix_blocks=blocks)
 
     # ----------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -144,7 +157,8 @@ class Workload:
         cols = {col: getattr(self, col)[rows] for col in COLUMNS}
         if shift_s:
             cols["arrival_s"] = cols["arrival_s"] - shift_s
-        return Workload(**cols, name=name, duration_s=duration_s, catalog=self.catalog)
+        blocks = self.prefix_blocks[rows] if self.prefix_blocks is not None else None
+        return Workload(**cols, name=name, duration_s=duration_s, catalog=self.catalog, prefix_blocks=blocks)
 
     def with_columns(self, **columns: np.ndarray | str) -> Workload:
         """A copy with some columns replaced (e.g. ``model=...``); scalars broadcast for label columns."""
@@ -152,7 +166,8 @@ class Workload:
         if unknown := set(columns) - set(known):
             raise ConfigError(f"with_columns: unknown field(s) {sorted(unknown)}; known: {known}")
         cols: dict[str, object] = {col: getattr(self, col) for col in COLUMNS}
-        cols |= {"name": self.name, "duration_s": self.duration_s, "catalog": self.catalog}
+        cols |= {"name": self.name, "duration_s": self.duration_s, "catalog": self.catalog,
+                 "prefix_blocks": self.prefix_blocks}
         for key, value in columns.items():
             cols[key] = _labels(value, len(self), "") if key in ("model", "tenant") else value
         return Workload(**cols)  # type: ignore[arg-type]
@@ -197,12 +212,28 @@ class Workload:
         parts = (self, *others)
         cols = {col: np.concatenate([getattr(w, col) for w in parts]) for col in COLUMNS}
         order = np.argsort(cols["arrival_s"], kind="stable")
+        blocks = None
+        if any(w.prefix_blocks is not None for w in parts):  # a part without block ids shares no prefix
+            blocks = np.concatenate([w.prefix_blocks if w.prefix_blocks is not None else _block_column([()] * len(w))
+                                     for w in parts])[order]
         return Workload(
             **{k: v[order] for k, v in cols.items()},
             name=name or "+".join(w.name for w in parts),
             duration_s=max(w.duration_s for w in parts),
             catalog=tuple(dict.fromkeys(m for w in parts for m in w.catalog)),
+            prefix_blocks=blocks,
         )
+
+
+def _block_column(values: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+    """A read-only 1-D object array of int tuples (one per request), however the block ids came."""
+    if isinstance(values, np.ndarray) and values.dtype == object and not values.flags.writeable:
+        return values  # already one (a transform's slice of a workload's column)
+    arr = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        arr[i] = v if isinstance(v, tuple) else tuple(v)
+    arr.flags.writeable = False
+    return arr
 
 
 def _first(mask: np.ndarray) -> int:

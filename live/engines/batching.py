@@ -17,6 +17,11 @@ character or a possible stop string, see `TextStream`), so that a stream's chunk
 the text; ("done", {"finish_reason", "usage", "text"}) where "text" is what the end released (held-back text,
 "" if none); ("detached", {"prompt_ids", "token_ids", "emitted_chars"}) or ("error", ApiError). Importing
 this module does not import torch (the server must listen before torch loads); `serve()` brings it in.
+
+With a prefix cache (`prefix_cache_blocks` > 0, `live.engines.prefix_store`), a newcomer whose prompt starts
+with whole blocks another prompt computed takes their KV instead of prefilling them, and its "done" usage says
+how many in `prompt_tokens_details.cached_tokens` (OpenAI's field); a prompt's blocks are kept when its
+prefill ends. Off (the default), nothing changes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from live.engines.cpu_api import ApiError, ResumeState
+from live.engines.prefix_store import KVPrefixStore
 from live.engines.text_stream import TextStream
 
 log = logging.getLogger("live.engines.batching")
@@ -74,6 +80,7 @@ class _Seq:
         self.text = TextStream(decode, req.stop, ids=resumed, emitted_chars=emitted)
         self.admitted_perf = time.perf_counter()
         self.first_token_perf: float | None = None
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def prefilling(self) -> bool:
@@ -97,7 +104,8 @@ def _waiting_state(req: SeqRequest) -> ResumeState:
 class Scheduler:
     """The batching worker; thread-safe `submit`, `detach`, `serve`, `fail` and `stats`."""
 
-    def __init__(self, max_num_seqs: int = 8, prefill_chunk_tokens: int = 256, step_delay_s: float = 0.0) -> None:
+    def __init__(self, max_num_seqs: int = 8, prefill_chunk_tokens: int = 256, step_delay_s: float = 0.0,
+                 prefix_cache_blocks: int = 0, prefix_block_tokens: int = 16) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if prefill_chunk_tokens < 1:
@@ -107,6 +115,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.step_delay_s = step_delay_s  # a sleep after each step: emulates a slower device (experiments, tests)
+        # the prefix (KV) cache, worker-owned; None: off
+        self.prefix: KVPrefixStore | None = (KVPrefixStore(prefix_cache_blocks, prefix_block_tokens)
+                                             if prefix_cache_blocks > 0 else None)
         self._cond = threading.Condition()
         self._incoming: list[SeqRequest] = []  # submitted, not yet seen by the worker (guarded by _cond)
         self._detaches: list[tuple[str, concurrent.futures.Future[dict[str, Any] | None]]] = []
@@ -219,6 +230,7 @@ class Scheduler:
             "decode_steps": {str(b): {"steps": int(n), "seconds": t}
                              for b, (n, t) in sorted(self.decode_step_s.items())},
             "sequences": sequences,
+            **({"prefix_cache": self.prefix.stats()} if self.prefix is not None else {}),
         }
 
     # -- the worker
@@ -306,6 +318,8 @@ class Scheduler:
                 self.requests_failed += 1
                 req.emit("error", ApiError(500, f"admitting the request failed: {exc!r}", None, None, "server_error"))
                 continue
+            if self.prefix is not None:
+                seq.cached_tokens = seq.fed = self.prefix.reuse(req.prompt_ids, seq.cache)
             self._running.append(seq)
 
     def _step(self) -> None:
@@ -320,6 +334,7 @@ class Scheduler:
         sampled: list[_Seq | None] = []  # per segment: the sequence that samples from its logits, if any
         budget = self.prefill_chunk_tokens
         prefill_in_step = False
+        prefilled: list[_Seq] = []  # sequences whose prefill this step completes (their blocks get cached)
         for seq in self._running:
             if seq.prefilling:
                 if budget <= 0:
@@ -331,12 +346,17 @@ class Scheduler:
                 seq.fed += n
                 self.prefill_tokens += n
                 sampled.append(None if seq.prefilling else seq)
+                if self.prefix is not None and not seq.prefilling:
+                    prefilled.append(seq)
             else:
                 chunk = [seq.tokens[-1]]  # decode: feed the last sampled token
                 self.decode_tokens += 1
                 sampled.append(seq)
             segments.append((chunk, seq.cache))
         logits = self._model.forward_batch(segments)
+        if self.prefix is not None:
+            for seq in prefilled:
+                self.prefix.store(seq.req.prompt_ids, seq.cache)
         self.steps += 1
         self.step_seqs_total += len(segments)
         self.max_batch_seen = max(self.max_batch_seen, len(segments))
@@ -377,11 +397,13 @@ class Scheduler:
         # the held-back text rides on "done" (not a "token" event of its own): one token event per token
         rest = "" if cancelled else seq.text.flush()
         done = time.perf_counter()
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": len(seq.tokens),
             "total_tokens": len(req.prompt_ids) + len(seq.tokens),
         }
+        if self.prefix is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": seq.cached_tokens}
         finish_reason = "stop" if cancelled else reason
         self.requests_done += 1
         self.last_request = {

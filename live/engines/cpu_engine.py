@@ -60,9 +60,12 @@ class Engine:
         prefill_chunk_tokens: int = 256,
         step_delay_s: float = 0.0,
         process_started: tuple[float, float] | None = None,
+        prefix_cache_blocks: int = 0,
+        prefix_block_tokens: int = 16,
     ) -> None:
         """`process_started`: (time.time(), time.perf_counter()) at interpreter start, for the stats' t0
-        arithmetic (default: this module's import); `step_delay_s` pads every batch step (a slower device)."""
+        arithmetic (default: this module's import); `step_delay_s` pads every batch step (a slower device);
+        `prefix_cache_blocks` > 0 keeps a prefix (KV) cache of that many blocks of `prefix_block_tokens`."""
         self.model_dir = model_dir
         self.model_name = model_name
         self.progressive = progressive
@@ -82,7 +85,8 @@ class Engine:
         self.model: Any = None
         self.tokenizer: Any = None
         self.bos_token_id: int | None = None
-        self.scheduler = Scheduler(max_num_seqs, prefill_chunk_tokens, step_delay_s)
+        self.scheduler = Scheduler(max_num_seqs, prefill_chunk_tokens, step_delay_s, prefix_cache_blocks,
+                                   prefix_block_tokens)
         self.timings: dict[str, float | None] = {
             "process_started_at_s": self.start_unix - self.t0_unix,
             "listening_at_s": None,

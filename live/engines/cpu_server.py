@@ -288,6 +288,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="prompt tokens prefilled per batch step (a long prompt is split over steps)")
     parser.add_argument("--step-delay-s", type=float, default=0.0,
                         help="sleep after each batch step (emulates a slower device)")
+    # the env default lets a whole stack (agents launch the engines) turn it on: TIERLAB_PREFIX_CACHE_BLOCKS=N
+    parser.add_argument("--prefix-cache-blocks", type=int,
+                        default=int(os.environ.get("TIERLAB_PREFIX_CACHE_BLOCKS", 0)),
+                        help="keep a prefix (KV) cache of this many blocks (0: off; default: the env variable)")
+    parser.add_argument("--prefix-block-tokens", type=int, default=16, help="tokens per prefix-cache block")
     parser.add_argument("--default-chat-max-tokens", type=int, default=256)
     parser.add_argument("--launched-at", type=float, help="the launcher's time.time() at spawn (t0 of the stats)")
     parser.add_argument("--exit-with-parent", type=int, metavar="PID", help="exit when this process is gone")
@@ -302,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpu_server: --max-read-MBps must be > 0, got {args.max_read_MBps}", file=sys.stderr)
         return 2
     for name, value, low in (("--max-num-seqs", args.max_num_seqs, 1), ("--prefill-chunk-tokens",
-                             args.prefill_chunk_tokens, 1), ("--step-delay-s", args.step_delay_s, 0)):
+                             args.prefill_chunk_tokens, 1), ("--step-delay-s", args.step_delay_s, 0),
+                             ("--prefix-cache-blocks", args.prefix_cache_blocks, 0),
+                             ("--prefix-block-tokens", args.prefix_block_tokens, 1)):
         if value < low:
             print(f"cpu_server: {name} must be >= {low}, got {value}", file=sys.stderr)
             return 2
@@ -334,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         step_delay_s=args.step_delay_s,
         process_started=(_MODULE_START_UNIX, _MODULE_START_PERF),
+        prefix_cache_blocks=args.prefix_cache_blocks,
+        prefix_block_tokens=args.prefix_block_tokens,
     )
     config = uvicorn.Config(
         create_app(engine),

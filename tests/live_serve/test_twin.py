@@ -31,7 +31,7 @@ def _records(rows: list[dict[str, Any]]) -> pd.DataFrame:
             "fetch_s": math.nan, "to_gpu_s": math.nan, "engine_init_s": math.nan, "cold_start_s": math.nan,
             "prefill_s": math.nan, "ttft_s": math.nan, "tpot_s": math.nan, "e2e_s": math.nan, "prompt_tokens": 4,
             "output_tokens": 2, "node": "", "instance": "", "outcome": "completed", "reason": "",
-            "cost_usd": 0.0}
+            "cost_usd": 0.0, "cache": "", "cached_tokens": 0, "variant": "", "client_region": "", "network_s": math.nan}
     full = [{**base, **r} for r in rows]
     return frame(REQUEST_SCHEMA, {c: [r[c] for r in full] for c in REQUEST_SCHEMA})
 

@@ -1,0 +1,93 @@
+"""Cache-aware routing behind the live gateway: the gateway gives each request its prompt's block keys
+(`live.gateway_api.prefix_keys`), and the same `core.policies.prefix_aware.PrefixAware` the simulator runs
+sends a conversation's next turn to the instance that served its prefix. With plain tier-aware placement (the
+mechanism off) the turn goes to the idle instance instead. Real gateways over two null engines."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from core.policies.autoscaling import KeepAlive
+from core.policies.base import PolicyBundle
+from core.policies.caching import NoCaching
+from core.policies.placement import TierAware
+from core.policies.prefix_aware import PrefixAware
+from live.engines.null_server import NullEngineProcess
+from live.gateway import Gateway
+from live.gateway_api import prefix_keys
+from live.gateway_records import cached_prompt_tokens
+from tests.live_gateway.conftest import KEYS, MODEL, serving, static_config
+
+StartEngine = Callable[..., NullEngineProcess]
+SYSTEM = "You are a careful assistant for a serverless inference testbed. " * 6  # ~380 characters: 5 blocks
+
+
+def turn(user: str) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": 4,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]}
+
+
+def test_prefix_keys_share_the_common_prefix_only() -> None:
+    a, b = prefix_keys(turn("first question " * 10)), prefix_keys(turn("a different one " * 10))
+    assert len(a) >= 7 and a[:5] == b[:5] and a != b
+    assert prefix_keys({"prompt": "short"}) == ()
+    assert cached_prompt_tokens({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 8}}) == 8
+    assert cached_prompt_tokens({"prompt_tokens": 9}) == 0
+
+
+def _second_turn_instance(placement: Any, null_engines: StartEngine) -> tuple[str, str]:
+    """(instance of the first turn, instance of the second), the second sent while the first still runs."""
+    engines = [null_engines("--token-delay-s", "0.4") for _ in range(2)]
+    gw = Gateway(static_config(("s0", "s1"), tick=False),
+                 PolicyBundle(placement, NoCaching(), KeepAlive(keep_alive_s=300), name="prefix_test"))
+    key = next(iter(KEYS))
+    headers = {"authorization": f"Bearer {key}"}
+    with serving(gw) as served:
+        gw.adopt_instance(MODEL, "s0", engines[0].url)
+        gw.adopt_instance(MODEL, "s1", engines[1].url)
+        first = threading.Thread(target=lambda: httpx.post(f"{served.url}/v1/chat/completions", json=turn("one"),
+                                                           headers=headers, timeout=30))
+        first.start()
+        time.sleep(0.5)  # the first turn is running on its instance
+        r = httpx.post(f"{served.url}/v1/chat/completions", json=turn("two"), headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        first.join(30)
+        rec = gw.records().sort_values("request_id")
+    assert list(rec["outcome"]) == ["completed", "completed"]
+    return str(rec["instance"].iloc[0]), str(rec["instance"].iloc[1])
+
+
+def test_the_next_turn_follows_its_prefix(null_engines: StartEngine) -> None:
+    a, b = _second_turn_instance(PrefixAware(TierAware(), balance_slack=4), null_engines)
+    assert a == b
+
+
+def test_without_cache_aware_routing_the_next_turn_goes_to_the_idle_instance(null_engines: StartEngine) -> None:
+    a, b = _second_turn_instance(TierAware(), null_engines)
+    assert a != b
+
+
+def test_the_gateway_records_the_cpu_engines_cached_tokens(tmp_path_factory: Any) -> None:
+    """The whole live chain: a CPU engine with a prefix cache behind the gateway; the second prompt sharing the
+    first's start is answered partly from the engine's cache, and the gateway's record says how many tokens."""
+    from tests.live_engine.conftest import make_checkpoint, serve_engine
+
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("prefix_gw") / MODEL)
+    shared = "Serverless inference loads a model when the first request arrives. " * 3
+    key = next(iter(KEYS))
+    with serve_engine(ckpt, MODEL, prefix_cache_blocks=64, prefix_block_tokens=8) as engine:
+        gw = Gateway(static_config(("s0",), tick=False))
+        with serving(gw) as served:
+            gw.adopt_instance(MODEL, "s0", engine.url)
+            for tail in ("hello world", "a cold start"):
+                r = httpx.post(f"{served.url}/v1/completions", headers={"authorization": f"Bearer {key}"},
+                               json={"model": MODEL, "prompt": shared + tail, "max_tokens": 3}, timeout=60)
+                assert r.status_code == 200, r.text
+            rec = gw.records().sort_values("request_id")
+    assert list(rec["outcome"]) == ["completed", "completed"]
+    assert rec["cached_tokens"].iloc[0] == 0 and rec["cached_tokens"].iloc[1] >= 8
