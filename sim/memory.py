@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from core.memory_waste import InstanceTimes, waste_parts
+from core.metrics import union_length_s
 from core.state import InstanceState, NodeState
 
 if TYPE_CHECKING:
@@ -122,21 +123,8 @@ def _busy_intervals(w: World) -> dict[str, list[tuple[float, float]]]:
 
 def _clipped_union(intervals: list[tuple[float, float]] | tuple, lo: float, hi: float) -> float:
     """Length of the union of `intervals` within [lo, hi]."""
-    total = 0.0
-    cur_a = cur_b = None
-    for a, b in sorted(intervals):
-        a, b = max(a, lo), min(b, hi)
-        if b <= a:
-            continue
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                total += cur_b - cur_a
-            cur_a, cur_b = a, b
-        else:
-            cur_b = max(cur_b, b)
-    if cur_b is not None:
-        total += cur_b - cur_a
-    return total
+    clipped = [(max(a, lo), min(b, hi)) for a, b in intervals]
+    return union_length_s([(a, b) for a, b in clipped if b > a])
 
 
 def install_memory_ledger(world: World) -> None:
