@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,3 +172,12 @@ def static_config(nodes: tuple[str, ...] = ("s0",), **config: object) -> Gateway
     """A gateway config over nodes without agents (instances come from `adopt_instance`)."""
     return GatewayConfig(agents=[AgentRef(n, "", "") for n in nodes], tenants=KEYS, admin_token=ADMIN_TOKEN,
                          **config)  # type: ignore[arg-type]
+
+
+def kill_engine(engine: NullEngineProcess) -> None:
+    """SIGKILL a null engine process and wait (up to 5 s) until it is gone."""
+    assert engine.pid is not None
+    os.kill(engine.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while lifecycle.pid_alive(engine.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)

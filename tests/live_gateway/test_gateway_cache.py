@@ -6,8 +6,6 @@ get it; with the cache off (the default) the same requests fail."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,9 +17,8 @@ import pytest
 from live.engines.null_server import REPLY, NullEngineProcess
 from live.gateway import AgentRef, Gateway, GatewayConfig, Tenant
 from live.gateway_cache import CACHE_HEADER
-from live.lifecycle import pid_alive
 from tests.live_gateway import prom
-from tests.live_gateway.conftest import ADMIN_TOKEN, MODEL, serving
+from tests.live_gateway.conftest import ADMIN_TOKEN, MODEL, kill_engine, serving
 
 StartEngine = Callable[..., NullEngineProcess]
 KEYS = {"sk-alice": Tenant("alice", (MODEL,)), "sk-carol": Tenant("carol", (MODEL,))}
@@ -52,12 +49,6 @@ def _stream_text(r: httpx.Response) -> str:
     return "".join(parts)
 
 
-def _kill(engine: NullEngineProcess) -> None:
-    assert engine.pid is not None
-    os.kill(engine.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while pid_alive(engine.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def _records(gw: Gateway, n: int) -> pd.DataFrame:
@@ -67,7 +58,7 @@ def _records(gw: Gateway, n: int) -> pd.DataFrame:
     return gw.records()
 
 
-def _warm_then_kill(gw: Gateway, url: str, engine: NullEngineProcess) -> None:
+def _warm_thenkill_engine(gw: Gateway, url: str, engine: NullEngineProcess) -> None:
     """Two misses served by the engine (one plain, one streamed), then the engine is killed."""
     gw.adopt_instance(MODEL, "s0", engine.url)
     first = _ask(url, QUESTION)
@@ -76,14 +67,14 @@ def _warm_then_kill(gw: Gateway, url: str, engine: NullEngineProcess) -> None:
     streamed = _ask(url, "Name three prime numbers.", stream=True)
     assert streamed.status_code == 200 and _stream_text(streamed) == "".join(REPLY)
     _records(gw, 2)
-    _kill(engine)
+    kill_engine(engine)
 
 
 def test_hits_are_served_without_the_engine_plain_and_streamed(null_engines: StartEngine) -> None:
     engine = null_engines()
     gw = Gateway(_config(CACHE))
     with serving(gw) as gs:
-        _warm_then_kill(gw, gs.url, engine)
+        _warm_thenkill_engine(gw, gs.url, engine)
         # the engine is dead: whatever answers now comes from the cache
         exact = _ask(gs.url, QUESTION)
         assert exact.status_code == 200 and exact.headers[CACHE_HEADER] == "exact"
@@ -121,7 +112,7 @@ def test_with_the_cache_off_every_request_needs_the_engine(null_engines: StartEn
     gw = Gateway(_config(cache))
     assert gw.response_cache is None
     with serving(gw) as gs:
-        _warm_then_kill(gw, gs.url, engine)
+        _warm_thenkill_engine(gw, gs.url, engine)
         again = _ask(gs.url, QUESTION)
         assert again.status_code in (502, 503) and CACHE_HEADER not in again.headers
         assert list(_records(gw, 3)["cache"]) == ["", "", ""]

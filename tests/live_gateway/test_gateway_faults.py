@@ -3,8 +3,6 @@ killed mid-stream, one gone before its first byte, one gone silent, and an engin
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +14,8 @@ import pytest
 
 from live.engines.null_server import REPLY, NullEngineProcess
 from live.gateway import Gateway
-from live.lifecycle import pid_alive
 from tests.live_gateway import prom
-from tests.live_gateway.conftest import MODEL, GatewayServer, serving, static_config
+from tests.live_gateway.conftest import MODEL, GatewayServer, kill_engine, serving, static_config
 
 StartEngine = Callable[..., NullEngineProcess]
 
@@ -35,12 +32,6 @@ def _row(gw: Gateway, n: int) -> pd.Series:
     return gw.records().iloc[n - 1]
 
 
-def _kill(engine: NullEngineProcess) -> None:
-    assert engine.pid is not None
-    os.kill(engine.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while pid_alive(engine.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(null_engines: StartEngine) -> None:
@@ -56,7 +47,7 @@ def test_engine_killed_mid_stream_ends_the_stream_with_an_error_event(null_engin
                 texts.append(chunk.choices[0].delta.content if chunk.choices else None)
                 if any(texts):  # the first token is out: kill the engine mid-stream
                     killed_at = time.monotonic()
-                    _kill(engine)
+                    kill_engine(engine)
         assert time.monotonic() - killed_at < 5  # the client is told, it does not hang
         assert "engine failed mid-stream" in str(err.value.message)
         assert texts[-1] == REPLY[0]
@@ -77,14 +68,14 @@ def test_engine_gone_before_first_byte_gets_the_retrys_answer(null_engines: Star
     with serving(gw) as gs:
         first = gw.adopt_instance(MODEL, "s0", dead.url)  # routed first: both idle, first adopted wins the tie
         second = gw.adopt_instance(MODEL, "s1", alive.url)
-        _kill(dead)
+        kill_engine(dead)
         out = _client(gs).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
         assert out.choices[0].message.content == "".join(REPLY)
         row = _row(gw, 1)
         assert (row["outcome"], row["instance"], row["node"]) == ("completed", second, "s1")
         assert first not in gw.state.instances and second in gw.state.instances
         # with no instance left to retry on (and no agent to start one), the client gets a 503 in OpenAI's shape
-        _kill(alive)
+        kill_engine(alive)
         r = httpx.post(gs.url + "/v1/completions", json={"model": MODEL, "prompt": "x"},
                        headers={"Authorization": "Bearer sk-alice"}, timeout=30)
         assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}
@@ -99,7 +90,7 @@ def test_engine_killed_during_a_whole_answer_gets_the_retrys_answer(null_engines
     with serving(gw) as gs:
         doomed = gw.adopt_instance(MODEL, "s0", slow.url)  # routed first
         spare = gw.adopt_instance(MODEL, "s1", fast.url)
-        killer = threading.Timer(0.5, _kill, args=(slow,))  # the engine dies with the request in hand
+        killer = threading.Timer(0.5, kill_engine, args=(slow,))  # the engine dies with the request in hand
         killer.start()
         try:
             out = _client(gs).completions.create(model=MODEL, prompt="x")
