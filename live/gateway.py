@@ -168,6 +168,7 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
         assert isinstance(cache_cfg, CacheConfig)  # normalized by GatewayConfig
         # the edge response cache (`live.gateway_cache`); None: off
         self.response_cache = GatewayCache(cache_cfg, lambda: self.clock.now) if cache_cfg.enabled else None
+        self.prefix_routing = bool(getattr(self.bundle.placement, "reads_prefix_blocks", False))
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self.keys = KeyStore(config_principals(config.tenants, config.admin_token, config.principals),
                              config.keys_file, set(config.models), self._keys_reloaded)
@@ -292,7 +293,8 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
             return Response(status_code=400)
         else:
             req.prompt_tokens = prompt_tokens(body)
-            req.prefix_blocks = prefix_keys(body)  # for cache-aware placement (core.policies.prefix_aware)
+            if self.prefix_routing:  # hashing the prompt is paid only by a placement that reads the blocks
+                req.prefix_blocks = prefix_keys(body)
             req.output_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
             try:
                 cached = self._cached(req, tenant, body, path, t_arrival) if self.response_cache else None

@@ -38,6 +38,8 @@ class PrefixAware:
     """
 
     FALLBACK_BLOCKS = 4096
+    #: the live gateway hashes a request's prompt into blocks only for a placement that reads them
+    reads_prefix_blocks = True
 
     def __init__(self, base: Placement | None = None, balance_slack: int = 4, min_hit_blocks: int = 1,
                  capacity_blocks: int | None = None) -> None:
