@@ -216,6 +216,27 @@ class Device:
         return self._fd
 
 
+class FifoLock:
+    """A mutex granted in the order it was asked for (a ticket lock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> FifoLock:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 def local_device(read_Bps: float | None = None, write_Bps: float | None = None, latency_s: float = 0.0,
                  name: str = "device") -> Device:
     """A device whose state lives in this process only (a cloud stream, a test)."""
@@ -256,6 +277,9 @@ class Flow:
             latency_s = max((d.spec.latency_s for d in reads), default=0.0)
         self.latency_s = check_latency_s(latency_s, "flow latency_s")
         self._lock = threading.Lock()
+        # FIFO, not threading.Lock: an unfair lock can pass one thread over for many turns, so that
+        # the chunk it holds (say, of layer 0) arrives last and the load is no longer progressive
+        self._booking = FifoLock()
         self._first_byte_at: float | None = None
         self._goal = 0  # bytes asked for so far
         self._booked = [0] * len(links)  # bytes booked on each link
@@ -289,7 +313,7 @@ class Flow:
                 self._first_byte_at = time.monotonic() + self.latency_s
             first_byte_at = self._first_byte_at
         sleep_until(first_byte_at, halt)
-        with self._lock:  # held while booking: the flow's other threads queue behind this chunk
+        with self._booking:  # held while booking: the flow's other threads queue behind this chunk, in order
             self._goal += nbytes
             self._book(halt)
             end = max(self._busy_until, default=0.0)

@@ -22,6 +22,7 @@ from live.pacing import (
     READ_PACE_ENV,
     CloudPace,
     Device,
+    FifoLock,
     Flow,
     PaceSpec,
     TransferCancelled,
@@ -124,6 +125,23 @@ def test_cancelled_flow_raises_at_once() -> None:
     with pytest.raises(TransferCancelled):
         flow.acquire(10**7)  # 100 s of bytes
     assert time.monotonic() - t0 < 0.5
+
+
+def test_fifo_lock_is_granted_in_the_order_it_was_asked_for() -> None:
+    """The flow's booking lock: a thread that asked first books first (a plain Lock may pass one over
+    for many turns, and the chunk it holds then arrives last)."""
+    lock, order = FifoLock(), []
+    threads = [threading.Thread(target=lambda i=i: (lock.__enter__(), order.append(i), lock.__exit__()))
+               for i in range(12)]
+    with lock:
+        for i, t in enumerate(threads):
+            t.start()
+            deadline = time.monotonic() + 5
+            while lock._next_ticket < i + 2 and time.monotonic() < deadline:  # thread i holds its ticket
+                time.sleep(0.001)
+    for t in threads:
+        t.join(5)
+    assert order == list(range(12))
 
 
 # ------------------------------------------------------------------------------------------ sharing
