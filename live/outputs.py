@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from core.metrics import availability, summarize
+from core.metrics import availability, prefix_cache_stats, summarize
 from core.records import MOVE_SCHEMA, REQUEST_SCHEMA, frame, write_table
 
 # summary keys the simulator measures that a live run cannot: present, null (fleet and storage accounting,
@@ -41,6 +41,9 @@ def live_summary(records: pd.DataFrame, *, wall_s: float, ttft_slo_s: float,
         "loads_by_tier": {str(t): int(n) for t, n in loads["source_tier"].value_counts().items()},
         **availability(records, no_path_intervals=[], recoveries_s=[]),
         "unavailable_s": None,  # needs fault injection, which live runs do not do
+        # the engines' prefix-cache hits, as the simulator reports them when its engine caches prefixes (0 when
+        # no engine reported a cached token: the cache is off, or nothing repeated)
+        **prefix_cache_stats(records),
     }
     return summarize(records, gpu_hours=math.nan, cost_usd=cost, cost_breakdown={"gpu": cost},
                      memory_waste_frac=math.nan, sim_s=span_s, wall_s=wall_s, ttft_slo_s=ttft_slo_s,

@@ -91,3 +91,10 @@ def test_the_gateway_records_the_cpu_engines_cached_tokens(tmp_path_factory: Any
             rec = gw.records().sort_values("request_id")
     assert list(rec["outcome"]) == ["completed", "completed"]
     assert rec["cached_tokens"].iloc[0] == 0 and rec["cached_tokens"].iloc[1] >= 8
+    # the live run's summary reports the hits with the simulator's keys (core.metrics.prefix_cache_stats)
+    from live.outputs import live_summary
+
+    summary = live_summary(rec.reset_index(drop=True), wall_s=1.0, ttft_slo_s=10.0)
+    assert summary["cached_tokens"] == int(rec["cached_tokens"].sum())
+    assert summary["prefix_hit_requests"] == 0.5
+    assert summary["prefix_hit_rate"] == summary["cached_tokens"] / rec["prompt_tokens"].sum()
