@@ -31,7 +31,14 @@ from experiments.claims_base import (
     Context,
     Settings,
 )
-from experiments.claims_cost import claim_memory_waste, claim_spot_cost, claim_storage_cost
+from experiments.claims_cost import claim_memory_pooling, claim_memory_waste, claim_spot_cost, claim_storage_cost
+from experiments.claims_features import (
+    claim_edge_routing,
+    claim_kv_quantisation,
+    claim_quantised_variants,
+    claim_semantic_cache,
+    claim_speculative_decoding,
+)
 from experiments.claims_fleet import claim_availability, claim_throughput
 from experiments.claims_load import claim_cold_start, claim_cold_start_speedup, claim_tier_access
 from experiments.claims_rules import verdict_kind
@@ -46,6 +53,12 @@ SCENARIOS: dict[str, Callable[[Context], ClaimResult]] = {
     "memory_waste": claim_memory_waste,
     "availability": claim_availability,
     "throughput": claim_throughput,
+    "memory_pooling": claim_memory_pooling,
+    "semantic_cache": claim_semantic_cache,
+    "edge_routing": claim_edge_routing,
+    "quantised_variants": claim_quantised_variants,
+    "kv_quantisation": claim_kv_quantisation,
+    "speculative_decoding": claim_speculative_decoding,
 }
 
 

@@ -50,6 +50,15 @@ BOUNDS: dict[str, Bound] = {
     "availability": Bound(at_least=0.999),
     "failover_recovery_s": Bound(below=2.0),
     "throughput_ratio": Bound(at_least=24.0),
+    # issue 15's production features
+    "pooled_memory_waste_frac": Bound(below=0.04),
+    "slo_attainment_change": Bound(at_least=-0.005),  # "at no loss of SLO attainment": within half a point
+    "cache_hit_rate": Bound(at_least=0.40),  # a higher rate is more than claimed, not less
+    "edge_sites": Bound(at_least=20.0),
+    "rtt_under_100ms_share": Bound(at_least=0.99),
+    "variant_memory_reduction": Bound(at_least=2.0),
+    "kv_capacity_ratio": Bound(at_least=2.0),
+    "spec_speedup": Bound(at_least=2.8),
 }
 
 
@@ -115,3 +124,19 @@ def rule_availability(availability: float | None, recovery_s: float | None,
     failover has no recovery to judge, so it proves nothing about the recovery part."""
     both = lambda a, r: BOUNDS["availability"].ok(a) and BOUNDS["failover_recovery_s"].ok(r)  # noqa: E731
     return verdict(both(availability, recovery_s), [c for c, a, r in sweep if both(a, r)])
+
+
+def rule_edge_routing(sites: int, share: float | None, sweep: Sequence[tuple[str, int, float | None]]) -> str:
+    """At least 20 edge sites and >= 99% of requests within 100 ms of the region serving them; sweep points
+    `(condition, sites, share)` meeting both give the conditions."""
+    both = lambda n, s: BOUNDS["edge_sites"].ok(n) and BOUNDS["rtt_under_100ms_share"].ok(s)  # noqa: E731
+    return verdict(both(sites, share), [c for c, n, s in sweep if both(n, s)])
+
+
+def rule_memory_pooling(waste: float | None, slo_change: float | None,
+                        sweep: Sequence[tuple[str, float | None, float | None]]) -> str:
+    """Memory waste < 4% at no loss of SLO attainment (change vs the scenario without the mechanism); sweep
+    points `(condition, waste, SLO change)` meeting both give the conditions."""
+    both = lambda w, d: (BOUNDS["pooled_memory_waste_frac"].ok(w)  # noqa: E731
+                         and BOUNDS["slo_attainment_change"].ok(d))
+    return verdict(both(waste, slo_change), [c for c, w, d in sweep if both(w, d)])

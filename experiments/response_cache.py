@@ -24,7 +24,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,12 +84,18 @@ def sim_variants(latency_s: float) -> dict[str, SimCacheConfig | None]:
 
 def sim_table(overrides: Sequence[str], latency_s: float, seed: int = 0) -> list[dict[str, Any]]:
     """One row per variant: hit rates, mean TTFT / e2e of completed requests, cost and GPU-hours."""
+    return sim_rows(compose(*overrides, f"seed={seed}"), sim_variants(latency_s), seed)
+
+
+def sim_rows(cfg: Mapping[str, Any], variants: Mapping[str, SimCacheConfig | None], seed: int = 0
+             ) -> list[dict[str, Any]]:
+    """`sim_table` on a composed config: one simulation of `cfg` per cache variant (None: no cache)."""
     from experiments.setup import build
     from sim.run import simulate
 
-    s = build(compose(*overrides, f"seed={seed}"))
+    s = build(cfg)
     rows = []
-    for name, rc in sim_variants(latency_s).items():
+    for name, rc in variants.items():
         r = simulate(s.cluster, s.models, s.engine, s.policy, s.workload, seed=seed, response_cache=rc,
                      request_timeout_s=s.sim.get("request_timeout_s", 600.0),
                      drain_timeout_s=s.sim.get("drain_timeout_s", 3600.0))

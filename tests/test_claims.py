@@ -77,9 +77,21 @@ def test_verdicts_follow_the_rules_on_the_stored_numbers(small_report):
     for key, value, bound in [("cold_start_speedup", "speedup", "cold_start_speedup"),
                               ("storage_cost", "saving", "storage_saving"),
                               ("memory_waste", "memory_waste_frac", "memory_waste_frac"),
-                              ("throughput", "ratio", "throughput_ratio")]:
+                              ("throughput", "ratio", "throughput_ratio"),
+                              ("semantic_cache", "hit_rate", "cache_hit_rate"),
+                              ("quantised_variants", "reduction", "variant_memory_reduction"),
+                              ("kv_quantisation", "kv_capacity_ratio", "kv_capacity_ratio"),
+                              ("speculative_decoding", "speedup", "spec_speedup")]:
         res = by_key[key]
         assert (rules.verdict_kind(res.verdict) == "holds") == rules.BOUNDS[bound].ok(res.values[value]), key
+    edge = by_key["edge_routing"].values
+    assert (rules.verdict_kind(by_key["edge_routing"].verdict) == "holds") == (
+        rules.BOUNDS["edge_sites"].ok(edge["edge_sites"]) and rules.BOUNDS["rtt_under_100ms_share"].ok(
+            edge["share_rtt_under_100ms"]))
+    pool = by_key["memory_pooling"].values
+    assert (rules.verdict_kind(by_key["memory_pooling"].verdict) == "holds") == (
+        rules.BOUNDS["pooled_memory_waste_frac"].ok(pool["memory_waste_frac"])
+        and rules.BOUNDS["slo_attainment_change"].ok(pool["slo_change"]))
     spot = by_key["spot_cost"].values["saving_at_70"]
     assert (rules.verdict_kind(by_key["spot_cost"].verdict) == "holds") == all(
         rules.BOUNDS["spot_saving"].ok(x) for x in spot.values())
@@ -102,7 +114,8 @@ def test_rerunning_one_claim_keeps_the_other_rows(small_report, tmp_path, capsys
     cl.main(["--small", "--out", str(out), "--claim", "tier_access"])
     line = capsys.readouterr().out.strip().splitlines()
     assert len(line) == 1
-    assert re.fullmatch(rf"8 claims: \d+ hold, \d+ fail, \d+ hold only if \.\.\. \(reran tier_access\); wrote "
+    assert re.fullmatch(rf"{len(base.CLAIMS)} claims: \d+ hold, \d+ fail, \d+ hold only if \.\.\. "
+                        rf"\(reran tier_access\); wrote "
                         rf"{re.escape(str(out / 'claims.md'))} in \d+ s", line[0]), line[0]
     after = json.loads(cl.results_path(out).read_text())["results"]
     assert [r["key"] for r in after] == list(base.CLAIMS)
@@ -209,6 +222,35 @@ def test_availability_rule_needs_a_measured_fast_recovery():
     assert rules.rule_availability(1.0, 2.0, []) == "fails"
     assert rules.rule_availability(1.0, None, []) == "fails"  # no failover happened: nothing to judge
     assert rules.rule_availability(1.0, 30.0, [("slow", 1.0, 30.0), ("fast", 0.9995, 1.0)]) == "holds only if fast"
+
+
+def test_feature_rules_need_every_part():
+    assert rules.rule_edge_routing(22, 0.99, []) == "holds"
+    assert rules.rule_edge_routing(19, 1.0, []) == "fails"  # too few sites, however close
+    assert rules.rule_edge_routing(22, 0.9, [("few", 5, 1.0), ("near", 25, 0.995)]) == "holds only if near"
+    assert rules.rule_memory_pooling(0.039, -0.005, []) == "holds"
+    assert rules.rule_memory_pooling(0.01, -0.02, []) == "fails"  # the waste is gone but SLOs were lost
+    assert rules.rule_memory_pooling(0.05, 0.1, [("pooled", 0.0, 0.0)]) == "holds only if pooled"
+
+
+def test_feature_rows_measure_their_mechanism(small_report):
+    """Each feature row measures the mechanism against the scenario without it: pooling and elastic KV cut the
+    default's waste, the trace's exact hit rate is far below the modelled semantic ones, region-blind routing
+    puts fewer requests within 100 ms, and the 8-bit formats, the FP8 KV cache and speculation change bytes,
+    KV tokens and TPOT in the direction their mechanism says."""
+    _, results = small_report
+    by_key = {r.key: r.values for r in results}
+    pool = by_key["memory_pooling"]
+    assert pool["default_memory_waste_frac"] > 0.2 > pool["memory_waste_frac"]
+    cache = by_key["semantic_cache"]
+    assert 0 < cache["hit_rate"] < 0.05 and cache["hit_rate"] < cache["modelled"]["0.2"] < cache["modelled"]["0.6"]
+    edge = by_key["edge_routing"]
+    assert edge["edge_sites"] >= 20 and edge["share_rtt_under_100ms"] > 2 * edge["blind_share_rtt_under_100ms"]
+    variants = by_key["quantised_variants"]
+    assert 1.5 < variants["reduction"] < 2.0 <= variants["with_embeddings"]["fp8"]
+    assert by_key["kv_quantisation"]["kv_capacity_ratio"] == pytest.approx(2.0)
+    spec = by_key["speculative_decoding"]
+    assert 1.5 < spec["speedup"] < spec["speedup_high"] and spec["alpha_for_2p8"] > 0.6
 
 
 def test_storage_saving_and_spot_share_helpers():
