@@ -187,8 +187,9 @@ def report(results: Mapping[tuple[str, str], list[dict]], seeds: Sequence[int], 
         "    policy=prefix_aware +engine.prefix_cache=true +engine.prefix_cache_blocks=4000",
         "```",
         "",
-        "Live: the CPU engine keeps the same kind of cache over exact token blocks (`--prefix-cache-blocks N`, or "
-        "`TIERLAB_PREFIX_CACHE_BLOCKS=N` in the environment of the agents that launch it; "
+        "Live: the CPU engine keeps the same kind of cache over exact token blocks (`--prefix-cache-blocks N`; "
+        "agents pass it to the engines they start with `live.agent --prefix-cache-blocks N`, `live.serve` with "
+        "`node.prefix_cache_blocks`; "
         "`live/engines/prefix_store.py`) and reports `usage.prompt_tokens_details.cached_tokens`, which the gateway "
         "records as `cached_tokens`; the gateway gives every request chained block keys of its prompt text "
         "(`live.gateway_api.prefix_keys`), so `policy=prefix_aware` routes by prefix behind it too. No live "

@@ -204,7 +204,8 @@ def run(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     tenants = build_tenants(cfg.get("tenants") or [], models)
     publish_catalog(entries, stores, cfg.get("store_options") or {}, progress)  # once the config is known good
     admin_token = str(cfg.get("admin_token") or secrets.token_urlsafe(24))
-    agent_token = secrets.token_urlsafe(24)
+    # a fixed token (the agents' own default) lets agents on other hosts join (live.agent --gateway); else a new one
+    agent_token = os.environ.get("TIERLAB_AGENT_TOKEN") or secrets.token_urlsafe(24)
     progressive = cfg.get("engine", {}).get("progressive")
     progressive = bool(bundle.progressive if progressive is None else progressive)
     host = str(cfg.get("host", "127.0.0.1"))

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from core.errors import ConfigError
 from core.specs import LOCAL_TIERS, ModelSpec
 from live.agent import parse_bytes
+from live.agent_config import is_wildcard, url_host
 from live.engines.base import REPO_ROOT, free_port
 from live.lifecycle import stop_process, wait_gone
 
@@ -46,7 +47,7 @@ class AgentProcess:
 MB = 1e6  # config bandwidths are in MB/s (decimal, as the reference file's), latencies in ms
 _TIER_KEYS = ("capacity", "read_MBps", "write_MBps", "latency_ms")
 _CLOUD_KEYS = ("streams", "stream_MBps", "latency_ms")
-_NODE_KEYS = ("memory_budget", "max_num_seqs")
+_NODE_KEYS = ("memory_budget", "max_num_seqs", "prefix_cache_blocks")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class NodeOptions:
     cloud: CloudOptions | None = None  # None: the agent's defaults (no `cloud` block)
     memory_budget_bytes: int | None = None  # None: unbounded
     max_num_seqs: int | None = None  # None: the engine's default
+    prefix_cache_blocks: int = 0  # the cpu engines' prefix (KV) cache, in blocks; 0: off
 
 
 def _size(value: Any, where: str) -> int:
@@ -165,9 +167,11 @@ def node_options(cfg: Mapping[str, Any]) -> NodeOptions:
     node_cfg = _block(cfg, "node", _NODE_KEYS)
     budget = node_cfg.get("memory_budget")
     seqs = node_cfg.get("max_num_seqs")
+    blocks = node_cfg.get("prefix_cache_blocks") or 0
     return NodeOptions(tiers, cloud,
                        None if budget is None else _size(budget, "node.memory_budget"),
-                       None if seqs is None else _positive_int(seqs, "node.max_num_seqs"))
+                       None if seqs is None else _positive_int(seqs, "node.max_num_seqs"),
+                       _positive_int(blocks, "node.prefix_cache_blocks") if blocks else 0)
 
 
 def check_memory_budget(node: NodeOptions, models: Mapping[str, ModelSpec]) -> None:
@@ -211,6 +215,8 @@ def agent_argv(node: str, host: str, port: int, tier_dirs: Mapping[str, Path], o
         argv += ["--memory-budget", str(opts.memory_budget_bytes)]
     if opts.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(opts.max_num_seqs)]
+    if opts.prefix_cache_blocks:
+        argv += ["--prefix-cache-blocks", str(opts.prefix_cache_blocks)]
     if engine.get("spec"):  # kind openai: the engine's spec (conf/live/engines/*.yaml), relative to the checkout
         argv += ["--engine-spec", str(REPO_ROOT / str(engine["spec"]))]
     argv += [f"--store={s}" for s in stores]
@@ -253,6 +259,9 @@ def start_agents(cfg: Mapping[str, Any], workdir: Path, dram_root: Path, stores:
         raise ConfigError(f"nodes: a positive integer is needed, got {n!r}")
     opts = node or node_options(cfg)
     host = str(cfg.get("host", "127.0.0.1"))
+    # where the gateway reaches the agents and their engines: `advertise_host`, else the bind address, which for
+    # a wildcard bind (host 0.0.0.0 exposes the gateway) means loopback: these agents run on this machine
+    advertise = str(cfg.get("advertise_host") or ("127.0.0.1" if is_wildcard(host) else host))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
            "TIERLAB_AGENT_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -263,11 +272,13 @@ def start_agents(cfg: Mapping[str, Any], workdir: Path, dram_root: Path, stores:
             dirs = {t: (dram_root if t == "dram" else workdir) / name / t for t in opts.tiers}
             argv = agent_argv(name, host, port, dirs, opts, stores, cfg, progressive, os.getpid())
             argv += node_region_args(cfg, i)
+            if advertise != host:
+                argv += ["--advertise-host", advertise]
             log_path = log_dir / f"agent-{name}.log"
             with open(log_path, "wb") as f:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
                                         cwd=REPO_ROOT, start_new_session=True)  # Ctrl-C reaches serve, not agents
-            agents.append(AgentProcess(name, f"http://{host}:{port}", proc, log_path, dirs))
+            agents.append(AgentProcess(name, f"http://{url_host(advertise)}:{port}", proc, log_path, dirs))
         for a in agents:
             _healthy(a.url, a.proc, a.log_path, AGENT_START_TIMEOUT_S)
     except BaseException:

@@ -3,14 +3,16 @@
 Its HTTP API and entry point; the state and operations are `live.agent_node.NodeAgent`, the
 configuration and command line `live.agent_config` (both re-exported here).
 
-An ASGI app (starlette) served by uvicorn, on 127.0.0.1 by default. Every endpoint but /healthz
-needs `Authorization: Bearer <token>`. Tiers are real dirs (`<tier_dir>/<model>/`); the "cloud" is
-the model registry (`live.registry.Registry`, stores in priority order); "host" is host memory
-outside the tiers (`--host-dir`), where a cold start from the cloud lands.
+An ASGI app (starlette) served by uvicorn, on 127.0.0.1 by default (`--host`/`--bind-host`; its engines
+listen on the same address, and the URLs it reports name `--advertise-host`, the address others reach the
+node at). Every endpoint but /healthz needs `Authorization: Bearer <token>`. Tiers are real dirs
+(`<tier_dir>/<model>/`); the "cloud" is the model registry (`live.registry.Registry`, stores in priority
+order); "host" is host memory outside the tiers (`--host-dir`), where a cold start from the cloud lands.
 
-    GET  /healthz                          {"ok": true, "node"}
-    GET  /status                           {"node", "tiers": {name: {path, capacity_bytes, used_bytes, models,
-                                                                      read_Bps, write_Bps, latency_s}},
+    GET  /healthz                          {"ok": true, "node", "boot_id"}
+    GET  /status                           {"node", "url", "boot_id",
+                                            "tiers": {name: {path, capacity_bytes, used_bytes, models,
+                                                             read_Bps, write_Bps, latency_s}},
                                             "host": {path, used_bytes, copies},
                                             "cloud": {stream_Bps, streams, latency_s, nic_Bps},
                                             "accelerator": {memory_bytes}, "engine": {kind, max_num_seqs},
@@ -42,6 +44,15 @@ a transfer in flight is cancelled and leaves nothing), 507 (tier full).
     python -m live.agent --node n0 --port 8700 --token T --tier dram=/dev/shm/t:2G --tier sata=/data/t:100G \\
         --store file:///models --tier-bw sata=500e6:400e6:1e-4 --cloud-streams 16 --cloud-stream-Bps 93e6
 
+An agent on another host joins a gateway on its own (`GatewayLink`):
+
+    python -m live.agent --node n7 --bind-host 0.0.0.0 --advertise-host 10.0.0.7 --port 8700 \\
+        --tls-cert agent.pem --tls-key agent.key --gateway https://gw:8080 --gateway-ca ca.pem --token T ...
+
+joins (POST /agents/join {node, url, boot_id}) once it listens, re-joins every `--join-interval-s` (the
+heartbeat) and leaves (POST /agents/leave) on SIGTERM; see `live.gateway_agents` for the gateway's side and
+docs/deployment.md for systemd units.
+
 Emulated tiers (`live.pacing`): on one machine the tiers share a disk, so each may be given the read
 and write bandwidth (bytes/s) and read latency of the device it stands for. Every byte movement
 honours them as the simulator's hops do: a tier-to-tier copy runs at min(source read, destination
@@ -59,10 +70,14 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
+import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -90,8 +105,8 @@ from live.lifecycle import exit_with_parent
 
 __all__ = [
     "CLOUD", "DEFAULT_PORT", "HOST", "HOST_MEMORY_TIER", "TIER_ORDER", "AgentConfig", "AgentError", "EngineSettings",
-    "Instance", "NodeAgent", "TierConfig", "config_from_args", "create_app", "default_dram_dir", "default_host_dir",
-    "main", "parse_bytes", "parse_tier", "parse_tier_bw", "serve",
+    "GatewayLink", "Instance", "NodeAgent", "TierConfig", "config_from_args", "create_app", "default_dram_dir",
+    "default_host_dir", "main", "parse_bytes", "parse_tier", "parse_tier_bw", "serve",
 ]
 
 log = logging.getLogger(__name__)
@@ -160,7 +175,7 @@ def create_app(agent: NodeAgent, tracing: trace.Tracing | None = None) -> Starle
         trace.load_phases(out)  # spans of the load's phases under this request's span (when traced)
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True, "node": agent.config.node})
+        return JSONResponse({"ok": True, "node": agent.config.node, "boot_id": agent.boot_id})
 
     async def status(request: Request) -> dict[str, Any]:
         return await run_in_threadpool(agent.status)
@@ -201,6 +216,79 @@ def create_app(agent: NodeAgent, tracing: trace.Tracing | None = None) -> Starle
     return app
 
 
+class GatewayLink:
+    """The agent's membership of a gateway it joins on its own (`--gateway`): POST /agents/join once it listens
+    and every `join_interval_s` after (the heartbeat: a gateway that restarted, or marked the node down, learns
+    of it again), POST /agents/leave on the way out, so the gateway stops routing to it at once.
+
+    Both carry the agent's bearer token, which the gateway checks against the token it drives that node with;
+    over any network but loopback give the gateway a certificate (`--gateway https://...`, `--gateway-ca`).
+    The gateway, for its part, health-checks the agent (`live.gateway_agents`), so an agent killed without a
+    leave is marked gone after its health checks time out."""
+
+    def __init__(self, config: AgentConfig, boot_id: str) -> None:
+        self.config = config
+        self.boot_id = boot_id
+        verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(config.gateway_ca))
+                                         if config.gateway_ca else True)
+        # trust_env=False: the gateway is reached directly, never through a proxy from the environment
+        self._http = httpx.Client(base_url=config.gateway, verify=verify, trust_env=False, timeout=10.0,
+                                  headers={"Authorization": f"Bearer {config.token}"})
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.joined = False
+
+    def _body(self) -> dict[str, Any]:
+        return {"node": self.config.node, "url": self.config.url, "boot_id": self.boot_id}
+
+    def join_once(self) -> bool:
+        """One join (or heartbeat); True if the gateway accepted it. Failures are logged, never raised: the next
+        heartbeat tries again."""
+        try:
+            r = self._http.post("/agents/join", json=self._body())
+        except httpx.HTTPError as e:
+            log.warning("join of gateway %s failed: %r", self.config.gateway, e)
+            return False
+        if r.status_code != 200:
+            log.error("gateway %s refused the join of %s: %d %s", self.config.gateway, self.config.node,
+                      r.status_code, r.text[:300])
+            return False
+        if not self.joined:
+            log.info("joined gateway %s as %s at %s: %s", self.config.gateway, self.config.node, self.config.url,
+                     r.text[:200])
+        self.joined = True
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.join_once()
+            self._stop.wait(self.config.join_interval_s)
+
+    def start(self) -> None:
+        """Join now and keep the heartbeat going in a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="gateway-link", daemon=True)
+        self._thread.start()
+
+    def halt(self) -> None:
+        """Stop the heartbeat (no more joins); does not wait."""
+        self._stop.set()
+
+    def close(self, leave: bool = True) -> None:
+        """Stop the heartbeat and, if it joined, tell the gateway the node leaves (best effort, a few seconds).
+        Once: a second call does nothing."""
+        if self._http.is_closed:
+            return
+        self.halt()
+        if self._thread is not None:
+            self._thread.join(timeout=12.0)  # a join in flight ends within the client's 10 s timeout
+        if leave and self.joined:
+            try:
+                self._http.post("/agents/leave", json=self._body(), timeout=3.0)
+            except httpx.HTTPError as e:  # the gateway's health checks will notice instead
+                log.warning("leave of gateway %s failed: %r", self.config.gateway, e)
+        self._http.close()
+
+
 def serve(config: AgentConfig, log_level: str = "info") -> None:
     """Run the agent until SIGINT / SIGTERM; engines are stopped on the way out (lifespan end, then atexit-safe).
 
@@ -210,13 +298,28 @@ def serve(config: AgentConfig, log_level: str = "info") -> None:
     import uvicorn
 
     class AgentServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if link is not None and self.started and not self.should_exit:
+                link.start()  # it listens now: the gateway can read its /status when the join arrives
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)  # the lifespan's end has stopped the engines
+            if link is not None:
+                # here, not in serve()'s `finally`: uvicorn re-raises the SIGTERM it caught once it returns, and
+                # that ends the process before any `finally` runs
+                await run_in_threadpool(link.close)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
+            if link is not None:
+                link.halt()  # no heartbeat may re-join a node on its way out
             # before uvicorn waits for requests in flight: a paced copy would otherwise hold it for its
             # whole duration; cancelled, it cleans its staging dir and its request ends at once
             agent.begin_shutdown()
             super().handle_exit(sig, frame)
 
     agent = NodeAgent(config)
+    link = GatewayLink(config, agent.boot_id) if config.gateway else None
     if config.parent_pid:
         exit_with_parent(config.parent_pid, on_exit=agent.shutdown)
     try:
@@ -225,12 +328,14 @@ def serve(config: AgentConfig, log_level: str = "info") -> None:
                                    lifespan="on", timeout_graceful_shutdown=10, **tls)).run()
     finally:
         agent.shutdown()  # also when uvicorn failed before the lifespan ran (port taken, ...)
+        if link is not None:
+            link.close()  # after the engines stopped: the gateway hears the node left
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, log_level = config_from_args(argv)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.info("agent %s on %s:%d, tiers %s", config.node, config.host, config.port,
+    log.info("agent %s on %s:%d (reached at %s), tiers %s", config.node, config.host, config.port, config.url,
              {n: asdict(t) | {"path": str(t.path)} for n, t in config.tiers.items()})
     serve(config, log_level)
     return 0

@@ -7,6 +7,7 @@ there, so `from live.agent import AgentConfig, config_from_args, parse_bytes` ke
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import tempfile
@@ -39,6 +40,8 @@ class EngineSettings:
     toka_executable: str = "toka"  # Tokasaurus's launcher: a name on PATH or a path
     gpus: int = 1  # GPUs a Tokasaurus engine may use (its profile picks tp_size from them)
     max_num_seqs: int = 8  # the engine's batch limit (the policy view's EngineSpec.max_num_seqs)
+    prefix_cache_blocks: int = 0  # the CPU engine's prefix (KV) cache, in blocks of prefix_block_tokens; 0: off
+    prefix_block_tokens: int = 16
     openai: OpenAICompatSpec | None = None  # kind "openai": the program, its readiness probe and capabilities
 
     def __post_init__(self) -> None:
@@ -51,6 +54,13 @@ class EngineSettings:
             raise ValueError(f"EngineSettings.gpus must be >= 1, got {self.gpus}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"EngineSettings.max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
+        if self.prefix_cache_blocks < 0 or self.prefix_block_tokens < 1:
+            raise ValueError(f"EngineSettings.prefix_cache_blocks must be >= 0 and prefix_block_tokens >= 1, got "
+                             f"{self.prefix_cache_blocks!r} and {self.prefix_block_tokens!r}")
+        if self.prefix_cache_blocks and self.kind != "cpu":
+            # Tokasaurus and OpenAI-compatible servers manage their own prefix caching
+            raise ValueError(f"EngineSettings.prefix_cache_blocks: only the cpu engine takes it (engine kind "
+                             f"{self.kind!r} caches prefixes its own way)")
 
 
 def default_dram_dir(node: str, port: int) -> Path:
@@ -100,10 +110,32 @@ class AgentConfig:
     # the Authorization header, so over any network but loopback give the agent a certificate.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # the address others reach this node at ("": `host`): the agent URL it joins the gateway with and the host of
+    # every engine URL it reports; needed when `host` is a wildcard (0.0.0.0, ::) or a NAT'd address
+    advertise_host: str = ""
+    # a gateway to join on its own (`live.agent_join`): its base URL ("": none; the gateway lists the agent), the CA
+    # bundle that signs an https gateway's certificate (None: the system's CAs) and the heartbeat period
+    gateway: str = ""
+    gateway_ca: Path | None = None
+    join_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.token:
             raise ValueError("AgentConfig needs a bearer token (the control API is never open)")
+        if not self.advertise_host:
+            if is_wildcard(self.host):
+                raise ValueError(f"AgentConfig.advertise_host: needed when host is the wildcard {self.host!r} "
+                                 "(the address the gateway and clients reach this node at)")
+            self.advertise_host = self.host
+        elif is_wildcard(self.advertise_host):
+            raise ValueError(f"AgentConfig.advertise_host: {self.advertise_host!r} is a wildcard, not an address "
+                             "others can reach")
+        if self.gateway and not self.gateway.startswith(("http://", "https://")):
+            raise ValueError(f"AgentConfig.gateway: an http(s):// base URL is needed, got {self.gateway!r}")
+        if self.gateway_ca is not None and not Path(self.gateway_ca).is_file():
+            raise ValueError(f"AgentConfig.gateway_ca: no such file {str(self.gateway_ca)!r}")
+        if not (isinstance(self.join_interval_s, int | float) and 0 < self.join_interval_s < float("inf")):
+            raise ValueError(f"AgentConfig.join_interval_s must be a number > 0, got {self.join_interval_s!r}")
         if not self.stores:
             raise ValueError("AgentConfig needs at least one registry store URL")
         unknown = set(self.tiers) - set(TIER_ORDER)
@@ -140,11 +172,43 @@ class AgentConfig:
                                  "give a dir outside every tier")
 
 
+    @property
+    def url(self) -> str:
+        """The agent's own base URL as others reach it: scheme by `tls_cert`, host `advertise_host`."""
+        return f"{'https' if self.tls_cert else 'http'}://{url_host(self.advertise_host)}:{self.port}"
+
+
+def is_wildcard(host: str) -> bool:
+    """True for an address that means "every interface" (bindable, never reachable as a destination)."""
+    try:
+        return host == "" or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False  # a DNS name
+
+
+def url_host(host: str) -> str:
+    """`host` as the host part of a URL (an IPv6 address in brackets)."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m live.agent", description=DESCRIPTION)
     p.add_argument("--node", default="n0")
     p.add_argument("--region", default="", help="the node's region (conf/regions; the gateway routes by it)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", "--bind-host", dest="host", default="127.0.0.1",
+                   help="the address the agent and its engines listen on (0.0.0.0: every interface)")
+    p.add_argument("--advertise-host", default="",
+                   help="the address others reach this node at: the host of its agent URL and of every engine URL "
+                        "it reports (default: --host; needed when --host is 0.0.0.0)")
+    p.add_argument("--gateway", default="", metavar="URL",
+                   help="join this gateway on start (POST URL/agents/join with --token), heartbeat, leave on exit")
+    p.add_argument("--gateway-ca", default=None, metavar="PEM",
+                   help="CA bundle that signs an https --gateway's certificate (default: the system's CAs)")
+    p.add_argument("--join-interval-s", type=float, default=5.0,
+                   help="seconds between heartbeats (re-joins) to --gateway")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--token", default=os.environ.get("TIERLAB_AGENT_TOKEN", ""),
                    help="bearer token (default: $TIERLAB_AGENT_TOKEN)")
@@ -176,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", default=None, metavar="BYTES",
                    help="accelerator memory of the node (K/M/G/T suffixes), reported in /status")
     p.add_argument("--max-num-seqs", type=int, default=8, help="batch limit of the engines this node starts")
+    p.add_argument("--prefix-cache-blocks", type=int, default=0,
+                   help="the cpu engines' prefix (KV) cache, in blocks (default 0: off)")
+    p.add_argument("--prefix-block-tokens", type=int, default=16, help="tokens per prefix-cache block")
     p.add_argument("--log-level", default="info")
     p.add_argument("--exit-with-parent", type=int, metavar="PID", help="stop the engines and exit when PID is gone")
     p.add_argument("--tracing-exporter", choices=EXPORTERS, default="off", help="OpenTelemetry traces (default off)")
@@ -223,7 +290,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
                              stores=list(args.store), store_options={k: dict(v) for k, v in options.items()},
                              engine=EngineSettings(args.threads, args.dtype, args.progressive, kind=args.engine,
                                                    toka_executable=args.toka, gpus=args.gpus,
-                                                   max_num_seqs=args.max_num_seqs, openai=spec),
+                                                   max_num_seqs=args.max_num_seqs, openai=spec,
+                                                   prefix_cache_blocks=args.prefix_cache_blocks,
+                                                   prefix_block_tokens=args.prefix_block_tokens),
                              copy_streams=args.copy_streams, cloud_streams=args.cloud_streams,
                              cloud_stream_Bps=args.cloud_stream_Bps, cloud_latency_s=args.cloud_latency_s,
                              nic_Bps=args.nic_Bps,
@@ -231,7 +300,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, st
                              memory_budget_bytes=memory_budget, parent_pid=args.exit_with_parent,
                              tracing=TracingConfig(args.tracing_exporter, args.tracing_endpoint),
                              tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-                             tls_key=Path(args.tls_key) if args.tls_key else None)
+                             tls_key=Path(args.tls_key) if args.tls_key else None,
+                             advertise_host=args.advertise_host, gateway=args.gateway.rstrip("/"),
+                             gateway_ca=Path(args.gateway_ca) if args.gateway_ca else None,
+                             join_interval_s=args.join_interval_s)
     except ValueError as e:
         p.error(str(e))
     return config, args.log_level

@@ -16,12 +16,13 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from live.agent_config import TIER_ORDER, AgentConfig
+from live.agent_config import TIER_ORDER, AgentConfig, url_host
 from live.agent_tiers import HostCopy, HostStaging, Tier, TierError, copy_flow, parallel_copy_files
 from live.engines.base import EngineHandle, EngineStartError, free_port
 from live.engines.factory import make_engine
@@ -70,9 +71,19 @@ class Instance:
     status: str = "loading"  # loading -> ready -> stopped (or failed: its engine died)
     started_at_unix: float = field(default_factory=time.time)
     host_copy: HostCopy | None = None  # a cloud load's checkpoint in host memory, removed with the instance
+    advertise_host: str = ""  # the node's address as others reach it ("": the engine's own URL is reported)
+
+    @property
+    def url(self) -> str:
+        """The engine's URL as the gateway and clients reach it: the engine listens on the agent's bind host (maybe
+        0.0.0.0), so the URL reported names the node's advertised address instead."""
+        if not self.advertise_host:
+            return self.engine.url
+        scheme = self.engine.url.split("://", 1)[0]
+        return f"{scheme}://{url_host(self.advertise_host)}:{self.engine.port}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "model": self.model, "url": self.engine.url, "port": self.engine.port,
+        return {"id": self.id, "model": self.model, "url": self.url, "port": self.engine.port,
                 "pid": self.engine.pid, "status": self.status, "source_tier": self.source_tier,
                 "engine_tier": HOST if self.host_copy is not None else self.source_tier,
                 "model_dir": self.model_dir, "started_at_unix": self.started_at_unix,
@@ -85,6 +96,7 @@ class NodeAgent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.boot_id = uuid.uuid4().hex  # this run of the agent: a gateway tells a restart from a heartbeat by it
         # fastest first, whatever order the config lists them in
         self.tiers: dict[str, Tier] = {n: Tier(config.tiers[n]) for n in TIER_ORDER if n in config.tiers}
         assert config.host_dir is not None  # AgentConfig resolves the default
@@ -374,9 +386,11 @@ class NodeAgent:
                                  host=self.config.host, model_name=model, dtype=settings.dtype,
                                  threads=settings.threads, progressive=settings.progressive,
                                  toka_executable=settings.toka_executable, n_gpus=settings.gpus,
-                                 max_num_seqs=settings.max_num_seqs, env=env, spec=settings.openai)
+                                 max_num_seqs=settings.max_num_seqs, env=env, spec=settings.openai,
+                                 prefix_cache_blocks=settings.prefix_cache_blocks,
+                                 prefix_block_tokens=settings.prefix_block_tokens)
             inst = Instance(f"{self.config.node}-{model}-{next(self._ids)}", model, source, str(model_dir), engine,
-                            host_copy=host_copy)
+                            host_copy=host_copy, advertise_host=self.config.advertise_host)
             t0 = time.perf_counter()
             try:
                 engine.start()  # a missing executable or model file fails here, before any process runs
@@ -439,13 +453,14 @@ class NodeAgent:
         with self._lock:
             instances = [i.to_json() for i in self.instances.values()]
             errors = list(self.errors)
-        return {"node": cfg.node, "region": cfg.region, "tiers": tiers,
+        return {"node": cfg.node, "region": cfg.region, "url": cfg.url, "boot_id": self.boot_id, "tiers": tiers,
                 "host": {"path": str(self.host.path), "used_bytes": self.host.used_bytes(),
                          "copies": self.host.copies()},
                 "cloud": {"stream_Bps": cfg.cloud_stream_Bps, "streams": cfg.cloud_streams,
                           "latency_s": cfg.cloud_latency_s, "nic_Bps": cfg.nic_Bps},
                 "accelerator": {"memory_bytes": cfg.memory_budget_bytes},
-                "engine": {"kind": cfg.engine.kind, "max_num_seqs": cfg.engine.max_num_seqs},
+                "engine": {"kind": cfg.engine.kind, "max_num_seqs": cfg.engine.max_num_seqs,
+                           "prefix_cache_blocks": cfg.engine.prefix_cache_blocks},
                 "instances": instances, "errors": errors}
 
     def begin_shutdown(self) -> None:

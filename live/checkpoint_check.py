@@ -14,6 +14,7 @@ from pathlib import Path
 from live.chat_template import load_chat_template
 from live.engines.layer_sources import safetensors_files
 from live.llama_config import CONFIG_FILE, LlamaConfig, check_weight_shapes
+from live.quantize import is_quantised_linear, read_config, scale_name
 
 
 def weight_shapes(model_dir: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
@@ -36,7 +37,13 @@ def check_checkpoint(model_dir: str | os.PathLike[str]) -> LlamaConfig:
     and the field (an unsupported architecture), the tensor (a shape or a tensor that config.json does not
     explain) or the template (a chat template that does not compile)."""
     root = Path(model_dir)
-    config = LlamaConfig.from_dir(root)
-    check_weight_shapes(config, weight_shapes(root), str(root / CONFIG_FILE))
+    config, weight_format = read_config(root)
+    shapes = weight_shapes(root)
+    if weight_format is not None:  # a `live.quantize` variant: one scale per output channel of each linear weight
+        for name, shape in list(shapes.items()):
+            scale = shapes.get(scale_name(name))
+            if is_quantised_linear(name) and scale is not None and scale == (shape[0], 1):
+                del shapes[scale_name(name)]
+    check_weight_shapes(config, shapes, str(root / CONFIG_FILE))
     load_chat_template(root)
     return config

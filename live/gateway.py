@@ -76,7 +76,7 @@ from core.state import CapacityError, ClusterState, ClusterView
 from live.audit import AuditLog
 from live.gateway_actions import ACTION_COLUMNS, ActionsMixin
 from live.gateway_admin import admin_routes, audit
-from live.gateway_agents import AgentClient
+from live.gateway_agents import AgentClient, agent_routes
 from live.gateway_api import (
     ApiError,
     Tenant,
@@ -115,6 +115,7 @@ from live.gateway_records import (
     write_request_records,
 )
 from live.gateway_upstream import Upstream
+from live.gateway_variants import pick_variant
 from live.tracing import Tracing, span
 
 __all__ = ["ACTION_COLUMNS", "DEFAULT_NODE_PRICE_PER_HOUR", "NOMINAL_GPU", "AgentRef", "ApiError", "EngineFailed",
@@ -301,6 +302,7 @@ class Gateway(MirrorMixin, ActionsMixin, MigrationMixin, ForwardMixin):
                 if cached is not None:
                     response = cached
                 else:
+                    body, raw = pick_variant(self, req, body, raw)  # x -> x@fmt (core.policies.variants)
                     self.execute(self.bundle.on_arrival(req, self._view()))
                     response = await self._serve(req, body, raw, path, t_arrival, deadline)
             except Exception as e:  # a bug must still answer and leave its row
@@ -410,6 +412,7 @@ def create_app(gateway: Gateway) -> Starlette:
         HttpRoute("/healthz", healthz),
         HttpRoute("/metrics", metrics),
         *admin_routes(gateway),
+        *agent_routes(gateway),  # POST /agents/join, /agents/leave: agents joining on their own
         HttpRoute("/v1/models", models),
         HttpRoute("/v1/completions", completion("/v1/completions"), methods=["POST"]),
         HttpRoute("/v1/chat/completions", completion("/v1/chat/completions"), methods=["POST"]),

@@ -27,6 +27,8 @@ from core.records import REQUEST_SCHEMA
 from core.response_cache import KINDS
 from live.audit import FIELDS as AUDIT_FIELDS
 from live.gateway_actions import ACTION_COLUMNS
+from live.gateway_agents import OPENAPI_SECURITY as AGENT_SECURITY
+from live.gateway_agents import openapi_paths as agent_openapi_paths
 from live.gateway_api import REFUSED_PARAMS, ApiError
 from live.gateway_auth import KEY_ID_LEN, ROLES
 from live.gateway_cache import CACHE_HEADER
@@ -178,6 +180,7 @@ def _components() -> dict[str, Any]:
     return {
         "securitySchemes": {
             API_KEY: {"type": "http", "scheme": "bearer", "description": "A tenant's API key."},
+            **AGENT_SECURITY,
             ADMIN_TOKEN: {"type": "http", "scheme": "bearer",
                           "description": "An operator or admin key (`live.gateway_auth`: the role decides what it "
                                          "may call; a tenant key never opens /admin)."},
@@ -372,6 +375,7 @@ def openapi_document(request_id_header: str) -> dict[str, Any]:
             "/admin/actions": {"get": _admin_get("adminActions", "The policy and operator actions carried out",
                                                  "Actions")},
             **_admin_paths(),
+            **agent_openapi_paths(),  # POST /agents/join, /agents/leave
             "/openapi.json": _get("openapi", "This document", {
                 "description": "The OpenAPI document.", "content": _json({"type": "object"})}, public),
         },

@@ -24,6 +24,8 @@ from core.cost import instance_lifetimes, request_cost_shares
 from core.records import INSTANCE_SCHEMA, REQUEST_SCHEMA, frame, rows_to_columns, write_table
 from core.specs import ClusterSpec
 from core.state import InstanceState
+from core.variants import VARIANT_SEP
+from live.registry_versions import check_revision
 
 #: the request header naming the client's region (core/regions.py): the policy routes by it and, when the
 #: bundle's placement has a region table, the gateway waits the client <-> node round trip before forwarding
@@ -66,9 +68,22 @@ class RequestInfo:
     # tokens the engine reported it served from its prefix cache
     prefix_blocks: tuple[int, ...] = ()
     cached_tokens: int = 0
-    variant: str = ""  # the weight format that served it (core/variants.py; live serves the catalog's own)
+    variant: str = ""  # the weight format that served it ("": `served_variant(model)`, the deployment's name says)
     client_region: str = ""  # the client's region (core/regions.py; "" = regions off)
     network_s: float = math.nan  # the emulated client <-> agent region round trip, included in ttft_s / e2e_s
+
+
+def served_variant(model: str) -> str:
+    """The weight variant a deployment name carries: `fmt` of `name@fmt` (`core.variants.variant_name`, a
+    `live.quantize` copy), "" for a plain name or a registry pin `name@<revision id>`."""
+    _, sep, fmt = model.partition(VARIANT_SEP)
+    if not sep:
+        return ""
+    try:
+        check_revision(fmt)
+    except ValueError:
+        return fmt
+    return ""
 
 
 def tpot(last_token_s: float, ttft_s: float, out_tokens: int) -> float:
@@ -107,7 +122,8 @@ def request_row(req: RequestInfo) -> tuple[Any, ...]:
     return (req.id, req.tenant, req.model, req.arrival_s, req.queue_s, req.cold_start, req.source_tier,
             req.fetch_s, req.to_gpu_s, req.engine_init_s, req.cold_start_s, req.prefill_s, req.ttft_s, req.tpot_s,
             req.e2e_s, req.in_tokens or req.prompt_tokens, req.out_tokens, req.node, req.instance, req.outcome,
-            req.reason, math.nan, req.cache, req.cached_tokens, req.variant, req.client_region, req.network_s)
+            req.reason, math.nan, req.cache, req.cached_tokens, req.variant or served_variant(req.model),
+            req.client_region, req.network_s)
 
 
 def instance_event(time_s: float, inst: InstanceState, event: str, reason: str = "") -> tuple[Any, ...]:

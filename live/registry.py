@@ -445,8 +445,7 @@ class Registry:
 
 def _plain_name(name: str, op: str) -> str:
     """`name` checked, and without a revision: `op` acts on a model, the revision being what it derives or takes."""
-    check_model_name(name)
-    if "@" in name:
+    if parse_ref(name)[1] is not None:
         raise ValueError(f"model {name!r}: {op} takes a plain model name (a revision is the manifest's hash, "
                          "derived by publish; give it separately to rollback)")
     return name

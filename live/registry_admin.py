@@ -22,6 +22,7 @@ from live.registry_versions import (
     in_place_prefix,
     locate,
     manifest_key,
+    parse_ref,
     read_alias,
     read_manifest_at,
     revision_of,
@@ -128,16 +129,21 @@ def _model_names(store: Store) -> list[str]:
             names.add(check_model_name(first))
         except ValueError:
             continue
-    return sorted(n for n in names if "@" not in n)
+    return sorted(n for n in names if parse_ref(n)[1] is None)  # variants (`x@int8`) are models, pins are not
 
 
 def _keep_set(keep: Iterable[str], name: str) -> set[str]:
     """The revisions of `name` that `keep` protects: its `name@rev` entries and every bare revision id."""
     out = set()
     for item in keep:
-        model, _, rev = item.rpartition("@")
-        if model in ("", name):
-            out.add(check_revision(rev, name))
+        if "@" not in item:
+            out.add(check_revision(item, name))
+            continue
+        model, rev = parse_ref(item)
+        if rev is None:
+            raise ValueError(f"keep {item!r}: names no revision (`name@revision`, or a bare revision id)")
+        if model == name:
+            out.add(rev)
     return out
 
 

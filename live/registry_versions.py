@@ -3,7 +3,9 @@ store key layout they share.
 
 A revision is the first 16 hex digits of the sha256 of the manifest's canonical JSON, so the same files under
 the same name are always the same revision and a manifest read back from a store can be checked against the
-revision that named it. Users write `name@revision` to pin one, plain `name` for the alias's.
+revision that named it. Users write `name@revision` to pin one, plain `name` for the alias's. A weight variant
+of a deployment (`core.variants.variant_name`: `name@int8`, a `live.quantize` copy) is a model of its own, with
+its own revisions (`name@int8@revision`); a variant's format never has the form of a revision id.
 
 Key layout in every store (relative to the store root):
 
@@ -37,6 +39,8 @@ ALIAS_HISTORY_MAX = 200  # moves kept in the alias object (it is rewritten whole
 # letters, digits, '.', '_', '-'; starts with a letter or digit (so never '.', '..' or a hidden name)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REVISION_RE = re.compile(rf"^[0-9a-f]{{{REVISION_HEX}}}$")
+# a weight format (core/variants.py: fp8, int8, int4, ...): a lowercase letter, then lowercase letters and digits
+_VARIANT_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
 
 
 class RegistryError(RuntimeError):
@@ -44,20 +48,32 @@ class RegistryError(RuntimeError):
 
 
 def check_model_name(name: str) -> str:
-    """`name` (a plain name or `name@revision`) if safe as a single path component and object key; else ValueError.
+    """`name` (`plain[@format][@revision]`) if safe as a single path component and object key; else ValueError.
 
-    `@` only separates a plain name from a revision id (16 lowercase hex digits); the result stays a safe
-    directory name, so agents keep one tier dir per pinned revision.
+    `@` separates a plain name from a weight variant's format (`name@int8`) and from a revision id (16 lowercase
+    hex digits); the result stays a safe directory name, so agents keep one tier dir per pinned revision.
     """
-    if isinstance(name, str) and name.count("@") == 1:
-        base, rev = name.split("@")
-        check_model_name(base)
-        check_revision(rev, base)
+    if isinstance(name, str) and 2 <= len(parts := name.split("@")) <= 3:
+        check_model_name(parts[0])
+        *variant, last = parts[1:]
+        if variant or not _REVISION_RE.fullmatch(last):
+            check_variant(variant[0] if variant else last, parts[0])
+        if variant:
+            check_revision(last, f"{parts[0]}@{variant[0]}")
         return name
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(f"unsafe model name {name!r}: use 1-128 of [A-Za-z0-9._-], starting with a letter or "
-                         "digit, with no path separator and no '..' (then optionally '@' and a revision id)")
+                         "digit, with no path separator and no '..' (then optionally '@' and a weight format, "
+                         "and '@' and a revision id)")
     return name
+
+
+def check_variant(fmt: str, model: str = "?") -> str:
+    """`fmt` if it has the form of a weight format (`int8`, `fp8`, ...); ValueError naming the model otherwise."""
+    if not _VARIANT_RE.fullmatch(fmt) or _REVISION_RE.fullmatch(fmt):
+        raise ValueError(f"model {model!r}: {fmt!r} is neither a revision id ({REVISION_HEX} lowercase hex digits) "
+                         "nor a weight format (a lowercase letter, then lowercase letters, digits and '_')")
+    return fmt
 
 
 def check_revision(rev: str, model: str = "?") -> str:
@@ -69,10 +85,13 @@ def check_revision(rev: str, model: str = "?") -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
-    """(`name`, revision or None) of `name` or `name@revision`, both checked."""
+    """(`name`, revision or None) of `name` or `name@revision`, both checked (`name` may be a variant,
+    `base@format`)."""
     check_model_name(ref)
-    name, _, rev = ref.partition("@")
-    return name, rev or None
+    name, _, last = ref.rpartition("@")
+    if name and _REVISION_RE.fullmatch(last):
+        return name, last
+    return ref, None
 
 
 def revision_of(manifest: Manifest) -> str:

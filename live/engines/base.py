@@ -402,6 +402,8 @@ class CpuEngineProcess(ProcessEngine):
         max_num_seqs: int = 8,
         env: Mapping[str, str] | None = None,
         extra_args: list[str] | None = None,
+        prefix_cache_blocks: int = 0,
+        prefix_block_tokens: int = 16,
         python: str = sys.executable,
         stop_grace_s: float = 5.0,
         probe_interval_s: float = 0.05,
@@ -415,6 +417,11 @@ class CpuEngineProcess(ProcessEngine):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.max_num_seqs = max_num_seqs
+        if prefix_cache_blocks < 0 or prefix_block_tokens < 1:
+            raise ValueError(f"prefix_cache_blocks must be >= 0 and prefix_block_tokens >= 1, got "
+                             f"{prefix_cache_blocks} and {prefix_block_tokens}")
+        self.prefix_cache_blocks = prefix_cache_blocks
+        self.prefix_block_tokens = prefix_block_tokens
         self.extra_env = dict(env or {})  # e.g. the tier pacing of the directory the engine reads
         self.extra_args = list(extra_args or [])
         self.python = python
@@ -436,6 +443,9 @@ class CpuEngineProcess(ProcessEngine):
         if self.threads:
             argv += ["--threads", str(self.threads)]
         argv += ["--max-num-seqs", str(self.max_num_seqs)]
+        if self.prefix_cache_blocks:
+            argv += ["--prefix-cache-blocks", str(self.prefix_cache_blocks),
+                     "--prefix-block-tokens", str(self.prefix_block_tokens)]
         return argv + self.extra_args
 
     def _launch_argv(self) -> list[str]:

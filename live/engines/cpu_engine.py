@@ -228,6 +228,9 @@ class Engine:
             "error": self.error,
             "progressive": self.progressive,
             "dtype": self.dtype_name,
+            # the served weight variant (`live.quantize`: "int8" / "fp8", held quantised); None: plain weights
+            "weight_format": None if model is None else model.weight_format,
+            "weight_bytes": None if model is None else model.weight_bytes(),
             "pid": os.getpid(),
             "t0_unix": self.t0_unix,
             **timings,

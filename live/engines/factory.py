@@ -28,6 +28,8 @@ def make_engine(
     max_num_seqs: int = 8,
     env: Mapping[str, str] | None = None,
     spec: OpenAICompatSpec | None = None,
+    prefix_cache_blocks: int = 0,
+    prefix_block_tokens: int = 16,
 ) -> ProcessEngine:
     """An engine process of `kind` serving `model_dir` on host:port (not started).
 
@@ -36,10 +38,12 @@ def make_engine(
     takes its GPU count (`n_gpus`) and executable (`toka_executable`). `max_num_seqs` is the CPU engine's
     batch limit; `env` is added to the CPU engine's environment (e.g. `live.pacing`'s tier pacing), and to an
     "openai" engine's. `spec` (required for "openai") says which program that is and how to run and probe it.
+    `prefix_cache_blocks` > 0: the CPU engine keeps a prefix (KV) cache of that many blocks.
     """
     if kind == "cpu":
         return CpuEngineProcess(model_dir, port, host=host, progressive=progressive, model_name=model_name,
-                                dtype=dtype, threads=threads, max_num_seqs=max_num_seqs, env=env)
+                                dtype=dtype, threads=threads, max_num_seqs=max_num_seqs, env=env,
+                                prefix_cache_blocks=prefix_cache_blocks, prefix_block_tokens=prefix_block_tokens)
     if kind == "tokasaurus":
         return TokasaurusProcess(model_dir, port, host=host, n_gpus=n_gpus, executable=toka_executable)
     if kind == "openai":

@@ -11,6 +11,13 @@ N+1 = final norm + lm_head), taken lazily: with a progressive source the first f
 computes layer i as soon as layer i is resident, while later layers are still loading. A loading
 thread may call `materialize()` meanwhile, so that each group is converted to the compute dtype as
 it lands rather than when the forward pass reaches it. The config is `live.llama_config.LlamaConfig`.
+
+A quantised variant (`live.quantize`: int8 / fp8 decoder-layer linear weights plus a float32 scale per output
+channel) is held AS STORED: the int8 / float8 tensors stay resident (half the bytes of bf16, a quarter of float32)
+and each linear layer computes `(x @ q^T) * scale` at matmul time, converting q to the compute dtype one matrix at a
+time (a transient copy, freed after the matmul). Dequantising once at load would be faster per step but would make
+the resident bytes the compute dtype's again, and the variant's point is the bytes. `(x @ q^T) * s` equals
+`x @ (q * s)^T` up to float rounding, i.e. the model transformers computes with the dequantised weights.
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ import torch.nn.functional as F
 from live.engines.layer_sources import LayerSource, SafetensorsLayerSource
 from live.engines.sampling import position_generator, position_seed, random_seed, sample_token
 from live.llama_config import IGNORED_TENSOR_SUFFIXES, LlamaConfig, layer_tensor_shapes, shape_error, tensor_shapes
+from live.quantize import FORMATS, QuantWeight, is_quantised_linear, linear, read_config, scale_name
 
 # re-exported: callers written before sampling had a module of its own import these from here
-__all__ = ["DTYPES", "Generation", "KVCache", "LlamaConfig", "LlamaModel", "position_generator",
-           "position_seed", "random_seed", "rope_inv_freq", "sample_token"]
+__all__ = ["DTYPES", "Generation", "KVCache", "LlamaConfig", "LlamaModel", "QuantWeight", "linear",
+           "position_generator", "position_seed", "random_seed", "rope_inv_freq", "sample_token"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -99,21 +107,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's weights, in the model's dtype (nn.Linear layout: [out, in]).
+    """One decoder layer's weights, in the model's dtype (nn.Linear layout: [out, in]); the linear weights of a
+    quantised variant are `QuantWeight`s.
 
     Field names are the last part of the HF names (`llama_config.LAYER_TENSORS`); biases and q/k norms are
     None where the architecture has none.
     """
 
     input_layernorm: torch.Tensor
-    q_proj: torch.Tensor
-    k_proj: torch.Tensor
-    v_proj: torch.Tensor
-    o_proj: torch.Tensor
+    q_proj: torch.Tensor | QuantWeight
+    k_proj: torch.Tensor | QuantWeight
+    v_proj: torch.Tensor | QuantWeight
+    o_proj: torch.Tensor | QuantWeight
     post_attention_layernorm: torch.Tensor
-    gate_proj: torch.Tensor
-    up_proj: torch.Tensor
-    down_proj: torch.Tensor
+    gate_proj: torch.Tensor | QuantWeight
+    up_proj: torch.Tensor | QuantWeight
+    down_proj: torch.Tensor | QuantWeight
     q_proj_bias: torch.Tensor | None = None
     k_proj_bias: torch.Tensor | None = None
     v_proj_bias: torch.Tensor | None = None
@@ -150,12 +159,19 @@ class KVCache:
 class LlamaModel:
     """Llama weights plus the forward pass; weights are pulled group by group from a `LayerSource`."""
 
-    def __init__(self, config: LlamaConfig, source: LayerSource, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config: LlamaConfig, source: LayerSource, dtype: torch.dtype = torch.float32,
+                 weight_format: str | None = None) -> None:
+        """`weight_format` ("int8" / "fp8", `live.quantize`): the checkpoint's decoder-layer linear weights are
+        quantised with a scale beside each; None: every weight is plain (converted to `dtype`)."""
         if source.n_layers != config.num_hidden_layers:
             raise ValueError(f"layer source has {source.n_layers} layers, config {config.num_hidden_layers}")
+        if weight_format is not None and weight_format not in FORMATS:
+            raise ValueError(f"weight_format {weight_format!r} is not one of {sorted(FORMATS)}")
         self.config = config
         self.source = source
         self.dtype = dtype
+        self.weight_format = weight_format
+        self._qdtype = None if weight_format is None else getattr(torch, FORMATS[weight_format][0])
         self.n_groups = config.num_hidden_layers + 2
         self._embed: torch.Tensor | None = None
         self._layers: list[LayerWeights | None] = [None] * config.num_hidden_layers
@@ -166,6 +182,8 @@ class LlamaModel:
         self._shapes = dict(tensor_shapes(config))
         # a tied checkpoint may still store lm_head (then it is used, and has the embedding's shape)
         self._shapes.setdefault("lm_head.weight", self._shapes["model.embed_tokens.weight"])
+        if weight_format is not None:  # each quantised linear weight has its per-output-channel scale beside it
+            self._shapes |= {scale_name(n): (s[0], 1) for n, s in list(self._shapes.items()) if is_quantised_linear(n)}
         # perf_counter() when each group became usable here, and when the first forward pass finished it:
         # the evidence that compute overlapped loading
         self.group_resident_at: dict[int, float] = {}
@@ -183,12 +201,12 @@ class LlamaModel:
         Without `layer_source` every weight is read now; with one, weights are taken lazily from it
         (the first forward pass blocks per group until that group is resident).
         """
-        config = LlamaConfig.from_dir(model_dir)
+        config, weight_format = read_config(model_dir)  # a `live.quantize` variant names its format there
         if layer_source is None:
-            model = cls(config, SafetensorsLayerSource(model_dir), dtype)
+            model = cls(config, SafetensorsLayerSource(model_dir), dtype, weight_format)
             model.materialize()
             return model
-        return cls(config, layer_source, dtype)
+        return cls(config, layer_source, dtype, weight_format)
 
     # -- weights
 
@@ -202,14 +220,45 @@ class LlamaModel:
         for group in range(self.n_groups):
             self._ensure(group)
 
-    def _take(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held so far (a tied lm_head counted once): what the model keeps resident."""
+        seen: set[int] = set()
+        total = 0
+        layers = [w for w in self._layers if w is not None]
+        tensors = [self._embed, self._norm, self._lm_head, *(v for w in layers for v in vars(w).values())]
+        for t in tensors:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.nbytes
+        return total
+
+    def _take(self, tensors: dict[str, torch.Tensor], name: str,
+              dtype: torch.dtype | None = None) -> torch.Tensor | QuantWeight:
+        """Tensor `name` checked against the config and converted to `dtype` (default: the compute dtype); a
+        quantised linear weight comes with its scale, as stored."""
         if name not in tensors:
             raise KeyError(f"checkpoint lacks tensor {name!r}")
         tensor = tensors[name]
         shape = self._shapes[name]
         if tuple(tensor.shape) != shape:
             raise ValueError(shape_error(self.config, name, shape, tuple(tensor.shape), "config.json"))
-        return tensor.to(self.dtype).contiguous()
+        if self.weight_format is not None and is_quantised_linear(name):
+            if tensor.dtype != self._qdtype:
+                raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, but config.json's quantization_config "
+                                 f"says {self.weight_format} ({self._qdtype})")
+            scale = self._take(tensors, scale_name(name), torch.float32)
+            assert isinstance(scale, torch.Tensor)
+            # kept as stored: the resident bytes are the quantised ones (module docstring)
+            return QuantWeight(tensor.contiguous(), scale)
+        if tensor.dtype not in DTYPES.values():
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; without a tierlab quantization_config in "
+                             f"config.json only {sorted(DTYPES)} weights are computed with")
+        return tensor.to(self.dtype if dtype is None else dtype).contiguous()
+
+    def _take_plain(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        t = self._take(tensors, name)
+        assert isinstance(t, torch.Tensor)
+        return t
 
     def _check_unused(self, tensors: dict[str, torch.Tensor], group: int) -> None:
         """A tensor the forward pass would not read (a bias the config does not announce, another model's
@@ -232,15 +281,15 @@ class LlamaModel:
             c = self.config
             self._check_unused(tensors, group)
             if group == 0:
-                self._embed = self._take(tensors, "model.embed_tokens.weight")
+                self._embed = self._take_plain(tensors, "model.embed_tokens.weight")
             elif group <= c.num_hidden_layers:
                 self._layers[group - 1] = LayerWeights(**{
                     _field(name): self._take(tensors, name) for name, _ in layer_tensor_shapes(c, group - 1)
                 })  # fmt: skip
             else:
-                self._norm = self._take(tensors, "model.norm.weight")
+                self._norm = self._take_plain(tensors, "model.norm.weight")
                 if "lm_head.weight" in tensors:
-                    self._lm_head = self._take(tensors, "lm_head.weight")
+                    self._lm_head = self._take_plain(tensors, "lm_head.weight")
                 elif c.tie_word_embeddings:
                     self._ensure_tied()
                 else:
@@ -337,9 +386,9 @@ class LlamaModel:
             w = self._layers[i]
             assert w is not None
             h = rms_norm(x, w.input_layernorm, c.rms_norm_eps)
-            q = F.linear(h, w.q_proj, w.q_proj_bias).view(n_rows, n_heads, hd)
-            k = F.linear(h, w.k_proj, w.k_proj_bias).view(n_rows, n_kv, hd)
-            v = F.linear(h, w.v_proj, w.v_proj_bias).view(n_rows, n_kv, hd)
+            q = linear(h, w.q_proj, w.q_proj_bias).view(n_rows, n_heads, hd)
+            k = linear(h, w.k_proj, w.k_proj_bias).view(n_rows, n_kv, hd)
+            v = linear(h, w.v_proj, w.v_proj_bias).view(n_rows, n_kv, hd)
             if w.q_norm is not None and w.k_norm is not None:  # Qwen3: RMSNorm over each head, before rope
                 q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
             q = (q.float() * cos + rotate_half(q.float()) * sin).to(self.dtype)
@@ -363,9 +412,9 @@ class LlamaModel:
                 attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal)
                 outs.append(attn.transpose(0, 1))  # [T, heads, head_dim]
             attn_all = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + F.linear(attn_all.reshape(n_rows, n_heads * hd), w.o_proj, w.o_proj_bias)
+            x = x + linear(attn_all.reshape(n_rows, n_heads * hd), w.o_proj, w.o_proj_bias)
             h = rms_norm(x, w.post_attention_layernorm, c.rms_norm_eps)
-            x = x + F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
+            x = x + linear(F.silu(linear(h, w.gate_proj)) * linear(h, w.up_proj), w.down_proj)
             self._mark_computed(i + 1)
 
         for _, n_new, cache, *_ in plan:

@@ -55,7 +55,7 @@ def test_fetch_copy_and_engine_read_follow_the_emulated_devices(
     assert status["cloud"] == {"stream_Bps": STREAM_BPS, "streams": STREAMS, "latency_s": CLOUD_LATENCY,
                                "nic_Bps": None}
     assert status["accelerator"] == {"memory_bytes": 2 << 30}
-    assert status["engine"] == {"kind": "cpu", "max_num_seqs": 3}
+    assert status["engine"] == {"kind": "cpu", "max_num_seqs": 3, "prefix_cache_blocks": 0}
 
     # cloud -> sata: streams x stream bandwidth after the first-byte latency (sata's writes are faster)
     fetch = agent.post("/tiers/copy", {"model": MODEL, "to_tier": "sata"})

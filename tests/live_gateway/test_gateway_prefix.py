@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from core.policies.autoscaling import KeepAlive
 from core.policies.base import PolicyBundle
@@ -98,3 +99,49 @@ def test_the_gateway_records_the_cpu_engines_cached_tokens(tmp_path_factory: Any
     assert summary["cached_tokens"] == int(rec["cached_tokens"].sum())
     assert summary["prefix_hit_requests"] == 0.5
     assert summary["prefix_hit_rate"] == summary["cached_tokens"] / rec["prompt_tokens"].sum()
+
+
+def test_an_agent_started_with_a_prefix_cache_gives_it_to_its_engines(tmp_path: Any) -> None:
+    """`live.agent --prefix-cache-blocks N` (what `live.serve`'s `node.prefix_cache_blocks` passes): the CPU engine
+    it starts caches prefixes, so a second prompt sharing the first's start is partly served from the cache; an
+    agent without the flag starts engines without one (cached_tokens stays 0)."""
+    from live.checkpoint import generate_checkpoint
+    from live.gateway import AgentRef, GatewayConfig, Tenant
+    from live.llama_config import model_spec
+    from live.registry import Registry
+    from tests.live_gateway.conftest import ADMIN_TOKEN, AGENT_TOKEN, start_agent, stop_agent
+
+    store_url = f"file://{tmp_path / 'cloud'}"
+    info = generate_checkpoint(tmp_path / "ckpt" / "x", "tiny", 0)
+    Registry([store_url]).publish("x", info.path)
+    shared = "Serverless inference loads a model when the first request arrives. " * 3
+    cached = {}
+    for blocks in (64, 0):
+        (tmp_path / f"b{blocks}").mkdir()
+        proc, url = start_agent(tmp_path / f"b{blocks}", "p0", store_url,
+                                extra_args=("--prefix-cache-blocks", str(blocks), "--prefix-block-tokens", "8"))
+        try:
+            status = httpx.get(url + "/status", headers={"Authorization": f"Bearer {AGENT_TOKEN}"}).json()
+            assert status["engine"]["prefix_cache_blocks"] == blocks
+            config = GatewayConfig(agents=[AgentRef("p0", url, AGENT_TOKEN)], tenants={"k": Tenant("t", ("x",))},
+                                   models={"x": model_spec("x", info.params, 4)}, admin_token=ADMIN_TOKEN, tick=False)
+            gw = Gateway(config, PolicyBundle(TierAware(), NoCaching(), KeepAlive(keep_alive_s=300)))
+            with serving(gw) as gs:
+                for tail in ("hello world", "a cold start"):
+                    r = httpx.post(gs.url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=120,
+                                   json={"model": "x", "prompt": shared + tail, "max_tokens": 2})
+                    assert r.status_code == 200, r.text
+                cached[blocks] = list(gw.records().sort_values("request_id")["cached_tokens"])
+        finally:
+            stop_agent(proc)
+    assert cached[64][0] == 0 and cached[64][1] >= 8
+    assert cached[0] == [0, 0]
+
+
+def test_a_prefix_cache_for_an_engine_that_has_its_own_is_refused() -> None:
+    from live.agent_config import EngineSettings
+
+    with pytest.raises(ValueError, match="prefix_cache_blocks: only the cpu engine"):
+        EngineSettings(kind="tokasaurus", prefix_cache_blocks=16)
+    with pytest.raises(ValueError, match="prefix_cache_blocks must be >= 0"):
+        EngineSettings(prefix_cache_blocks=-1)

@@ -49,9 +49,13 @@ def test_names_with_revisions_are_validated() -> None:
     rev = "0123456789abcdef"
     assert check_model_name(f"m@{rev}") == f"m@{rev}" and parse_ref(f"m@{rev}") == ("m", rev)
     assert parse_ref("m") == ("m", None)
-    for bad in ("m@", "@" + rev, f"m@{rev}@{rev}", "m@0123456789ABCDEF", "m@0123", "m@../x", f"../m@{rev}"):
-        with pytest.raises(ValueError, match=r"unsafe model name|is not a revision id"):
+    for bad in ("m@", "@" + rev, f"m@{rev}@{rev}", "m@0123456789ABCDEF", "m@0123", "m@../x", f"../m@{rev}",
+                f"m@int8@{rev}@{rev}", "m@int8@nope", "m@Int8", f"m@{rev}@int8"):
+        with pytest.raises(ValueError, match=r"unsafe model name|is not a revision id|is neither a revision id"):
             check_model_name(bad)
+    # a weight variant (`core.variants.variant_name`) is a model of its own, pinned like any other
+    assert check_model_name("m@int8") == "m@int8" and parse_ref("m@int8") == ("m@int8", None)
+    assert parse_ref(f"m@fp8@{rev}") == ("m@fp8", rev)
     reg = Registry(["file:///nonexistent-store"])
     with pytest.raises(ValueError, match="publish takes a plain model name"):
         reg.publish(f"m@{rev}", ".")
@@ -220,9 +224,12 @@ def test_the_agent_keeps_one_tier_dir_per_pinned_revision(tmp_path: Path, tiny_c
         with pytest.raises(AgentError, match="not in the registry") as err:
             agent.copy(f"{NAME}@00000000deadbeef", "sata")
         assert err.value.status == 404
-        with pytest.raises(AgentError, match="is not a revision id") as err:
-            agent.copy(f"{NAME}@nope", "sata")
+        with pytest.raises(AgentError, match="is neither a revision id") as err:
+            agent.copy(f"{NAME}@No-pe", "sata")
         assert err.value.status == 400
+        with pytest.raises(AgentError, match="not in the registry") as err:  # a weight variant never published
+            agent.copy(f"{NAME}@int8", "sata")
+        assert err.value.status == 404
     finally:
         agent.shutdown()
 

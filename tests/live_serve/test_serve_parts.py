@@ -215,6 +215,13 @@ def test_agent_argv_is_what_the_agent_parses(tmp_path: Path) -> None:
     assert agent.cloud_streams == 16 and agent.cloud_stream_Bps == 5.8e6 and agent.cloud_latency_s == 0.02
     assert agent.memory_budget_bytes == 224 << 20 and agent.engine.max_num_seqs == 8
     assert agent.engine.progressive and agent.engine.dtype == "float32" and agent.stores == ["file:///tmp/cloud"]
+    assert agent.engine.prefix_cache_blocks == 0 and "--prefix-cache-blocks" not in argv  # off by default
+    cached = serve_config("node.prefix_cache_blocks=32")
+    opts = node_options(cached)
+    argv = agent_argv("n1", "127.0.0.1", 8711, _dirs(tmp_path, opts.tiers), opts, ["file:///tmp/cloud"], cached,
+                      progressive=True, parent_pid=4242)
+    agent, _ = config_from_args([*argv[3:], "--token", "t"])
+    assert agent.engine.prefix_cache_blocks == 32
 
 
 def test_old_tier_form_is_accepted_unpaced(tmp_path: Path) -> None:
@@ -253,6 +260,7 @@ def test_old_tier_form_is_accepted_unpaced(tmp_path: Path) -> None:
         ({"tiers": {"dram": "1G"}, "node": {"memory": "1G"}}, r"node: unknown key\(s\) \['memory'\]"),
         ({"tiers": {"dram": "1G"}, "node": {"memory_budget": "0"}}, r"node\.memory_budget: must be > 0"),
         ({"tiers": {"dram": "1G"}, "node": {"max_num_seqs": 0}}, r"node\.max_num_seqs"),
+        ({"tiers": {"dram": "1G"}, "node": {"prefix_cache_blocks": -1}}, r"node\.prefix_cache_blocks"),
     ],
 )
 def test_node_config_errors_name_the_field(override: dict, match: str) -> None:
