@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError
 
 from core.errors import ConfigError
 from core.spec_builders import cluster_from_dict
@@ -145,21 +143,6 @@ def test_slurm_launcher_config_validates_against_the_submitit_schema():
         _hydra_cfg("hydra/launcher=tierlab_slurm", "hydra.launcher.mem_gb=lots")
 
 
-@dataclass
-class _RayConf:
-    init: dict[str, Any] = field(default_factory=dict)
-    remote: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _RayLauncherConf:
-    """hydra-ray-launcher 1.2.2's `RayLauncherConf` (hydra_plugins/hydra_ray_launcher/_config.py), for when the
-    plugin is not installed: it requires ray[default], too large for this machine's test environment."""
-
-    _target_: str = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
-    ray: _RayConf = field(default_factory=_RayConf)
-
-
 #: Keyword arguments of ray.init() and of ray.remote() for functions that the config may use (Ray 2.x docs).
 RAY_INIT_ARGS = {"address", "num_cpus", "num_gpus", "resources", "object_store_memory", "namespace", "runtime_env",
                  "include_dashboard", "dashboard_host", "ignore_reinit_error", "log_to_driver", "logging_level"}
@@ -167,24 +150,51 @@ RAY_REMOTE_ARGS = {"num_cpus", "num_gpus", "resources", "memory", "max_calls", "
                    "runtime_env", "scheduling_strategy", "num_returns"}
 
 
-def test_ray_launcher_config_validates_against_the_ray_launcher_schema(monkeypatch):
-    try:
-        from hydra_plugins.hydra_ray_launcher._config import RayLauncherConf as schema
-    except ImportError:
-        schema = _RayLauncherConf
+def test_ray_launcher_config_validates_against_its_schema(monkeypatch):
+    from hydra.plugins.launcher import Launcher
+    from hydra.utils import get_class
+
+    from hydra_plugins.tierlab_ray_launcher.ray_launcher import TierlabRayLauncherConf
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     launcher = _hydra_cfg("hydra/launcher=tierlab_ray").hydra.launcher
-    merged = OmegaConf.merge(OmegaConf.structured(schema), launcher)
-    assert merged._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
-    assert set(merged.ray.init) <= RAY_INIT_ARGS and set(merged.ray.remote) <= RAY_REMOTE_ARGS
-    assert merged.ray.init.address is None  # a local Ray unless RAY_ADDRESS names a cluster
-    assert "object_store_memory" in merged.ray.init  # keeps the plugin from setting it (hydra issue #2893)
-    assert merged.ray.remote.num_cpus == 1
+    # by name: hydra's plugin scan executes the module apart from the import system, a second class object
+    schema = OmegaConf.get_type(launcher)
+    assert (schema.__module__, schema.__qualname__) == (TierlabRayLauncherConf.__module__, "TierlabRayLauncherConf")
+    cls = get_class(launcher._target_)
+    assert issubclass(cls, Launcher) and cls.__name__ == "TierlabRayLauncher"
+    assert set(launcher.ray.init) <= RAY_INIT_ARGS and set(launcher.ray.remote) <= RAY_REMOTE_ARGS
+    assert launcher.ray.init.address is None  # a local Ray unless RAY_ADDRESS names a cluster
+    assert launcher.ray.remote.num_cpus == 1 and "max_calls" not in launcher.ray.remote  # workers are reused
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert _hydra_cfg("hydra/launcher=tierlab_ray").hydra.launcher.ray.init.address == "ray://head:10001"
-    # the check can fail: a key outside the schema is refused
-    with pytest.raises(ConfigKeyError):
-        OmegaConf.merge(OmegaConf.structured(schema), {"ray": {"initt": {}}})
+    # the schema is enforced at composition: a misspelt key fails
+    with pytest.raises(ConfigCompositionException):
+        _hydra_cfg("hydra/launcher=tierlab_ray", "hydra.launcher.rayy=5")
+    with pytest.raises(ConfigCompositionException):
+        _hydra_cfg("hydra/launcher=tierlab_ray", "hydra.launcher.ray=5")
+
+
+def test_submitit_local_and_tierlab_joblib_launchers_compose_in_their_plugins_schemas():
+    from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
+    from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf
+
+    local = _hydra_cfg("hydra/launcher=tierlab_submitit_local").hydra.launcher
+    assert OmegaConf.get_type(local) is LocalQueueConf
+    assert local._target_.endswith("submitit_launcher.LocalLauncher") and local.cpus_per_task == 1
+    joblib = _hydra_cfg("hydra/launcher=tierlab_joblib").hydra.launcher
+    assert OmegaConf.get_type(joblib) is JobLibLauncherConf and joblib.n_jobs == -1
+
+
+def test_hydras_plugin_scan_finds_the_ray_launcher_without_importing_ray():
+    """Every hydra command scans hydra_plugins: the plugin must load there (outside sys.modules) without Ray."""
+    code = ("import sys; sys.modules['ray'] = None\n"  # any `import ray` now fails
+            "from hydra.core.plugins import Plugins\n"
+            "from hydra.plugins.launcher import Launcher\n"
+            "print(sorted(c.__name__ for c in Plugins.instance().discover(Launcher)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert "TierlabRayLauncher" in proc.stdout and "JoblibLauncher" in proc.stdout, proc.stdout
 
 
 # ------------------------------------------------------------------ gather
