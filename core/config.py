@@ -78,8 +78,9 @@ def build_specs(cfg: Mapping[str, Any]) -> Specs:
     measured = tuple(measured_from_dict(m, f"inference.measured[{i}]")
                      for i, m in enumerate((cfg.get("inference") or {}).get("measured") or []))
     policy = build_policy(cfg["policy"])
-    # `initial_state` names a state (empty, a file, policy), not a number: experiments.setup reads it
-    sim = {k: float(v) for k, v in (cfg.get("sim") or {}).items() if k != "initial_state"}
+    # `initial_state` names a state (empty, a file, policy) and `steady_state` a mode (exact, fast), not numbers:
+    # experiments.setup and sim.steady_state read them
+    sim = {k: float(v) for k, v in (cfg.get("sim") or {}).items() if k not in ("initial_state", "steady_state")}
     for k, v in sim.items():
         if v <= 0:
             raise ConfigError(f"sim.{k} must be > 0, got {v}")

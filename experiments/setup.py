@@ -69,7 +69,7 @@ def load_workload(cfg: Mapping[str, Any], seed: int) -> Workload:
     if kind in READERS:
         if not cfg.get("path"):
             raise ConfigError(f"workload.path: required for kind {kind!r}")
-        if kind == "servegen":
+        if kind in ("servegen", "servegen_horizon"):
             options.setdefault("seed", seed)
         wl = read_trace(kind, resolve_path(str(cfg["path"])), **options)
     elif kind in GENERATORS:

@@ -17,6 +17,10 @@ The cached blocks are not charged against the KV budget in use: like vLLM's free
 the running sequences may reclaim, and the cache's capacity is the share of it they are assumed to leave.
 Approximation: a prefill of the uncached suffix is timed as a prompt of that many tokens (its attention over
 the cached prefix is left out, an under-estimate for long cached prefixes).
+
+With the world's fast steady-state mode (`sim.steady_state`; off by default), a request admitted on arrival
+(ready, no queue, room) is not put in the fluid batch: its end is computed once from the batch as it is then,
+and it counts in the batch (size, KV context) until that end. Every other admission is as described above.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from core.inference import InferenceModel
 from core.prefix_cache import PrefixCache
 from core.specs import EngineSpec
 from core.state import InstanceState
+from sim.steady_state import SteadyState, hand_over_fast
 
 if TYPE_CHECKING:
     from sim.request import Request
@@ -43,9 +48,12 @@ class SimEngine:
     __slots__ = (
         "_check_at",
         "_ctx",
+        "_ctx_fast",
+        "_fast",
         "_heap",
         "_iter_s",
         "_kv_tok",
+        "_n_fast",
         "_seq",
         "_stalls",
         "_t_last",
@@ -61,11 +69,13 @@ class SimEngine:
         "prefix",
         "queue",
         "state",
+        "steady",
         "weights_resident_s",
     )
 
     def __init__(self, env: simpy.Environment, state: InstanceState, inf: InferenceModel,
-                 on_finish: Callable[[Request], None], engine: EngineSpec | None = None) -> None:
+                 on_finish: Callable[[Request], None], engine: EngineSpec | None = None,
+                 steady: SteadyState | None = None) -> None:
         self.env = env
         self.state = state
         self.inf = inf
@@ -90,6 +100,12 @@ class SimEngine:
         self.prefix: PrefixCache | None = None
         if engine is not None and engine.prefix_cache:
             self.prefix = PrefixCache.for_instance(state.kv_budget_bytes, self._kv_tok, engine)
+        # the fast steady-state mode (sim.steady_state; None: exact): sequences decoded analytically, which
+        # count in the batch (how many, their mean KV tokens) but are not in the fluid heap
+        self.steady = steady if steady is not None and steady.eligible(self) else None  # decided once
+        self._fast: dict[Request, tuple[float, float, float]] = {}  # -> (first token, s per token, end)
+        self._n_fast = 0
+        self._ctx_fast = 0.0
 
     # -- admission ------------------------------------------------------------------------
     def kv_need(self, req: Request) -> float:
@@ -108,8 +124,12 @@ class SimEngine:
     def submit(self, req: Request) -> None:
         """A request routed here: admit it now if the engine is ready and has room, else queue it."""
         s = self.state
-        if s.status == "ready" and not self.queue and self._can_admit(self.kv_need(req)):
-            self._admit(req, self.env.now)
+        if s.status == "ready" and not self.queue and self._can_admit(
+                need := (req.prompt_tokens + req.output_tokens) * self._kv_tok):  # kv_need, inlined (hot path)
+            if self.steady is not None and self.forward is None:
+                self.steady.admit(self, req, self.env.now, need)  # warm, with room: decoded analytically
+            else:
+                self._admit(req, self.env.now)
         else:
             self.queue.append(req)
             s.waiting += 1
@@ -241,7 +261,10 @@ class SimEngine:
 
     def _rerate(self) -> None:
         heap = self._heap
-        self._iter_s = it = self.inf.decode_iter_s(len(heap), self._ctx)
+        if self._n_fast:  # analytic sequences (sim.steady_state) decode in the same batch
+            self._iter_s = it = self.inf.decode_iter_s(len(heap) + self._n_fast, self._ctx + self._ctx_fast)
+        else:
+            self._iter_s = it = self.inf.decode_iter_s(len(heap), self._ctx)
         if heap:
             lead = heap[0][0] - self._v
             delay = lead * it if lead > 0 else 0.0
@@ -285,7 +308,7 @@ class SimEngine:
     def _finish(self, req: Request) -> None:
         s = self.state
         s.active -= 1
-        self._kv_change(-self.kv_need(req))
+        self._kv_change(-((req.prompt_tokens + req.output_tokens) * self._kv_tok))  # kv_need, inlined
         now = self.env.now
         s.last_used_s = now
         s.served += 1
@@ -307,6 +330,8 @@ class SimEngine:
         self._rerate()
         for req, remaining in moved:
             self._hand_over(req, remaining)  # the last one out calls on_drained
+        if self._fast:
+            hand_over_fast(self)
         if self.state.active == 0 and self.on_drained is not None:
             cb, self.on_drained = self.on_drained, None
             cb()
@@ -359,6 +384,9 @@ class SimEngine:
         self.queue.clear()
         self._heap.clear()
         self._ctx = 0.0
+        self._fast.clear()
+        self._n_fast = 0
+        self._ctx_fast = 0.0
         self._kv_change(-self.state.kv_used_bytes)
         self.state.active = 0
         self.state.waiting = 0

@@ -6,8 +6,9 @@ import contextlib
 import gc
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -24,7 +25,7 @@ from core.cost import (
 from core.engine_start import ENGINE_START_SCHEMA
 from core.inference import MeasuredTable
 from core.initial_state import InitialState, final_state
-from core.metrics import availability, memory_waste_frac, prefix_cache_stats, summarize
+from core.metrics import _clean, availability, memory_waste_frac, prefix_cache_stats, summarize
 from core.policies.base import PolicyBundle
 from core.records import INSTANCE_SCHEMA, MOVE_SCHEMA, REQUEST_SCHEMA, empty, frame, rows_to_columns
 from core.regions import RegionSetup
@@ -34,8 +35,10 @@ from core.specs import ClusterSpec, EngineSpec, ModelSpec
 from core.workload.trace import Workload
 from sim.faults import EVENT_SCHEMA
 from sim.initial import seed_tiers
+from sim.record_sink import RecordSink, StreamingWorld, busy_stand_ins
 from sim.regions import attach as attach_regions
 from sim.regions import network_columns
+from sim.stream_summary import StreamedRequests
 from sim.warmup import WarmupMark
 from sim.world import World
 
@@ -52,6 +55,8 @@ class SimResult:
     final_state: dict[str, Any] = field(default_factory=dict)
     # sim-only: each engine start's phases (`core.engine_start.ENGINE_START_SCHEMA`)
     engine_starts: pd.DataFrame = field(default_factory=lambda: empty(ENGINE_START_SCHEMA))
+    # streamed runs (`simulate_streamed`): `requests` is empty and the request table is this parquet file
+    records_path: Path | None = None
 
 
 def simulate(
@@ -71,6 +76,7 @@ def simulate(
     initial_state: InitialState | str | None = None,
     response_cache: SimCacheConfig | None = None,
     regions: RegionSetup | None = None,
+    steady_state: str = "exact",
 ) -> SimResult:
     """Simulate `workload` on `cluster` under `policy`; deterministic for the same inputs and `seed`
     (which draws only the faults: spot preemptions, node failures, store outages).
@@ -79,7 +85,8 @@ def simulate(
     count from then on (`sim.warmup`). `initial_state`: what the local tiers hold at time 0 (a checked
     `core.initial_state.InitialState`, or "policy"); None: empty. `response_cache`: the gateway's response
     cache as `core.response_cache_model` models it (None or disabled: off, and nothing changes). `regions`: client
-    regions and inter-region RTTs (core.regions, sim.regions; None: off, and nothing changes)."""
+    regions and inter-region RTTs (core.regions, sim.regions; None: off, and nothing changes). `steady_state`:
+    "exact", or "fast" (warm requests decoded analytically, sim.steady_state; its summary counts them)."""
     validate_fit(cluster, models, engine)
     bar = None
     on_progress = None
@@ -97,11 +104,62 @@ def simulate(
     with _quiet_gc():
         world, wall_s, mark = _run_world(cluster, models, engine, policy, workload, measured, request_timeout_s,
                                          drain_timeout_s, on_progress, t0, seed, warmup_s, initial_state,
-                                         response_cache, regions)
+                                         response_cache, regions, steady_state)
     if bar is not None:
         bar.update(len(workload) - bar.n)
         bar.close()
     return collect(world, models, cluster, wall_s, ttft_slo_s, policy.name, warmup=mark)
+
+
+def simulate_streamed(
+    cluster: ClusterSpec,
+    models: Sequence[ModelSpec],
+    engine: EngineSpec,
+    policy: PolicyBundle,
+    chunks: Iterable[Workload],
+    stream_dir: str | Path,
+    *,
+    chunk_rows: int = 50_000,
+    measured: Sequence[MeasuredTable] = (),
+    request_timeout_s: float = 600.0,
+    drain_timeout_s: float = 3600.0,
+    ttft_slo_s: float = 10.0,
+    progress: bool = False,
+    seed: int = 0,
+    initial_state: InitialState | str | None = None,
+    expected_requests: float | None = None,
+    steady_state: str = "exact",
+) -> SimResult:
+    """`simulate`, with the workload given as time-ordered chunks (e.g. `core.workload.horizon`) and the request
+    records streamed to `<stream_dir>/records.parquet` every `chunk_rows` arrivals (`sim.record_sink`): memory
+    follows the requests in flight, not those simulated. The summary equals `simulate`'s on the concatenated
+    workload; `SimResult.requests` is empty and `records_path` names the file. No warm-up, regions or response
+    cache (they need every request at the end). `expected_requests`: the progress bar's total (None: unknown)."""
+    validate_fit(cluster, models, engine)
+    world = StreamingWorld(cluster, models, engine, policy, measured=measured, request_timeout_s=request_timeout_s,
+                           drain_timeout_s=drain_timeout_s, seed=seed, steady_state=steady_state)
+    seed_tiers(world, initial_state)
+    sink = RecordSink(stream_dir, chunk_rows)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = None if expected_requests is None else round(expected_requests)
+        bar = tqdm(total=total, unit="req", desc="simulating (streamed)", mininterval=0.5, leave=False)
+        last = [0]
+
+        def on_progress(_now: float, i: int) -> None:
+            bar.update(i - last[0])
+            last[0] = i
+
+        world.on_progress = on_progress
+    t0 = time.perf_counter()
+    with _quiet_gc():
+        world.run_chunks(chunks, sink, request_columns, progress_every=20_000)
+    wall_s = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    return collect(world, models, cluster, wall_s, ttft_slo_s, policy.name, sink=sink)
 
 
 @contextlib.contextmanager
@@ -128,9 +186,10 @@ def _run_world(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: Engine
                t0: float, seed: int = 0, warmup_s: float = 0.0,
                initial_state: InitialState | str | None = None,
                response_cache: SimCacheConfig | None = None,
-               regions: RegionSetup | None = None) -> tuple[World, float, WarmupMark | None]:
+               regions: RegionSetup | None = None,
+               steady_state: str = "exact") -> tuple[World, float, WarmupMark | None]:
     world = World(cluster, models, engine, policy, measured=measured, request_timeout_s=request_timeout_s,
-                  drain_timeout_s=drain_timeout_s, on_progress=on_progress, seed=seed)
+                  drain_timeout_s=drain_timeout_s, on_progress=on_progress, seed=seed, steady_state=steady_state)
     if response_cache is not None and response_cache.cache.enabled:
         world.response_cache = SimResponseCache(response_cache)
         world.prompt_keys = prompt_keys(workload.prompt_tokens, getattr(workload, "prefix_blocks", None))
@@ -143,9 +202,10 @@ def _run_world(cluster: ClusterSpec, models: Sequence[ModelSpec], engine: Engine
     return world, time.perf_counter() - t0, mark
 
 
-def request_columns(world: World) -> dict[str, Any]:
-    """The request table's columns from the world's request objects."""
-    reqs = world.requests
+def request_columns(world: World, reqs: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The request table's columns from the world's request objects (`reqs`: these, e.g. a streamed batch;
+    None: every request of the world)."""
+    reqs = world.requests if reqs is None else reqs
     n = len(reqs)
     nan = math.nan
     cols: dict[str, Any] = {c: [None] * n for c in REQUEST_SCHEMA}
@@ -195,13 +255,19 @@ def request_columns(world: World) -> dict[str, Any]:
         cols["cached_tokens"][k] = r.cached_tokens if done else 0
         spec = world.state.models.get(r.model)
         cols["variant"][k] = spec.variant if spec is not None else ""
-    network_columns(world, cols)  # sim.regions: client_region, network_s (the RTT, added to TTFT and e2e)
+    if reqs is world.requests:
+        network_columns(world, cols)  # sim.regions: client_region, network_s (the RTT, added to TTFT and e2e)
+    else:  # a streamed batch (sim.record_sink; regions off there)
+        cols["client_region"], cols["network_s"] = [""] * n, [nan] * n
     return cols
 
 
 def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wall_s: float, ttft_slo_s: float,
-            policy_name: str, warmup: WarmupMark | None = None) -> SimResult:
-    requests = frame(REQUEST_SCHEMA, request_columns(world))
+            policy_name: str, warmup: WarmupMark | None = None, sink: RecordSink | None = None) -> SimResult:
+    """The record tables and the summary of a finished run. `sink`: the run streamed its requests there
+    (`sim.record_sink`): the request table is left empty, the summary's request statistics are read back from
+    the file (`sim.stream_summary`), equal to the in-memory ones."""
+    requests = frame(REQUEST_SCHEMA, request_columns(world)) if sink is None else empty(REQUEST_SCHEMA)
     moves = frame(MOVE_SCHEMA, rows_to_columns(MOVE_SCHEMA, world.moves))
     instances = frame(INSTANCE_SCHEMA, rows_to_columns(INSTANCE_SCHEMA, world.instance_rows))
     end_s = world.end_s
@@ -221,8 +287,13 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
         warm_extra = {"warmup_s": start_s, "warmup_requests": m.warmup_requests, "measured_s": end_s - start_s}
     gpu_hours, gpu_usd = gpu_cost(lifetimes, cluster, world.gpu_ids)
     whole_gpus_usd = gpu_cost(lifetimes, cluster)[1]
-    requests["cost_usd"] = request_cost_shares(requests, lifetimes, cluster,
-                                               gpu_usd / whole_gpus_usd if whole_gpus_usd > 0 else 1.0)
+    share_scale = gpu_usd / whole_gpus_usd if whole_gpus_usd > 0 else 1.0
+    streamed = None
+    if sink is None:
+        requests["cost_usd"] = request_cost_shares(requests, lifetimes, cluster, share_scale)
+    else:
+        streamed = StreamedRequests(sink.finish(lifetimes, cluster, share_scale), ttft_slo_s=ttft_slo_s)
+        world.requests = busy_stand_ins(sink)  # what sim.memory reads of the dropped requests: their busy spans
     storage_usd_by_tier = storage_cost_by_tier(moves, cluster, models, end_s, start_s)
     storage_usd = sum(storage_usd_by_tier.values())
     egress_usd = egress_cost(st.cloud_bytes_by_route, cluster)
@@ -268,13 +339,21 @@ def collect(world: World, models: Sequence[ModelSpec], cluster: ClusterSpec, wal
             **(prefix_cache_stats(requests) if world.engine.prefix_cache else {}),
         },
     )
+    if streamed is not None:  # the request statistics, from the file
+        summary.update(_clean(streamed.summary_keys(gpu_usd + storage_usd + egress_usd, wall_s, ttft_slo_s)))
+        summary["availability"] = streamed.availability()
+        if world.engine.prefix_cache:
+            summary.update(_clean(streamed.prefix_cache_stats()))
     if world.response_cache is not None:
         summary["response_cache"] = cache_summary(requests, world.response_cache.modelled)
+    if world.steady is not None:  # fast mode: the requests decoded analytically (sim.steady_state)
+        summary["steady_state_aggregated"] = world.steady.aggregated
     if warmup is not None:  # the simulator's speed: every request it simulated, measured or not
         summary["requests_per_wall_s"] = len(world.requests) / wall_s if wall_s > 0 else None
     starts = frame(ENGINE_START_SCHEMA, rows_to_columns(ENGINE_START_SCHEMA, world.starts.rows))
     return SimResult(requests=requests, moves=moves, instances=instances, summary=summary, events=events,
-                     final_state=final_state(world.state, end_s), engine_starts=starts)
+                     final_state=final_state(world.state, end_s), engine_starts=starts,
+                     records_path=sink.path if sink is not None else None)
 
 
 def _gb_by_store(bytes_by_route: dict[tuple[str, str], float]) -> dict[str, float]:

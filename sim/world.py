@@ -42,7 +42,9 @@ from sim.fabric import Fabric, Flow
 from sim.faults import FaultInjector, StorePath
 from sim.memory import install_memory_ledger
 from sim.request import Request
+from sim.steady_state import SteadyState, check_mode
 from sim.stopping import Stops
+from sim.world_arrivals import Arrivals
 from sim.world_losses import NodeLosses
 
 
@@ -81,7 +83,7 @@ class WorldStats:
     no_node_intervals: list[tuple[float, float]] = field(default_factory=list)
 
 
-class World(NodeLosses):
+class World(Arrivals, NodeLosses):
     """One simulated cluster running one policy bundle over one workload."""
 
     def __init__(
@@ -97,8 +99,12 @@ class World(NodeLosses):
         on_progress: Callable[[float, int], None] | None = None,
         seed: int = 0,
         response_cache: SimResponseCache | None = None,
+        steady_state: str = "exact",
     ) -> None:
         self.env = simpy.Environment()
+        # "fast": warm requests with room in a ready instance's batch decode analytically (sim.steady_state)
+        self.steady = SteadyState() if check_mode(steady_state) == "fast" else None
+        self._picks_variant = getattr(policy, "variants", None) is not None  # a variant policy picks deployments
         self.cluster = cluster
         self.engine = engine
         self.policy = policy
@@ -170,52 +176,6 @@ class World(NodeLosses):
         self.env.run(until=self.env.any_of([self.finished, deadline]))
         self.end_s = self.env.now
         self._finalize()
-
-    def _arrivals(self, arr: list[float], models: list[str], tenants: list[str], prompts: list[int],
-                  outs: list[int], progress_every: int, blocks: list[tuple[int, ...]] | None = None):
-        env = self.env
-        timeout = self.request_timeout_s
-        known = self.state.models
-        for i, t in enumerate(arr):
-            if t > env.now:
-                yield env.timeout(t - env.now)
-            req = Request(i, models[i], tenants[i], prompts[i], outs[i], t, t + timeout)
-            if blocks is not None:
-                req.prefix_blocks = blocks[i]
-            if self.client_regions is not None:
-                req.client_region = self.client_regions[i]
-            self.requests[i] = req
-            self.outstanding += 1
-            if req.model not in known:
-                self._resolve(req, "rejected", "unknown_model")
-                continue
-            if self.response_cache is not None and self._cache_hit(req):
-                continue
-            if getattr(self.policy, "variants", None) is not None:  # a variant policy picks the deployment
-                picked = self.policy.pick_variant(req, self.view)
-                req.model = picked if picked in known else req.model
-            acts = self.policy.on_arrival(req, self.view)
-            if acts:
-                self._execute(acts)
-            self._place(req)
-            if self.on_progress is not None and i % progress_every == 0:
-                self.on_progress(env.now, i)
-        self.arrivals_done = True
-        self._check_finished()
-
-    def _cache_hit(self, req: Request) -> bool:
-        """Answer `req` from the response cache if it hits: completed after the gateway's latency, no engine."""
-        rc = self.response_cache
-        assert rc is not None
-        key = self.prompt_keys[req.id] if self.prompt_keys is not None else None
-        kind = rc.on_arrival(req.id, req.tenant, req.model, key, req.arrival_s)
-        if not kind:
-            return False
-        req.cache = kind
-        req.prefill_start_s = req.arrival_s
-        req.first_token_s = req.finish_s = req.arrival_s + rc.latency_s
-        self._resolve(req, "completed", "")
-        return True
 
     def _ticks(self, tick_s: float):
         while not self.finished.triggered:
@@ -328,7 +288,8 @@ class World(NodeLosses):
         now = self.env.now
         inst = self.state.add_instance(model_name, node, gpu_ids, per_gpu, kv, source_tier, now)
         self.gpu_ids[inst.id] = tuple(gpu_ids)
-        eng = SimEngine(self.env, inst, self._inference_model(model, node, n), self._on_finish, engine=self.engine)
+        eng = SimEngine(self.env, inst, self._inference_model(model, node, n), self._on_finish, engine=self.engine,
+                        steady=self.steady)
         self.engines[inst.id] = eng
         store = self.stores.current or self.cluster.store
         inst.ready_at_s = now + estimate_load_s(source_tier, model, ns.spec, store, self.engine, n, kv,

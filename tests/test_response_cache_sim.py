@@ -61,3 +61,19 @@ def test_exact_hits_from_the_traces_prompt_identity() -> None:
     split = simulate(s.cluster, s.models, s.engine, s.policy, tenants, response_cache=SimCacheConfig(
         CacheConfig(exact=True)))
     assert int((split.requests["cache"] == "exact").sum()) < hits
+
+
+def test_the_simulate_command_reads_the_response_cache_from_its_config() -> None:
+    """`python -m experiments.simulate response_cache='{...}'`: the config key reaches the world (the same
+    hits as the API), null is off, and a bad key is an error naming `response_cache`."""
+    from core.errors import ConfigError
+    from experiments.simulate import run
+
+    cfg = config("workload.max_requests=3000")
+    assert cfg["response_cache"] is None
+    off = run(cfg, None)
+    on = run({**cfg, "response_cache": {"exact": True, "exact_hit_rate": 0.3, "gateway_latency_s": 0.005}}, None)
+    assert "response_cache" not in off.summary and set(off.requests["cache"]) == {""}
+    assert 0.25 < on.summary["response_cache"]["hits"] / len(on.requests) < 0.35
+    with pytest.raises(ConfigError, match=r"response_cache: unknown keys \['exakt'\]"):
+        run({**cfg, "response_cache": {"exakt": True}}, None)

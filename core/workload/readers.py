@@ -476,10 +476,21 @@ def _spread_variants(models: np.ndarray, client: np.ndarray, k: int, zipf_s: flo
 
 
 # ------------------------------------------------------------------------------------------------ registry
+def _read_servegen_horizon(path: PathLike, **kwargs: object) -> Workload:
+    """`core.workload.horizon.read_servegen_horizon` (imported here: that module builds on this one)."""
+    from core.workload.horizon import read_servegen_horizon
+
+    if "seed" not in kwargs:
+        raise ConfigError("workload.options.seed: kind servegen_horizon needs a seed (experiments.simulate passes "
+                          "the run's)")
+    return read_servegen_horizon(path, **kwargs)  # type: ignore[arg-type]
+
+
 READERS: dict[str, Callable[..., Workload]] = {
     "azure_llm": read_azure_llm,
     "mooncake": read_mooncake,
     "servegen": read_servegen,
+    "servegen_horizon": _read_servegen_horizon,  # chunked multi-day ServeGen (core/workload/horizon.py)
 }
 
 
