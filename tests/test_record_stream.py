@@ -110,6 +110,19 @@ def test_streamed_summary_equals_the_in_memory_summary(both_runs):
     assert strip(streamed) == strip(mem)  # every key, percentiles and memory-waste parts included, exactly
 
 
+@needs_trace
+def test_the_fast_steady_state_streams_the_same_as_in_memory(tmp_path: Path):
+    """`sim.steady_state=fast` with `records.stream_dir`: both paths share the world's arrivals, so the streamed
+    fast run equals the in-memory fast run (and some requests did take the fast path)."""
+    fast = (*HORIZON, "sim.steady_state=fast")
+    mem = run(config(*fast), tmp_path / "memory").summary
+    streamed = run(config(*fast, f"records.stream_dir={tmp_path / 'stream'}", "records.chunk_rows=500"),
+                   tmp_path / "streamed").summary
+    assert mem["steady_state_aggregated"] > 0
+    strip = lambda s: {k: v for k, v in s.items() if k not in WALL_KEYS}  # noqa: E731
+    assert strip(streamed) == strip(mem)
+
+
 def test_radix_selected_percentiles_equal_numpys(both_runs):
     """Past `exact_cap` values the percentiles come from radix selection over the file: still numpy's, exactly;
     the means from math.fsum (within an ulp or so of np.mean)."""
