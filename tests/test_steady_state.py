@@ -266,5 +266,5 @@ def test_the_simulate_command_switches_the_mode_with_sim_steady_state() -> None:
     assert "steady_state_aggregated" not in exact.summary
     assert 0 < fast.summary["steady_state_aggregated"] <= fast.summary["completed"]
     assert fast.summary["requests"] == exact.summary["requests"]
-    with pytest.raises(ConfigError, match="sim.steady_state must be one of exact, fast"):
+    with pytest.raises(ConfigError, match=r"sim\.steady_state must be one of exact, fast"):
         run({**cfg, "sim": {**cfg["sim"], "steady_state": "quick"}}, None)
