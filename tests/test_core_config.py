@@ -15,8 +15,9 @@ def test_the_real_configs_build_and_setup_reexports_core() -> None:
     cfg = config("cluster=small", "policy=sllm")
     specs = build_specs(cfg)
     assert isinstance(specs.policy, PolicyBundle) and specs.policy.name == "sllm"
-    # sim.initial_state names a state, not a number: experiments.setup reads it
-    numbers = {k: float(v) for k, v in cfg["sim"].items() if k != "initial_state"}
+    # sim.initial_state names a state and sim.steady_state a mode, not numbers: experiments.setup and the world read
+    # them
+    numbers = {k: float(v) for k, v in cfg["sim"].items() if k not in ("initial_state", "steady_state")}
     assert [n.name for n in specs.cluster.nodes] and specs.sim == numbers
     # notebooks and tests keep importing these from experiments.setup: the very same functions
     assert setup.build_policy is build_policy and setup.load_models is models_for and setup._import is import_target

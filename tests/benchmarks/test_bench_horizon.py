@@ -47,8 +47,23 @@ class Run:
     total_wall_s: float  # the whole command's run: building, simulating, records and summary
 
 
+# runs experiments.simulate and writes its own peak RSS (VmHWM, KiB) on the way out: ru_maxrss would not do, as
+# Linux carries the parent's high-water mark (pytest's, hundreds of MB late in a suite) into the child at exec
+_SIMULATE_AND_REPORT_PEAK = (
+    "import atexit, re, runpy, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "def peak():\n"
+    "    status = open('/proc/self/status').read()\n"
+    "    open(out, 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
+    "atexit.register(peak)\n"
+    "runpy.run_module('experiments.simulate', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def _start(out: Path, end_s: float, rate: float, streamed: bool) -> subprocess.Popen:
-    args = [sys.executable, "-m", "experiments.simulate", "scenario=smoke", "workload=servegen_m_small_horizon",
+    out.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-c", _SIMULATE_AND_REPORT_PEAK, str(out / "peak_rss_kb"), "scenario=smoke",
+            "workload=servegen_m_small_horizon",
             f"workload.options.end_s={end_s}", f"workload.options.rate_scale={rate}", "output.plots=false",
             "progress=false", f"hydra.run.dir={out}"]
     if streamed:
@@ -57,14 +72,14 @@ def _start(out: Path, end_s: float, rate: float, streamed: bool) -> subprocess.P
 
 
 def _finish(proc: subprocess.Popen, out: Path) -> Run:
-    """Wait for `proc` alone and read its own peak RSS (ru_maxrss: KiB on Linux) and its summary."""
-    _, status, usage = os.wait4(proc.pid, 0)
+    """Wait for `proc` alone and read its own peak RSS (VmHWM, written by the child) and its summary."""
+    _, status, _usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     text = proc.stdout.read() if proc.stdout else ""
     assert proc.returncode == 0, text[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    return Run(s["requests"], s["completed"], usage.ru_maxrss / 1024, s["wall_s"], s["requests_per_wall_s"],
-               s["total_wall_s"])
+    return Run(s["requests"], s["completed"], int((out / "peak_rss_kb").read_text()) / 1024, s["wall_s"],
+               s["requests_per_wall_s"], s["total_wall_s"])
 
 
 def _pair(tmp: Path, end_s: float, rate: float) -> tuple[Run, Run]:

@@ -44,6 +44,8 @@ FILE_KEY_V1, FILE_KEY_V2 = "sk-carol-first-4e1d9b", "sk-carol-second-a27c55"
 UNKNOWN_KEY = "sk-nobody-8c2e"
 OPERATOR = {"name": "ops", "role": "operator", "key": OPERATOR_KEY}
 PUBLIC = {("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/openapi.json")}
+# the agents' plane (live.gateway_agents): authenticated by an agent token, which no role's key is
+AGENT_PLANE = {("POST", "/agents/join"), ("POST", "/agents/leave")}
 
 
 def auth(key: str | None) -> dict[str, str]:
@@ -104,12 +106,21 @@ def test_permission_table_is_the_documented_one(gs: GatewayServer) -> None:
     assert PERMISSIONS["operator"] == {"records.read", "actions.read", "audit.read", "tiers.move"}
     assert PERMISSIONS["admin"] == PERMISSIONS["operator"] | {"keys.manage"}
     app_routes = {(m, r.path) for r in gs.server.config.app.routes for m in r.methods - {"HEAD"}}  # type: ignore
-    assert app_routes == set(ROUTES) | PUBLIC  # every route is either public or needs a permission
+    # every route is public, needs a role's permission, or is the agents' own (their token)
+    assert app_routes == set(ROUTES) | PUBLIC | AGENT_PLANE
     assert all(p.startswith("/admin/") for (_, p), perm in ROUTES.items() if perm != "serve")
 
 
 ROLES_KEYS = {"none": None, "unknown": UNKNOWN_KEY, "tenant": TENANT_KEY, "operator": OPERATOR_KEY,
               "admin": ADMIN_TOKEN}
+
+
+@pytest.mark.parametrize("role", list(ROLES_KEYS))
+@pytest.mark.parametrize(("method", "path"), sorted(AGENT_PLANE))
+def test_no_role_opens_the_agents_routes(gs: GatewayServer, method: str, path: str, role: str) -> None:
+    body = {"node": "intruder", "url": "http://127.0.0.2:1", "boot_id": "b"}
+    r = httpx.request(method, gs.url + path, headers=auth(ROLES_KEYS[role]), json=body, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_agent_token", r.text
 
 
 @pytest.mark.parametrize("role", list(ROLES_KEYS))
