@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,6 +103,19 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], dtype: str, rng: np.random.
     return x
 
 
+def safetensors_head(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, Any]) -> bytes:
+    """The bytes before a safetensors file's data: u64 LE header length, then the JSON header of `entries`
+    (name, dtype tag, shape, bytes) laid out in that order, padded so that the data starts 8-byte aligned."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tag, shape, nbytes in entries:
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # as the safetensors library pads it
+    return struct.pack("<Q", len(blob)) + blob
+
+
 def write_safetensors_in_order(path: Path, shapes: list[tuple[str, tuple[int, ...]]], dtype: str,
                                tensors: Iterator[np.ndarray], metadata: dict[str, str]) -> int:
     """Write a safetensors file whose data follows `shapes` order; returns the file size in bytes.
@@ -111,17 +125,9 @@ def write_safetensors_in_order(path: Path, shapes: list[tuple[str, tuple[int, ..
     hence writing the format by hand: u64 LE header length, JSON header, then the data.
     """
     tag, itemsize = DTYPES[dtype]
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, shape in shapes:
-        nbytes = int(np.prod(shape)) * itemsize
-        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the safetensors library pads it
+    head = safetensors_head([(name, tag, shape, int(np.prod(shape)) * itemsize) for name, shape in shapes], metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(head)
         for (name, shape), arr in zip(shapes, tensors, strict=True):
             if arr.shape != shape:
                 raise ValueError(f"{path}: tensor {name} has shape {arr.shape}, header says {shape}")

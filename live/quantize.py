@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from live.checkpoint import _atomic_dir
+from live.checkpoint import _atomic_dir, safetensors_head
 from live.llama_config import CONFIG_FILE, LlamaConfig
 from live.manifest import MANIFEST_FILE, WEIGHTS_FILE, read_file_tensors
 from live.shards import INDEX_FILE
@@ -172,18 +171,10 @@ def _write_ordered(path: Path, entries: list[tuple[str, str, tuple[int, ...], in
     The safetensors library orders data by dtype and name, which would scatter a layer's tensors; progressive
     loading wants them in layer order, hence the format by hand: u64 LE header length, JSON header, data.
     """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, tag, shape, nbytes in entries:
-        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the safetensors library pads it
     import torch
 
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(safetensors_head(list(entries), metadata))
         for (name, _, shape, nbytes), t in zip(entries, tensors, strict=True):
             raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
             if tuple(t.shape) != shape or raw.nbytes != nbytes:
