@@ -15,9 +15,10 @@ Each fault acts on the live stack from outside, as an operator's mistake or a ma
 - `store_outage`: the primary object store (a moto or azurite server the chaos run started,
   `experiments.store_servers`) hangs (`mode: hang`, SIGSTOP: connections accepted, never answered) or goes
   down (`mode: down`, SIGKILL, restarted on the same port with the same data at the fault's end: azurite only,
-  as moto keeps its objects in memory). So that the outage meets loads, one model (seeded) is unloaded from
-  every node and evicted from every tier first: its next requests cold-start from the cloud, which must fail
-  over to the next store (`live.store_health`).
+  as moto keeps its objects in memory). So that the outage meets loads, one model (seeded) is then unloaded from
+  every node and evicted from every tier, its transfers already in flight waited out and what they left removed
+  (`make_cold`): its next requests cold-start from the cloud, which must fail over to the next store
+  (`live.store_health`).
 
 A fault never raises into the load: a failure to inject is recorded (`error`) and the run goes on.
 """
@@ -46,6 +47,7 @@ from live.pacing import READ, WRITE, Device, PaceSpec, state_path_in
 STORE_MODES = ("hang", "down")
 FILL_NAME = "chaos-fill.bin"  # a file, not a dir: never listed as a model, and removed at the fault's end
 HEALTH_TIMEOUT_S = 60.0
+COLD_SETTLE_TIMEOUT_S = 10.0  # make_cold: how long transfers of the model already in flight are waited out
 
 
 @dataclass(frozen=True)
@@ -203,26 +205,67 @@ def cold_model(ctx: Context, rec: FaultRecord) -> str:
     return sorted(ctx.models)[rec.index % len(ctx.models)] if ctx.models else ""
 
 
-def make_cold(ctx: Context, model: str, keep: tuple[str, str] | None = None) -> dict[str, int]:
+def make_cold(ctx: Context, model: str, keep: tuple[str, str] | None = None,
+              settle_timeout_s: float = COLD_SETTLE_TIMEOUT_S) -> dict[str, float]:
     """Unload `model`'s instances and evict its tier copies on every node (but the copy in `keep`, a (node,
     tier)), through the agents' API as the gateway's own actions do, so that its next request loads it; what
-    could not go (an instance still loading, a tier busy) is counted, not fatal."""
-    headers = {"Authorization": f"Bearer {ctx.agent_token}"}
-    done = {"unloaded": 0, "evicted": 0, "refused": 0}
+    could not go (an instance still loading, a tier busy) is counted, not fatal.
+
+    A transfer of the model already in flight (a promotion from a host copy, a fetch whose bytes are in) is not
+    reached by an eviction and lands after it, leaving the model warm: the agents' /status lists their transfers,
+    so those that began before this call are waited out (at most `settle_timeout_s`; `unsettled` counts the rest)
+    and a second pass removes what they left. Loads started after this call are the ones the fault is for: the
+    second pass leaves instances started after the wait alone."""
+    t0 = time.time()
+    done: dict[str, float] = {"unloaded": 0, "evicted": 0, "refused": 0, "unsettled": 0}
+    _cold_pass(ctx, model, keep, done, started_before=None)
+    deadline = time.monotonic() + settle_timeout_s
+    for _ in range(100_000):  # bounded by the deadline; the count is a guard
+        pending = [t for st in _statuses(ctx).values() for t in st.get("transfers", [])
+                   if t.get("model") == model and float(t.get("since_unix", t0)) < t0]
+        if not pending:
+            break
+        if time.monotonic() >= deadline:
+            done["unsettled"] = len(pending)
+            break
+        time.sleep(0.05)
+    _cold_pass(ctx, model, keep, done, started_before=time.time())
+    done["settle_s"] = round(time.time() - t0, 3)
+    return done
+
+
+def _statuses(ctx: Context) -> dict[str, dict[str, Any]]:
+    """Each reachable node's /status (a node that does not answer is left out: it is down, holding nothing)."""
+    out = {}
     for n in ctx.nodes.values():
         with contextlib.suppress(httpx.HTTPError, ValueError):
-            status = httpx.get(n.url + "/status", headers=headers, timeout=5).json()
+            out[n.name] = httpx.get(n.url + "/status", headers=_agent_headers(ctx), timeout=5).json()
+    return out
+
+
+def _agent_headers(ctx: Context) -> dict[str, str]:
+    return {"Authorization": f"Bearer {ctx.agent_token}"}
+
+
+def _cold_pass(ctx: Context, model: str, keep: tuple[str, str] | None, done: dict[str, float],
+               started_before: float | None) -> None:
+    """Unload the model's instances (those started before `started_before`, if given) and evict its tier copies
+    (but `keep`) on every node; counts into `done`."""
+    statuses = _statuses(ctx)
+    for name, status in statuses.items():
+        n = ctx.nodes[name]
+        with contextlib.suppress(httpx.HTTPError, ValueError):
             for inst in status.get("instances", []):
-                if inst.get("model") == model:
-                    r = httpx.post(n.url + "/unload", json={"instance": inst.get("id")}, headers=headers, timeout=30)
+                if inst.get("model") == model and (started_before is None
+                                                   or float(inst.get("started_at_unix", 0)) < started_before):
+                    r = httpx.post(n.url + "/unload", json={"instance": inst.get("id")}, headers=_agent_headers(ctx),
+                                   timeout=30)
                     done["unloaded" if r.status_code == 200 else "refused"] += 1
             for tier, t in status.get("tiers", {}).items():
                 if model in t.get("models", {}) and (n.name, tier) != keep:
-                    r = httpx.post(n.url + "/tiers/evict", json={"model": model, "tier": tier}, headers=headers,
-                                   timeout=30)
+                    r = httpx.post(n.url + "/tiers/evict", json={"model": model, "tier": tier},
+                                   headers=_agent_headers(ctx), timeout=30)
                     done["evicted" if r.status_code == 200 else "refused"] += 1
-    return done
-
 
 
 class Fault:
@@ -377,12 +420,13 @@ class StoreOutage(Fault):
             rec.error = (f"mode 'down' needs a store that keeps its objects over a restart (azurite), "
                          f"not {ctx.store.kind}")
             return
-        model = cold_model(ctx, rec)
-        rec.detail.update(model=model, **make_cold(ctx, model))
+        # the store first: a load of the model that starts while it is made cold meets the outage too
         if rec.mode == "hang":
             ctx.store.hang()
         else:
             ctx.store.kill()
+        model = cold_model(ctx, rec)
+        rec.detail.update(model=model, **make_cold(ctx, model))
         rec.target = f"{ctx.store.kind} store at {ctx.store.endpoint} ({rec.mode}); {model} made cold"
 
     def clear(self, ctx: Context, rec: FaultRecord) -> None:

@@ -16,7 +16,8 @@ order); "host" is host memory outside the tiers (`--host-dir`), where a cold sta
                                             "host": {path, used_bytes, copies},
                                             "cloud": {stream_Bps, streams, latency_s, nic_Bps},
                                             "accelerator": {memory_bytes}, "engine": {kind, max_num_seqs},
-                                            "instances": [...], "errors": [...]}
+                                            "instances": [...], "errors": [...],
+                                            "transfers": [{model, from_tier, to_tier, since_unix}] (in flight)}
     GET  /moves                            {"node", "moves": [every tier movement, MOVE_SCHEMA columns, unix times]}
     GET  /metrics                          Prometheus text (`live.agent_metrics`): tier occupancy, bandwidth in
                                            use, instances, moves, loads and their phases

@@ -90,9 +90,8 @@ class AgentMetrics(Collector):
         yield self._one("tierlab_agent_host_used_bytes", "Bytes in host memory outside the tiers.", node,
                         agent.host.used_bytes())
         yield from self._link_families(node)
-        with agent._idle:
-            transfers = agent._transfers
-        yield self._one("tierlab_agent_transfers_in_flight", "Copies and fetches under way.", node, transfers)
+        yield self._one("tierlab_agent_transfers_in_flight", "Copies and fetches under way.", node,
+                        len(agent.transfers_in_flight()))
         with agent._lock:
             instances = Counter((i.model, i.status) for i in agent.instances.values())
             errors = len(agent.errors)

@@ -113,7 +113,10 @@ class NodeAgent:
         self._closed = False
         # set at shutdown: paced transfers in flight stop at once and clean up (no partial dir is left)
         self._cancel = threading.Event()
-        self._transfers = 0  # copies / fetches in flight, guarded by _idle
+        # the copies / fetches in flight, guarded by _idle: shutdown waits for them; /status lists them (an
+        # eviction does not reach a copy still landing)
+        self._moving: dict[int, dict[str, Any]] = {}
+        self._transfer_ids = itertools.count(1)
         self._idle = threading.Condition()
         for tier in self.tiers.values():
             if tier.swept:
@@ -200,7 +203,7 @@ class NodeAgent:
             host_copy = self.host.acquire(model, revision) if holder is None else None
             source = holder or (HOST if host_copy is not None else CLOUD)
             try:
-                with self._transfer():
+                with self._transfer(model, source, dest.name):
                     if host_copy is not None:
                         # read from host memory: only the destination's write link is paced (core.loadtime.copy_hop)
                         nbytes = self._copy_files(model, host_copy.path, HOST, dest, manifest,
@@ -219,12 +222,15 @@ class NodeAgent:
                               time.perf_counter() - start)
 
     @contextlib.contextmanager
-    def _transfer(self) -> Iterator[None]:
-        """Count a copy / fetch in flight, so that shutdown can wait for its cleanup; refused once closing."""
+    def _transfer(self, model: str, from_tier: str, to_tier: str) -> Iterator[None]:
+        """Count a copy / fetch of `model` in flight (shutdown waits for its cleanup; /status lists it);
+        refused once closing."""
         with self._idle:
             if self._cancel.is_set():
                 raise AgentError(503, "agent is shutting down", "shutting_down")
-            self._transfers += 1
+            key = next(self._transfer_ids)
+            self._moving[key] = {"model": model, "from_tier": from_tier, "to_tier": to_tier,
+                                 "since_unix": time.time()}
         try:
             yield
         except TransferCancelled:
@@ -232,7 +238,7 @@ class NodeAgent:
                              "shutting_down") from None
         finally:
             with self._idle:
-                self._transfers -= 1
+                self._moving.pop(key, None)
                 self._idle.notify_all()
 
     def cloud_pace(self, dest: Tier | None) -> CloudPace:
@@ -332,7 +338,7 @@ class NodeAgent:
         path = self.host.new_path(model)
         start_unix, start = time.time(), time.perf_counter()
         try:
-            with self._transfer():
+            with self._transfer(model, CLOUD, HOST):
                 try:
                     self.registry.fetch(model, path, streams=self.config.cloud_streams, manifest=manifest,
                                         pace=self.cloud_pace(None))
@@ -461,7 +467,12 @@ class NodeAgent:
                 "accelerator": {"memory_bytes": cfg.memory_budget_bytes},
                 "engine": {"kind": cfg.engine.kind, "max_num_seqs": cfg.engine.max_num_seqs,
                            "prefix_cache_blocks": cfg.engine.prefix_cache_blocks},
-                "instances": instances, "errors": errors}
+                "instances": instances, "transfers": self.transfers_in_flight(), "errors": errors}
+
+    def transfers_in_flight(self) -> list[dict[str, Any]]:
+        """The copies / fetches under way: model, from_tier, to_tier ("host" for a cloud load's fetch), since_unix."""
+        with self._idle:
+            return [dict(t) for t in self._moving.values()]
 
     def begin_shutdown(self) -> None:
         """Cancel the copies and fetches in flight (each removes its staging dir) and refuse new ones."""
@@ -472,8 +483,8 @@ class NodeAgent:
         host dir; later loads are refused."""
         self.begin_shutdown()
         with self._idle:
-            if not self._idle.wait_for(lambda: self._transfers == 0, timeout=drain_timeout_s):
-                log.warning("%d transfer(s) still running after %.0f s of shutdown", self._transfers,
+            if not self._idle.wait_for(lambda: not self._moving, timeout=drain_timeout_s):
+                log.warning("%d transfer(s) still running after %.0f s of shutdown", len(self._moving),
                             drain_timeout_s)
         with self._lock:
             self._closed = True

@@ -195,6 +195,10 @@ def test_interrupted_paced_copy_leaves_no_partial_dir(cloud: Cloud, start_agent:
         return t
 
     copier = copy_in_background(agent)
+    # /status lists the copy in flight (an eviction would not reach it: the chaos injector waits it out)
+    [moving] = agent.status()["transfers"]
+    assert (moving["model"], moving["from_tier"], moving["to_tier"]) == (MODEL, "sata", "nvme")
+    assert time.time() - 10 < moving["since_unix"] <= time.time()
     t0 = time.monotonic()
     assert agent.stop() in CLEAN_EXIT
     assert time.monotonic() - t0 < 4.0  # not held for the rest of the copy
@@ -216,4 +220,35 @@ def test_interrupted_paced_copy_leaves_no_partial_dir(cloud: Cloud, start_agent:
     assert status["tiers"]["nvme"]["models"] == {} and status["tiers"]["nvme"]["used_bytes"] == 0
     assert status["tiers"]["sata"]["models"] == {MODEL: cloud.registry.manifest(MODEL).total_bytes}
     assert status["tiers"]["nvme"]["write_Bps"] == 2e6
+    assert status["transfers"] == []
+    assert agent.stop() in CLEAN_EXIT
+
+
+def test_making_a_model_cold_waits_out_its_copy_in_flight(cloud: Cloud,
+                                                          start_agent: Callable[..., AgentProc]) -> None:
+    """The chaos injector's `make_cold` against a real agent with a slow copy into nvme in flight: an eviction
+    alone does not reach the copy, which would land afterwards and leave the model warm; make_cold waits it out
+    (the agent's /status lists it) and evicts what it left, so no tier holds the model when it returns."""
+    from experiments.chaos_faults import Context, make_cold
+
+    agent = start_agent(cloud.url, extra=["--tier-bw", "nvme=inf:2e6"])  # ~5 s for the tiny model
+    assert agent.post("/tiers/copy", {"model": MODEL, "to_tier": "sata"}).status_code == 200
+    copied: list[int] = []
+    copier = threading.Thread(target=lambda: copied.append(httpx.post(
+        agent.url + "/tiers/copy", json={"model": MODEL, "to_tier": "nvme"},
+        headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60).status_code))
+    copier.start()
+    deadline = time.monotonic() + 10
+    while not agent.status()["transfers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ctx = Context({"pid": os.getpid(), "agent_token": TOKEN, "models": [MODEL],
+                   "agents": [{"node": "n0", "url": agent.url, "pid": agent.proc.pid}]}, agent.log_path.parent)
+    done = make_cold(ctx, MODEL)
+    copier.join()
+    assert copied == [200]  # the copy was not cut short: it landed, and was evicted after
+    status = agent.status()
+    assert status["transfers"] == []
+    assert {t: s["models"] for t, s in status["tiers"].items()} == {t: {} for t in status["tiers"]}
+    assert done["evicted"] == 2 and done["unsettled"] == 0 and done["settle_s"] > 1.0, done
     assert agent.stop() in CLEAN_EXIT

@@ -147,11 +147,6 @@ def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-# KNOWN RACE (2026-12-03: fails on this machine at this session's start commit 36e28b1 too, passed in that CI run):
-# the model made cold for an outage is often reloaded from an nvme copy that lands after the injector's eviction
-# (a copy in flight is not evicted), so the outage never meets a store read. Kept running, reported as xfail until
-# the injector waits out copies in flight; see the closing note of that stop.
-@pytest.mark.xfail(reason="the chaos injector's eviction races with a tier copy in flight", strict=False)
 def test_store_outages_fail_over_to_the_next_store_within_the_budget(tmp_path: Path) -> None:
     """The primary store (azurite, started by the run) hung (SIGSTOP) and then stopped and restarted, each while
     a model made cold must be fetched: its requests complete, within the failover budget on top of a load, the
