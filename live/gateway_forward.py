@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from core.decisions import ColdStart, Queue, Reject, Route
 from live import gateway_sse as sse
@@ -236,7 +236,7 @@ class ForwardMixin:
                         raise EngineFailed("stream ended before its first byte")
                     relay = self._relay(flight, upstream, first, chunks, req, t_arrival, deadline)
                     upstream = None  # the relay owns it now
-                    return StreamingResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
+                    return sse.RelayResponse(relay, media_type="text/event-stream", headers=SSE_HEADERS)
                 answer_raw = await upstream.aread()
                 if upstream.status_code == 200 and sse.DETACHED in answer_raw:
                     answer_raw = await self._resume_whole(flight, answer_raw)

@@ -28,23 +28,28 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 KEEPALIVE_S = 3.0
 
 
+def as_httpx_error(e: aiohttp.ClientError) -> httpx.TransportError:
+    """aiohttp's error `e` as the httpx error the gateway's failure handling expects."""
+    if isinstance(e, aiohttp.ServerTimeoutError):  # before TimeoutError: it is one too
+        return (httpx.ConnectTimeout if isinstance(e, aiohttp.ConnectionTimeoutError) else httpx.ReadTimeout)(
+            str(e) or type(e).__name__)
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(e))
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError(str(e) or "server disconnected")
+    if isinstance(e, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(str(e))
+    if isinstance(e, aiohttp.ClientOSError):
+        return httpx.ReadError(str(e))
+    return httpx.TransportError(str(e))
+
+
 async def _translated(aw: Awaitable[T]) -> T:
-    """Await `aw`, raising aiohttp's errors as the httpx errors the gateway's failure handling expects."""
+    """Await `aw`, raising aiohttp's errors as their httpx counterparts (`as_httpx_error`)."""
     try:
         return await aw
-    except aiohttp.ServerTimeoutError as e:  # before TimeoutError: it is one too
-        raise (httpx.ConnectTimeout if isinstance(e, aiohttp.ConnectionTimeoutError) else httpx.ReadTimeout)(
-            str(e) or type(e).__name__) from e
-    except aiohttp.ClientConnectorError as e:
-        raise httpx.ConnectError(str(e)) from e
-    except aiohttp.ServerDisconnectedError as e:
-        raise httpx.RemoteProtocolError(str(e) or "server disconnected") from e
-    except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as e:
-        raise httpx.RemoteProtocolError(str(e)) from e
-    except aiohttp.ClientOSError as e:
-        raise httpx.ReadError(str(e)) from e
     except aiohttp.ClientError as e:
-        raise httpx.TransportError(str(e)) from e
+        raise as_httpx_error(e) from e
 
 
 class UpstreamResponse:
@@ -56,12 +61,11 @@ class UpstreamResponse:
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body's bytes in the pieces they were read in (each SSE chunk as soon as it arrives)."""
-        it = self._r.content.iter_any().__aiter__()
-        while True:
-            try:
-                yield await _translated(it.__anext__())
-            except StopAsyncIteration:
-                return
+        try:  # one handler around the loop, not a wrapper coroutine per piece (the streamed hot path)
+            async for piece in self._r.content.iter_any():
+                yield piece
+        except aiohttp.ClientError as e:
+            raise as_httpx_error(e) from e
 
     async def aread(self) -> bytes:
         return await _translated(self._r.read())
