@@ -9,7 +9,8 @@ one at a time, to time the first chunk each way and check that chunks are relaye
 Reported to the regression check (`tests/benchmarks/baseline.json`), plain requests: CPU per request of the
 gateway over the engine's, and, with wrk (autocannon caps the direct side near 3,000 req/s here, so its ratios
 are other numbers), req/s through the gateway over direct, p50 and p99 through the gateway over direct, and the
-p50 it adds in ms. The same-run ratios of req/s and p50 are judged; the CPU ratio and the added ms (they moved
+p50 it adds in ms; streamed requests: req/s through the gateway over direct. The same-run ratios of req/s (plain
+and streamed) and p50 are judged; the CPU ratio and the added ms (they moved
 with the machine: see their `why`) and the p99 ratio (2 rounds of 2 s make a noisy p99) are recorded. CI also
 asserts loose floors, and that every request left a completed record.
 
@@ -73,6 +74,7 @@ def test_gateway_overhead_vs_direct(benchmark, report_metric) -> None:
         report_metric("gateway.p50_over_direct", plain["gateway_p50_ms"] / plain["direct_p50_ms"], "lower")
         report_metric("gateway.added_p50_ms", max(plain["added_p50_ms"], 0.01), "lower")
         report_metric("gateway.p99_over_direct", plain["gateway_p99_ms"] / plain["direct_p99_ms"], "lower")
+        report_metric("gateway.stream_req_per_s_ratio", summary["stream"]["req_per_s_ratio"], "higher")
     print(f"\ngateway at wire speed ({tool}, {CONNECTIONS} connections, {ROUNDS} rounds x {SECONDS:g} s a side):")
     for kind, s in summary.items():
         print(f"  {kind}: {s['direct_req_per_s']:,.0f} req/s direct, {s['gateway_req_per_s']:,.0f} through the "
