@@ -15,46 +15,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.bench_gateway_wire import KINDS, START_TIMEOUT_S, body, cpu_s, null_engine, run_load  # noqa: E402
-
-# the tree's own gateway sub-command, imported from that tree (its path first on sys.path)
-GATEWAY_CMD = ("import sys; sys.path.insert(0, sys.argv[1]); from scripts.bench_gateway_wire import gateway_main; "
-               "gateway_main(sys.argv[2:])")
-
-
-@contextlib.contextmanager
-def tree_gateway(tree: Path, engine_url: str) -> Iterator[tuple[str, int]]:
-    """A gateway process running `tree`'s code in front of the engine at `engine_url`: (url, pid)."""
-    from live.engines.base import free_port
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.Popen([sys.executable, "-c", GATEWAY_CMD, str(tree), "--engine", engine_url, "--port",
-                             str(port)], stdout=subprocess.PIPE, cwd=tree, env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "ready", printed once the engine is adopted
-        if not line.startswith(b"ready"):
-            raise RuntimeError(f"gateway of {tree} did not start (exit {proc.poll()}): {line!r}")
-        yield f"http://127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from scripts.bench_gateway_wire import KINDS, body, cpu_s, gateway_process, null_engine, run_load  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = body(a.kind)
     path = "/v1/chat/completions"
     with null_engine() as engine, contextlib.ExitStack() as stack:
-        gateways = {n: stack.enter_context(tree_gateway(t, engine.url)) for n, t in zip(names, trees, strict=True)}
+        gateways = {n: stack.enter_context(gateway_process(engine.url, tree=t))
+                    for n, t in zip(names, trees, strict=True)}
         for url, _ in gateways.values():  # warm each: connections, code paths
             run_load("wrk", url + path, payload, 1)
         sides = ["direct", *names]

@@ -131,8 +131,9 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+def _env(tree: Path = REPO) -> dict[str, str]:
+    """The environment of a process that must import `tree`'s code first."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
 
 
 @dataclass
@@ -146,14 +147,14 @@ class Stack:
 
 
 @contextlib.contextmanager
-def gateway_process(engine_url: str, *gateway_args: str) -> Iterator[tuple[str, int]]:
-    """A gateway process (`gateway` sub-command, with `gateway_args`) serving the engine at `engine_url`:
-    (its URL, its pid); stopped at the end."""
+def gateway_process(engine_url: str, *gateway_args: str, tree: Path = REPO) -> Iterator[tuple[str, int]]:
+    """A gateway process (`gateway` sub-command, with `gateway_args`, of the tierlab source tree `tree`) serving
+    the engine at `engine_url`: (its URL, its pid); stopped at the end."""
     from live.engines.base import free_port
 
     port = free_port()
     gw = subprocess.Popen([sys.executable, "-m", "scripts.bench_gateway_wire", "gateway", "--engine", engine_url,
-                           "--port", str(port), *gateway_args], cwd=REPO, env=_env(), stdout=subprocess.PIPE)
+                           "--port", str(port), *gateway_args], cwd=tree, env=_env(tree), stdout=subprocess.PIPE)
     try:
         assert gw.stdout is not None
         line = gw.stdout.readline()  # the gateway prints one line once it serves the engine
