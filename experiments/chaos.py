@@ -399,8 +399,9 @@ def render(chaos: Mapping[str, Any], soak: Mapping[str, Any] | None, command: st
     lines += ["", "Recovery: from the fault's end to the end of the first request sent after it that completed "
               "(for an agent kill, not before the restarted agent answered /healthz). Tier faults and store "
               "outages first make one model cold (unloaded everywhere, its tier copies evicted but, for a tier "
-              "delay, the one in the delayed tier), so that its next load meets the fault; its requests sent "
-              "during the fault are counted in the cold-model column.",
+              "delay, the one in the delayed tier; its transfers already in flight waited out and what they left "
+              "removed; a store outage stops the store before all this), so that its next load meets the fault; "
+              "its requests sent during the fault are counted in the cold-model column.",
               "", "Invariants:", ""]
     lines += [f"- {k.replace('_', ' ')}: {'yes' if v else '**NO**'}" for k, v in chaos["checks"].items()]
     lines += [""]
