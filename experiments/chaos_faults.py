@@ -211,25 +211,36 @@ def make_cold(ctx: Context, model: str, keep: tuple[str, str] | None = None,
     tier)), through the agents' API as the gateway's own actions do, so that its next request loads it; what
     could not go (an instance still loading, a tier busy) is counted, not fatal.
 
-    A transfer of the model already in flight (a promotion from a host copy, a fetch whose bytes are in) is not
-    reached by an eviction and lands after it, leaving the model warm: the agents' /status lists their transfers,
-    so those that began before this call are waited out (at most `settle_timeout_s`; `unsettled` counts the rest)
-    and a second pass removes what they left. Loads started after this call are the ones the fault is for: the
-    second pass leaves instances started after the wait alone."""
+    A copy of the model into a tier already in flight (a promotion from a host copy, a fetch whose bytes are in)
+    is not reached by an eviction and lands after it, leaving the model warm: the agents' /status lists their
+    transfers, so those that began before this call are waited out (at most `settle_timeout_s`; `unsettled`
+    counts the rest), and then the tiers they went to, and only those, are evicted again. Loads started after
+    this call are the ones the fault is for (a fetch that fails over, a copy from it): they are left alone."""
     t0 = time.time()
     done: dict[str, float] = {"unloaded": 0, "evicted": 0, "refused": 0, "unsettled": 0}
-    _cold_pass(ctx, model, keep, done, started_before=None)
+    landing: set[tuple[str, str]] = set()  # (node, tier) of the model's transfers that began before t0
+
+    def note_landing(statuses: dict[str, dict[str, Any]]) -> int:
+        pending = 0
+        for name, st in statuses.items():
+            for t in st.get("transfers", []):
+                if t.get("model") == model and float(t.get("since_unix", t0)) < t0:
+                    landing.add((name, str(t.get("to_tier"))))
+                    pending += 1
+        return pending
+
+    note_landing(_cold_pass(ctx, model, keep, done))
     deadline = time.monotonic() + settle_timeout_s
     for _ in range(100_000):  # bounded by the deadline; the count is a guard
-        pending = [t for st in _statuses(ctx).values() for t in st.get("transfers", [])
-                   if t.get("model") == model and float(t.get("since_unix", t0)) < t0]
+        pending = note_landing(_statuses(ctx))
         if not pending:
             break
         if time.monotonic() >= deadline:
-            done["unsettled"] = len(pending)
+            done["unsettled"] = pending
             break
         time.sleep(0.05)
-    _cold_pass(ctx, model, keep, done, started_before=time.time())
+    if landing:
+        _cold_pass(ctx, model, keep, done, started_before=t0, only_tiers=landing)
     done["settle_s"] = round(time.time() - t0, 3)
     return done
 
@@ -248,9 +259,11 @@ def _agent_headers(ctx: Context) -> dict[str, str]:
 
 
 def _cold_pass(ctx: Context, model: str, keep: tuple[str, str] | None, done: dict[str, float],
-               started_before: float | None) -> None:
+               started_before: float | None = None,
+               only_tiers: set[tuple[str, str]] | None = None) -> dict[str, dict[str, Any]]:
     """Unload the model's instances (those started before `started_before`, if given) and evict its tier copies
-    (but `keep`) on every node; counts into `done`."""
+    (but `keep`; only the (node, tier) pairs in `only_tiers`, if given) on every node; counts into `done`. The
+    nodes' statuses as read before acting."""
     statuses = _statuses(ctx)
     for name, status in statuses.items():
         n = ctx.nodes[name]
@@ -262,10 +275,12 @@ def _cold_pass(ctx: Context, model: str, keep: tuple[str, str] | None, done: dic
                                    timeout=30)
                     done["unloaded" if r.status_code == 200 else "refused"] += 1
             for tier, t in status.get("tiers", {}).items():
-                if model in t.get("models", {}) and (n.name, tier) != keep:
+                if (model in t.get("models", {}) and (n.name, tier) != keep
+                        and (only_tiers is None or (n.name, tier) in only_tiers)):
                     r = httpx.post(n.url + "/tiers/evict", json={"model": model, "tier": tier},
                                    headers=_agent_headers(ctx), timeout=30)
                     done["evicted" if r.status_code == 200 else "refused"] += 1
+    return statuses
 
 
 class Fault:
