@@ -46,6 +46,7 @@ class StreamRecord:
         self.text = ""
         self.usage: dict[str, Any] | None = None
         self.sent_at = self.first_at = self.done_at = None
+        self.token_at: list[float] = []  # when each event carrying text arrived
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -65,8 +66,10 @@ class StreamRecord:
                     if event.get("usage"):
                         self.usage = event["usage"]
                     for choice in event.get("choices", []):
-                        if choice["text"] and self.first_at is None:
-                            self.first_at = time.perf_counter()
+                        if choice["text"]:
+                            self.token_at.append(time.perf_counter())
+                            if self.first_at is None:
+                                self.first_at = self.token_at[-1]
                         self.text += choice["text"]
             self.done_at = time.perf_counter()
         except BaseException as exc:  # reported by join()
@@ -109,9 +112,14 @@ def test_a_newcomer_joins_the_running_batch(batching_engine: ServedEngine, local
     assert long.thread.is_alive()  # the short one finished while the long one was still decoding
     long.join()
     assert short.first_at is not None and short.sent_at is not None and long.done_at is not None
-    ttft_s = short.first_at - short.sent_at
-    left_s = long.done_at - short.sent_at  # what waiting for the long one to finish would have cost
-    assert ttft_s < 0.25 * left_s, (ttft_s, left_s)
+    # counted in the long stream's text events, not in seconds: a stall of the whole process (a busy machine, a
+    # collector pass) delays both alike and moves no count, where a fixed share of seconds failed once in a full
+    # suite run (first token 1.58 s of 4.74 s); a newcomer that waited for the long one would see all it had left
+    left = sum(t > short.sent_at for t in long.token_at)
+    meanwhile = sum(short.sent_at < t < short.first_at for t in long.token_at)
+    print(f"newcomer: {meanwhile} of the long stream's {left} remaining text events before its first;"
+          f" {short.first_at - short.sent_at:.3f} s of {long.done_at - short.sent_at:.3f} s")
+    assert meanwhile < 0.25 * left, (meanwhile, left)
     s = stats(batching_engine)
     assert s["max_batch_size"] == 2 and s["mean_batch_size"] > 1 and s["max_num_seqs"] == 4
     assert s["running"] == 0 and s["waiting"] == 0 and s["sequences"] == []
