@@ -4,66 +4,31 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
 
-from core.decisions import (
-    Action,
-    ColdStart,
-    Copy,
-    Evict,
-    Migration,
-    Queue,
-    Reject,
-    Route,
-    StartInstance,
-    StopInstance,
-)
+from core.decisions import ColdStart, Migration, Queue, Reject, Route
 from core.inference import InferenceModel, MeasuredTable
-from core.loadtime import (
-    copy_hop,
-    estimate_load_s,
-    link_capacities,
-    link_streams,
-    load_hops,
-    progressive_first_token_s,
-    ready_time_s,
-)
+from core.loadtime import link_capacities, link_streams
 from core.policies.base import PolicyBundle
 from core.response_cache_model import SimResponseCache
-from core.specs import LOCAL_TIERS, ClusterSpec, EngineSpec, ModelSpec
+from core.specs import ClusterSpec, EngineSpec, ModelSpec
 from core.state import ClusterState, ClusterView, InstanceState
 from sim.engine import SimEngine
 from sim.engine_start import EngineStarts
-from sim.fabric import Fabric, Flow
+from sim.fabric import Fabric
 from sim.faults import FaultInjector, StorePath
 from sim.memory import install_memory_ledger
 from sim.request import Request
 from sim.steady_state import SteadyState, check_mode
 from sim.stopping import Stops
+from sim.world_actions import Actions, PolicyError
 from sim.world_arrivals import Arrivals
+from sim.world_loads import LoadRecord, Loads
 from sim.world_losses import NodeLosses
-
-
-class PolicyError(RuntimeError):
-    """A policy returned something the world cannot execute (names the policy and the decision)."""
-
-
-@dataclass
-class LoadRecord:
-    """Timing of one instance's cold start, copied onto the requests that waited for it."""
-
-    source_tier: str
-    started_s: float
-    store: str = ""  # the object store a cloud fetch used
-    fetch_s: float = math.nan
-    to_gpu_s: float = math.nan
-    engine_init_s: float = math.nan
-    weights_resident_s: float = math.nan
-    ready_s: float = math.nan
 
 
 @dataclass
@@ -83,7 +48,7 @@ class WorldStats:
     no_node_intervals: list[tuple[float, float]] = field(default_factory=list)
 
 
-class World(Arrivals, NodeLosses):
+class World(Arrivals, Loads, Actions, NodeLosses):
     """One simulated cluster running one policy bundle over one workload."""
 
     def __init__(
@@ -252,145 +217,6 @@ class World(Arrivals, NodeLosses):
             self.env.timeout(0).callbacks.append(go)
 
     # ========================================================================= instances
-    def _inference_model(self, model: ModelSpec, node: str, n: int) -> InferenceModel:
-        gpu = self.state.nodes[node].spec.gpu
-        key = (model.name, gpu.name, n)
-        inf = self._inference.get(key)
-        if inf is None:
-            inf = self._inference[key] = InferenceModel(model, gpu, n, self.engine, self.measured)
-        return inf
-
-    def _start_instance(self, model_name: str, node: str, source_tier: str, reason: str,
-                        migrate: Migration | None = None, waiting: Request | None = None) -> SimEngine | None:
-        ns = self.state.nodes[node]
-        if not ns.up:
-            return None  # a down node starts nothing (a hook's stale StartInstance, a migration's destination)
-        model = self.state.models[model_name]
-        n, per_gpu, kv = ns.footprint(model)
-        if source_tier != "cloud" and (source_tier not in ns.tiers or not ns.tiers[source_tier].holds(model_name)):
-            source_tier = ns.local_source(model_name)  # the policy's view was stale; load from where it is
-        gpu_ids = ns.gpu_fit(per_gpu * n, per_gpu)
-        if gpu_ids is None and migrate is not None:
-            self._migrate(migrate, node, waiting)
-            return None
-        # a stop under way frees memory soon: no second round of stops (as the live gateway does); and a waiting
-        # request whose own stop is still under way on another node asks for none (a policy naming another node on
-        # the retry, e.g. round robin, would otherwise empty every node for one request)
-        if gpu_ids is None and reason != "prewarm" and not self.stops.under_way(node) and not (
-                waiting is not None and waiting.pressure_node is not None
-                and self.stops.under_way(waiting.pressure_node)):
-            self._execute(self.policy.on_gpu_pressure(node, model_name, self.view))
-            if waiting is not None:
-                waiting.pressure_node = node
-            gpu_ids = ns.gpu_fit(per_gpu * n, per_gpu)
-        if gpu_ids is None:
-            return None
-        now = self.env.now
-        inst = self.state.add_instance(model_name, node, gpu_ids, per_gpu, kv, source_tier, now)
-        self.gpu_ids[inst.id] = tuple(gpu_ids)
-        eng = SimEngine(self.env, inst, self._inference_model(model, node, n), self._on_finish, engine=self.engine,
-                        steady=self.steady)
-        self.engines[inst.id] = eng
-        store = self.stores.current or self.cluster.store
-        inst.ready_at_s = now + estimate_load_s(source_tier, model, ns.spec, store, self.engine, n, kv,
-                                                self.policy.progressive)
-        self.loads[inst.id] = LoadRecord(source_tier=source_tier, started_s=now)
-        self.stats.loads_by_tier[source_tier] += 1
-        self._instance_row(inst, "loading", reason)
-        if source_tier in LOCAL_TIERS:
-            ns.tiers[source_tier].touch(model_name, now)
-            self._reading[(node, source_tier, model_name)] += 1
-        self.env.process(self._load(eng, source_tier, n, kv))
-        self._execute(self.policy.on_load_started(inst, self.view))
-        return eng
-
-    def _load(self, eng: SimEngine, source_tier: str, n: int, kv: float):
-        env = self.env
-        inst = eng.state
-        node = self.state.nodes[inst.node]
-        model = inst.model
-        rec = self.loads[inst.id]
-        progressive = self.policy.progressive
-        t0 = env.now
-        plan, plan_hops = self.starts.plan(inst, source_tier, kv, progressive)
-        start_s = plan.before_weights_s
-        last_flow: Flow | None = None
-        to_gpu_start = t0
-        store = self.cluster.store
-        if source_tier == "cloud" and plan_hops is None:
-            # during a failover (or with every store out) the fetch waits for a store: part of its time
-            store = yield from self.stores.wait()
-            if inst.status != "loading":
-                return  # lost with its node while waiting
-            rec.store = store.name
-            self._event("cloud_fetch", node=inst.node, store=store.name, instance=inst.id, duration_s=env.now - t0)
-        hops = plan_hops or load_hops(source_tier, model, node.spec, store, n)
-        # a local source copy is marked as read (not evictable) until the last hop that reads it ends; from
-        # DRAM without a fetch hop that is the end of the load
-        reading = source_tier in LOCAL_TIERS
-        read_until = max((i for i, h in enumerate(hops) if f"{source_tier}_r" in h.links), default=len(hops) - 1)
-        for i, hop in enumerate(hops):
-            done = env.event()
-            th = t0 if hop.phase == "fetch" else env.now
-            track = progressive and hop.phase == "to_gpu"
-            flow = self.fabric.transfer(inst.node, hop.links, hop.nbytes, hop.cap_Bps, hop.latency_s,
-                                        done.succeed, track=track)
-            if hop.phase == "to_gpu":
-                to_gpu_start, last_flow = th, flow
-            yield done
-            if inst.status != "loading":
-                return  # lost with its node: the transfer's end means nothing any more
-            if reading and i == read_until:
-                self._release_read(inst.node, source_tier, model.name)
-                reading = False
-            if hop.phase == "fetch":
-                rec.fetch_s = env.now - th
-                if source_tier == "cloud":
-                    self.stats.cloud_bytes += hop.nbytes
-                    self.stats.cloud_bytes_by_route[(store.name, node.spec.cloud)] += hop.nbytes
-            else:
-                rec.to_gpu_s = env.now - th
-        t_w = env.now
-        rec.weights_resident_s = t_w
-        eng.weights_resident_s = t_w
-        self._instance_row(inst, "weights_resident", "")
-        start_done = t0 + start_s if self.engine.overlap_start_with_fetch else t_w + start_s
-        after = plan.after_weights_s
-        override_s = None
-        override_n = 0
-        if progressive:
-            # KV allocation needs no weights: it follows engine start; the first pass streams the layers
-            compute_ready = start_done + after
-            ready_at = ready_time_s(t_w, start_done, after, progressive=True)
-            batch = list(eng.queue)[: inst.max_num_seqs]
-            if batch and last_flow is not None:
-                layer_bytes = model.layer_bytes
-                layer_ready = [last_flow.time_at_bytes((i + 1) * layer_bytes) for i in range(model.n_layers)]
-                # the batch's sequences attend only to themselves: their prefills add up, not their lengths
-                per_layer = sum(eng.inf.prefill_s(r.prompt_tokens) for r in batch) / model.n_layers
-                override_s = progressive_first_token_s(layer_ready, per_layer, max(compute_ready, to_gpu_start))
-                override_n = len(batch)
-        else:
-            ready_at = ready_time_s(t_w, start_done, after, progressive=False)
-        rec.engine_init_s = ready_at - t_w
-        if ready_at > env.now:
-            yield env.timeout(ready_at - env.now)
-        if inst.status != "loading":
-            return
-        inst.status = "ready"
-        inst.ready_at_s = env.now
-        rec.ready_s = env.now
-        inst.idle_since_s = env.now
-        self.starts.ready(inst, rec)
-        self._instance_row(inst, "ready", "")
-        self._drain(eng, override_s, override_n)
-        for cb in self._on_ready.pop(inst.id, ()):
-            cb()
-        # the weights just passed through host memory: copies of them made now need no re-read
-        self._execute(self.policy.on_load_done(inst, self.view), staged=(inst.node, model.name))
-        if inst.idle:
-            self._execute(self.policy.on_idle(inst, self.view))
-
     def _drain(self, eng: SimEngine, override_s: float | None = None, override_n: int = 0) -> None:
         for req in eng.drain_queue(override_s, override_n):
             self._resolve(req, "rejected", "queue_timeout")
@@ -450,85 +276,6 @@ class World(Arrivals, NodeLosses):
         self._on_ready.setdefault(dest.state.id, []).append(handover)
 
     # =========================================================================== actions
-    def _execute(self, acts: Iterable[Action], staged: tuple[str, str] | None = None) -> None:
-        for a in acts:
-            kind = type(a)
-            if kind is Copy:
-                self._copy(a, src="host" if staged == (a.node, a.model) else None)
-            elif kind is Evict:
-                self._evict(a)
-            elif kind is StartInstance:
-                if a.node in self.state.nodes and a.model in self.state.models:
-                    self._start_instance(a.model, a.node, a.source_tier, reason=a.reason)
-            elif kind is StopInstance:
-                inst = self.state.instances.get(a.instance_id)
-                if inst is not None and inst.idle:
-                    self.stops.stop(inst, a.reason, a.demote_to)
-            else:
-                raise PolicyError(f"policy {self.policy.name!r} returned {a!r}, not an action")
-
-    def _copy(self, mv: Copy, src: str | None = None, on_done: Callable[[], None] | None = None) -> bool:
-        """Start the copy `mv` (from `src`, or the fastest holder); False if it is not needed or cannot start.
-        `on_done` runs when it lands (not if its node is lost meanwhile)."""
-        ns = self.state.nodes.get(mv.node)
-        if ns is None or mv.to_tier not in ns.tiers or mv.model not in self.state.models:
-            raise PolicyError(f"policy {self.policy.name!r}: cannot execute {mv}")
-        tier = ns.tiers[mv.to_tier]
-        model = self.state.models[mv.model]
-        if not ns.up or tier.holds(mv.model) or tier.incoming(mv.model) or tier.free_bytes < model.weights_bytes:
-            return False
-        if src is None:
-            src = ns.tier_holding(mv.model) or "cloud"
-            if src == mv.to_tier:
-                return False
-        store = self.cluster.store
-        if src == "cloud":
-            current = self.stores.current
-            if current is None:
-                return False  # no store serves right now: a cache copy is optional, skip it
-            store = current
-            self._event("cloud_fetch", node=mv.node, store=store.name, detail=mv.kind)
-        tier.reserve(mv.model, model.weights_bytes)
-        if src in LOCAL_TIERS:
-            self._reading[(mv.node, src, mv.model)] += 1
-        hop = copy_hop(src, mv.to_tier, model, ns.spec, store)
-        t0 = self.env.now
-        epoch = self._epoch[mv.node]
-
-        def done(_flow: Flow) -> None:
-            if self._epoch[mv.node] != epoch:
-                return  # the node was lost meanwhile, and the copy with it
-            now = self.env.now
-            tier.commit(mv.model, now)
-            if src in LOCAL_TIERS:
-                self._release_read(mv.node, src, mv.model)
-            if src == "cloud":
-                self.stats.cloud_bytes += hop.nbytes
-                self.stats.cloud_bytes_by_route[(store.name, ns.spec.cloud)] += hop.nbytes
-            self.moves.append((t0, now, mv.model, mv.node, src, mv.to_tier, mv.kind, hop.nbytes, now - t0))
-            if on_done is not None:
-                on_done()
-
-        self.fabric.transfer(mv.node, hop.links, hop.nbytes, hop.cap_Bps, hop.latency_s, done)
-        return True
-
-    def _evict(self, ev: Evict) -> None:
-        ns = self.state.nodes.get(ev.node)
-        if ns is None or ev.tier not in ns.tiers:
-            raise PolicyError(f"policy {self.policy.name!r}: cannot execute {ev}")
-        tier = ns.tiers[ev.tier]
-        if not ns.up or not tier.holds(ev.model) or self._reading.get((ev.node, ev.tier, ev.model), 0) > 0:
-            return  # a down node moves nothing; gone already, or a load is reading it right now
-        nbytes = tier.remove(ev.model)
-        now = self.env.now
-        self.moves.append((now, now, ev.model, ev.node, ev.tier, "", ev.kind, nbytes, 0.0))
-
-    def _release_read(self, node: str, tier: str, model: str) -> None:
-        key = (node, tier, model)
-        self._reading[key] -= 1
-        if self._reading[key] <= 0:
-            del self._reading[key]
-
     def _fleet_changed(self) -> None:
         """Track the intervals with no node up."""
         any_up = any(ns.up for ns in self.state.nodes.values())
