@@ -1,4 +1,8 @@
-"""The simulated cluster: executes policy decisions in SimPy time and records what happens."""
+"""The simulated cluster: executes policy decisions in SimPy time and records what happens.
+
+This module holds placement, request outcomes and the records; its mixins hold the rest: arrivals
+(`sim.world_arrivals`), instance starts and loads (`sim.world_loads`), actions and tier moves
+(`sim.world_actions`), node and instance losses (`sim.world_losses`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """How the simulated world starts an instance and loads it: GPU room (asking the policy to free some), the
 load's hops through the fabric from its source tier or a store, engine start and readiness. A mixin of
-`sim.world.World`, kept apart so that the world module holds arrivals, placement and request bookkeeping."""
+`sim.world.World`."""
 
 from __future__ import annotations
 

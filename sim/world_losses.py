@@ -1,6 +1,5 @@
 """How the simulated world loses nodes and instances: spot preemption (notice, then loss), node failure and
-repair, and the requests that go back to be placed again. A mixin of `sim.world.World`, kept apart so that the
-world module holds arrivals, placement, loads and moves."""
+repair, and the requests that go back to be placed again. A mixin of `sim.world.World`."""
 
 from __future__ import annotations
 
